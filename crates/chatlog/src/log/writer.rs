@@ -1,0 +1,584 @@
+//! The single writer thread: group commit, segment rollover, truncation, purge.
+//!
+//! Each loop takes every queued append (up to `batch_size_bytes_max`), encodes them into one
+//! buffer, writes it with one `write` and makes it durable with one `fdatasync` before any of
+//! the batch's callers hears back. Readers see an entry only once it is acknowledged.
+//! Any failed write or sync poisons the log: it is never retried.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::io::{FileHandle, FileSystem, OpenMode};
+use crate::log::open::{write_atomic, zero_range};
+use crate::log::{Command, Durability, Entries, LogConfig, Preallocate, Reply, Shared, View};
+use crate::segment::format::{self, FrameBody, HEADER_BYTES};
+use crate::segment::{Active, ActiveFrames, Sealed, name, sparse_offsets};
+
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// Creates `spare.seg` of `size_bytes`: zero-filled and synced, or sparse.
+pub(crate) fn prepare_spare(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    size_bytes: u64,
+    preallocate: Preallocate,
+) -> Result<Arc<dyn FileHandle>> {
+    let path = dir.join(name::SPARE);
+    let file = fs
+        .open(&path, OpenMode::CreateTruncate)
+        .map_err(|e| Error::io("create", &path, e))?;
+    match preallocate {
+        Preallocate::Sparse => file
+            .set_len(size_bytes)
+            .map_err(|e| Error::io("set_len", &path, e))?,
+        Preallocate::Zeroed => {
+            let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+            let mut at = 0;
+            while at < size_bytes {
+                let n = (size_bytes - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+                file.write_at(&zeros[..n], at)
+                    .map_err(|e| Error::io("write", &path, e))?;
+                at += n as u64;
+            }
+            file.sync_data()
+                .map_err(|e| Error::io("fdatasync", &path, e))?;
+        }
+    }
+    Ok(file)
+}
+
+enum Spare {
+    None,
+    Pending(JoinHandle<Result<Arc<dyn FileHandle>>>),
+}
+
+pub(crate) struct Writer {
+    fs: Arc<dyn FileSystem>,
+    dir: PathBuf,
+    config: LogConfig,
+    shared: Arc<Shared>,
+    /// The active segment (also in the published view).
+    active: Arc<Active>,
+    /// Offset just past the last frame written to the active segment.
+    write_offset: u64,
+    /// Index the next appended entry gets.
+    next_index: u64,
+    /// The active segment is still named `spare.seg` and must be renamed once durable.
+    pending_rename: bool,
+    buf: Vec<u8>,
+    spare: Spare,
+    /// When the oldest write not yet synced happened (weaker durability modes only).
+    dirty_since: Option<Instant>,
+    poisoned: bool,
+}
+
+struct Pending {
+    entries: Entries,
+    reply: Reply<u64>,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        fs: Arc<dyn FileSystem>,
+        dir: PathBuf,
+        config: LogConfig,
+        shared: Arc<Shared>,
+        active_end: u64,
+    ) -> Self {
+        let active = shared.view().active.clone();
+        let next_index = shared.next_index.load(Ordering::Acquire);
+        Writer {
+            fs,
+            dir,
+            config,
+            shared,
+            active,
+            write_offset: active_end,
+            next_index,
+            pending_rename: false,
+            buf: Vec::new(),
+            spare: Spare::None,
+            dirty_since: None,
+            poisoned: false,
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: flume::Receiver<Command>) {
+        loop {
+            let first = match self.sync_deadline() {
+                Some(deadline) => match rx.recv_deadline(deadline) {
+                    Ok(cmd) => cmd,
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        let _ = self.sync_now();
+                        continue;
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                },
+                None => match rx.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => break,
+                },
+            };
+            let mut batch = Vec::new();
+            let mut control = None;
+            match first {
+                Command::Append { entries, reply } => batch.push(Pending { entries, reply }),
+                other => control = Some(other),
+            }
+            if !batch.is_empty() {
+                let mut bytes: usize = batch_bytes(&batch[0].entries);
+                while bytes < self.config.batch_size_bytes_max {
+                    match rx.try_recv() {
+                        Ok(Command::Append { entries, reply }) => {
+                            bytes += batch_bytes(&entries);
+                            batch.push(Pending { entries, reply });
+                        }
+                        Ok(other) => {
+                            control = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                self.append(batch);
+            }
+            if let Some(cmd) = control {
+                self.control(cmd);
+            }
+        }
+        if self.dirty_since.is_some() && !self.poisoned {
+            let _ = self.sync_now();
+        }
+        if let Spare::Pending(handle) = std::mem::replace(&mut self.spare, Spare::None) {
+            let _ = handle.join();
+        }
+    }
+
+    fn sync_deadline(&self) -> Option<Instant> {
+        match (self.config.durability, self.dirty_since) {
+            (Durability::Interval(every), Some(since)) => Some(since + every),
+            _ => None,
+        }
+    }
+
+    fn poison(&mut self, error: &Error) {
+        tracing::error!(%error, dir = %self.dir.display(), "log poisoned");
+        self.poisoned = true;
+        self.shared.poisoned.store(true, Ordering::Release);
+    }
+
+    fn append(&mut self, batch: Vec<Pending>) {
+        if self.poisoned {
+            for p in batch {
+                let _ = p.reply.send(Err(Error::Poisoned));
+            }
+            return;
+        }
+        match self.write_batch(&batch) {
+            Ok(firsts) => {
+                for (p, first) in batch.into_iter().zip(firsts) {
+                    let _ = p.reply.send(Ok(first));
+                }
+            }
+            Err(error) => {
+                self.poison(&error);
+                for p in batch {
+                    let _ = p.reply.send(Err(error.duplicate()));
+                }
+            }
+        }
+    }
+
+    /// Encodes, writes and syncs a batch; returns the first index of each request.
+    fn write_batch(&mut self, batch: &[Pending]) -> Result<Vec<u64>> {
+        let segment_size = self.config.segment_size_bytes;
+        let mut firsts = Vec::with_capacity(batch.len());
+        let mut offsets: Vec<u32> = Vec::new();
+        let mut base = self.write_offset;
+        let mut index = self.next_index;
+        let mut batch_first = index;
+        self.buf.clear();
+        for pending in batch {
+            firsts.push(index);
+            for data in pending.entries.as_slice() {
+                let mut len = format::frame_len(index, (index - batch_first) as u32, data.len());
+                let segment_has_entries = index > self.active.first_index;
+                if base + (self.buf.len() + len) as u64 > segment_size && segment_has_entries {
+                    self.commit(base, &mut offsets, index, true)?;
+                    self.roll(index)?;
+                    base = 0;
+                    batch_first = index;
+                    self.buf.extend_from_slice(&format::encode_header(index));
+                    len = format::frame_len(index, 0, data.len());
+                }
+                let at = base + self.buf.len() as u64;
+                offsets.push(u32::try_from(at).expect("segment offsets fit in u32"));
+                let written = format::encode_frame(
+                    &mut self.buf,
+                    &FrameBody {
+                        index,
+                        batch_offset: (index - batch_first) as u32,
+                        data,
+                    },
+                );
+                debug_assert_eq!(written, len);
+                index += 1;
+            }
+        }
+        self.commit(base, &mut offsets, index, false)?;
+        Ok(firsts)
+    }
+
+    /// Writes `self.buf` at `base` of the active segment with one write, syncs it as the
+    /// durability mode (or `force_sync`) says, renames a new segment into place, and makes
+    /// the entries visible. `next` is the index after the last entry in the buffer.
+    fn commit(
+        &mut self,
+        base: u64,
+        offsets: &mut Vec<u32>,
+        next: u64,
+        force_sync: bool,
+    ) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let path = &self.active.path;
+        let write_path = if self.pending_rename {
+            self.dir.join(name::SPARE)
+        } else {
+            path.clone()
+        };
+        self.active
+            .file
+            .write_at(&self.buf, base)
+            .map_err(|e| Error::io("write", &write_path, e))?;
+        let end = base + self.buf.len() as u64;
+        self.buf.clear();
+        let sync = force_sync || self.pending_rename || self.config.durability == Durability::Batch;
+        if sync {
+            self.active
+                .file
+                .sync_data()
+                .map_err(|e| Error::io("fdatasync", &write_path, e))?;
+        } else if self.dirty_since.is_none() {
+            self.dirty_since = Some(Instant::now());
+        }
+        if self.pending_rename {
+            self.fs
+                .rename(&write_path, path)
+                .map_err(|e| Error::io("rename", &write_path, e))?;
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|e| Error::io("fsync directory", &self.dir, e))?;
+            self.pending_rename = false;
+            self.start_spare();
+        }
+        {
+            let mut frames = self
+                .active
+                .frames
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            frames.offsets.append(offsets);
+            frames.data_end = u32::try_from(end).expect("segment offsets fit in u32");
+        }
+        assert!(next >= self.next_index, "log indexes only grow");
+        self.write_offset = end;
+        self.next_index = next;
+        self.shared.next_index.store(next, Ordering::Release);
+        if sync {
+            // Earlier unsynced writes are all in this file: a roll syncs the old segment.
+            self.dirty_since = None;
+            self.shared.durable_next.store(next, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment (already synced by `commit(.., true)`) and makes a new,
+    /// empty active segment starting at `first` from the spare file.
+    fn roll(&mut self, first: u64) -> Result<()> {
+        let old = self.active.clone();
+        let dense = old
+            .frames
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .offsets
+            .clone();
+        let map = old
+            .file
+            .map(self.write_offset)
+            .map_err(|e| Error::io("map", &old.path, e))?;
+        let sealed = Sealed {
+            path: old.path.clone(),
+            first_index: old.first_index,
+            entry_count: dense.len() as u64,
+            map,
+            stride: self.config.index_stride,
+            offsets: sparse_offsets(&dense, self.config.index_stride),
+        };
+        assert_eq!(
+            sealed.end_index(),
+            first,
+            "sealed segment must end where the next starts"
+        );
+        write_atomic(
+            self.fs.as_ref(),
+            &self.dir,
+            &name::index(&self.dir, old.first_index),
+            &format::encode_index(&sealed.sparse_index()),
+        )?;
+        let file = self.take_spare()?;
+        let active = Arc::new(Active {
+            path: name::segment(&self.dir, first),
+            first_index: first,
+            file,
+            frames: std::sync::RwLock::new(ActiveFrames {
+                offsets: Vec::new(),
+                data_end: HEADER_BYTES as u32,
+            }),
+        });
+        let view = self.shared.view();
+        let mut sealed_list = view.sealed.clone();
+        sealed_list.push(Arc::new(sealed));
+        self.shared.set_view(View {
+            sealed: sealed_list,
+            active: active.clone(),
+        });
+        self.active = active;
+        self.write_offset = 0;
+        self.pending_rename = true;
+        Ok(())
+    }
+
+    fn take_spare(&mut self) -> Result<Arc<dyn FileHandle>> {
+        match std::mem::replace(&mut self.spare, Spare::None) {
+            Spare::Pending(handle) => handle.join().map_err(|_| {
+                Error::io(
+                    "prepare spare segment",
+                    &self.dir,
+                    std::io::Error::other("preallocation thread panicked"),
+                )
+            })?,
+            Spare::None => prepare_spare(
+                self.fs.as_ref(),
+                &self.dir,
+                self.config.segment_size_bytes,
+                self.config.preallocate,
+            ),
+        }
+    }
+
+    /// Starts preparing the next spare segment in the background (zero-filling is slow).
+    fn start_spare(&mut self) {
+        if self.config.preallocate != Preallocate::Zeroed {
+            return;
+        }
+        let fs = self.fs.clone();
+        let dir = self.dir.clone();
+        let size = self.config.segment_size_bytes;
+        let spawned = std::thread::Builder::new()
+            .name("chatlog-prealloc".into())
+            .spawn(move || prepare_spare(fs.as_ref(), &dir, size, Preallocate::Zeroed));
+        // If no thread can be spawned, the next roll prepares the spare itself.
+        if let Ok(handle) = spawned {
+            self.spare = Spare::Pending(handle);
+        }
+    }
+
+    fn sync_now(&mut self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        if self.dirty_since.is_none() {
+            return Ok(());
+        }
+        match self.active.file.sync_data() {
+            Ok(()) => {
+                self.dirty_since = None;
+                self.shared
+                    .durable_next
+                    .store(self.next_index, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                let error = Error::io("fdatasync", &self.active.path, e);
+                self.poison(&error);
+                Err(error)
+            }
+        }
+    }
+
+    fn control(&mut self, cmd: Command) {
+        match cmd {
+            Command::Append { .. } => unreachable!("appends are batched"),
+            Command::Sync { reply } => {
+                let _ = reply.send(self.sync_now());
+            }
+            Command::Truncate { from, reply } => {
+                let result = self.guarded(|w| w.truncate(from));
+                let _ = reply.send(result);
+            }
+            Command::Purge { before, reply } => {
+                let result = self.guarded(|w| w.purge(before));
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Runs a mutating operation; an I/O failure inside it poisons the log.
+    fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        let result = op(self);
+        if let Err(error @ (Error::Io { .. } | Error::NoSpace { .. })) = &result {
+            self.poison(error);
+        }
+        result
+    }
+
+    fn truncate(&mut self, from: u64) -> Result<()> {
+        let view = self.shared.view();
+        let first = view.first_index();
+        if from < first || from > self.next_index {
+            return Err(Error::OutOfRange {
+                index: from,
+                first,
+                next: self.next_index,
+            });
+        }
+        if from == self.next_index {
+            return Ok(());
+        }
+        // Make the removed entries invisible first.
+        self.shared.next_index.store(from, Ordering::Release);
+        self.sync_now()?;
+        // Remove whole segments past the one that keeps `from` as its end, newest first, so a
+        // crash part-way leaves a contiguous prefix.
+        let keep = view.sealed.partition_point(|s| s.first_index <= from);
+        let mut removed = false;
+        if view.active.first_index > from {
+            self.remove_segment(view.active.first_index, self.pending_rename)?;
+            self.pending_rename = false;
+            removed = true;
+        }
+        for seg in view.sealed[keep..].iter().rev() {
+            self.remove_segment(seg.first_index, false)?;
+            removed = true;
+        }
+        let (active, cut, old_end) = if view.active.first_index <= from {
+            let frames = view.active.frames.read().unwrap_or_else(|e| e.into_inner());
+            let k = (from - view.active.first_index) as usize;
+            (
+                view.active.clone(),
+                u64::from(frames.offsets[k]),
+                self.write_offset,
+            )
+        } else {
+            // The cut falls in a sealed segment, which becomes the active one again.
+            let seg = view.sealed[keep - 1].clone();
+            let index_path = name::index(&self.dir, seg.first_index);
+            self.fs
+                .remove_file(&index_path)
+                .map_err(|e| Error::io("remove", &index_path, e))?;
+            removed = true;
+            let mut dense = Vec::new();
+            let mut at = HEADER_BYTES;
+            for index in seg.first_index..from {
+                dense.push(at as u32);
+                at = seg.frame_at(at, index)?.end;
+            }
+            let file = self
+                .fs
+                .open(&seg.path, OpenMode::ReadWrite)
+                .map_err(|e| Error::io("open", &seg.path, e))?;
+            let active = Arc::new(Active {
+                path: seg.path.clone(),
+                first_index: seg.first_index,
+                file,
+                frames: std::sync::RwLock::new(ActiveFrames {
+                    offsets: dense,
+                    data_end: at as u32,
+                }),
+            });
+            (active, at as u64, seg.map.len() as u64)
+        };
+        if removed {
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|e| Error::io("fsync directory", &self.dir, e))?;
+        }
+        zero_range(active.file.as_ref(), &active.path, cut, old_end)?;
+        {
+            let mut frames = active.frames.write().unwrap_or_else(|e| e.into_inner());
+            frames
+                .offsets
+                .truncate((from - active.first_index) as usize);
+            frames.data_end = cut as u32;
+        }
+        self.shared.set_view(View {
+            sealed: view.sealed[..keep.min(view.sealed.len())]
+                .iter()
+                .filter(|s| s.first_index < active.first_index)
+                .cloned()
+                .collect(),
+            active: active.clone(),
+        });
+        self.active = active;
+        self.write_offset = cut;
+        self.next_index = from;
+        self.shared.durable_next.fetch_min(from, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn remove_segment(&self, first: u64, still_spare: bool) -> Result<()> {
+        let path = if still_spare {
+            self.dir.join(name::SPARE)
+        } else {
+            name::segment(&self.dir, first)
+        };
+        self.fs
+            .remove_file(&path)
+            .map_err(|e| Error::io("remove", &path, e))?;
+        let index_path = name::index(&self.dir, first);
+        match self.fs.remove_file(&index_path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &index_path, e)),
+        }
+    }
+
+    fn purge(&mut self, before: u64) -> Result<u64> {
+        let view = self.shared.view();
+        let drop_count = view
+            .sealed
+            .iter()
+            .take_while(|s| s.end_index() <= before)
+            .count();
+        if drop_count == 0 {
+            return Ok(view.first_index());
+        }
+        let new_view = View {
+            sealed: view.sealed[drop_count..].to_vec(),
+            active: view.active.clone(),
+        };
+        let first = new_view.first_index();
+        self.shared.set_view(new_view);
+        // Oldest first, so a crash part-way leaves a contiguous suffix.
+        for seg in &view.sealed[..drop_count] {
+            self.remove_segment(seg.first_index, false)?;
+        }
+        self.fs
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io("fsync directory", &self.dir, e))?;
+        Ok(first)
+    }
+}
+
+fn batch_bytes(entries: &Entries) -> usize {
+    entries.as_slice().iter().map(|e| e.len() + 16).sum()
+}
