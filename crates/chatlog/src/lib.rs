@@ -14,7 +14,10 @@
 pub mod error;
 pub mod io;
 pub mod log;
+pub mod presence;
 pub mod segment;
+#[cfg(feature = "engine")]
+pub mod engine;
 
 pub use error::{Error, Result};
 pub use log::{Durability, Log, LogConfig, Preallocate, RecoveryMode};

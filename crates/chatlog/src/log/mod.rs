@@ -373,6 +373,21 @@ impl Log {
         Self::wait(rx)
     }
 
+    /// Submits entries as one contiguous run without waiting: the returned [`PendingAppend`]
+    /// resolves (blocking with [`PendingAppend::wait`], or as a future) to the index of the
+    /// first once all are durable. Submissions from one thread are written in submission order.
+    pub fn append_batch_deferred(&self, entries: Vec<Bytes>) -> Result<PendingAppend> {
+        for entry in &entries {
+            self.check_entry(entry)?;
+        }
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::Append {
+            entries: Entries::Many(entries),
+            reply,
+        })?;
+        Ok(PendingAppend { rx })
+    }
+
     /// Async form of [`Log::append`]: the future resolves once the entry is durable. The
     /// future is `'static`: it does not borrow the log.
     pub fn append_async(
@@ -485,6 +500,32 @@ impl Log {
 impl Drop for Log {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// An append submitted with [`Log::append_batch_deferred`].
+#[derive(Debug)]
+pub struct PendingAppend {
+    rx: oneshot::Receiver<Result<u64>>,
+}
+
+impl PendingAppend {
+    /// Blocks until the entries are durable; returns the index of the first.
+    pub fn wait(self) -> Result<u64> {
+        self.rx.recv().map_err(|_| Error::Closed)?
+    }
+}
+
+impl Future for PendingAppend {
+    type Output = Result<u64>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.map_err(|_| Error::Closed)?)
     }
 }
 

@@ -244,7 +244,7 @@ pub fn decode_index(bytes: &[u8]) -> Result<SparseIndex, Invalid> {
     }
     let stride = u32_at(body, 12);
     let entry_count = u64_at(body, 24);
-    if stride == 0 || (body.len() - FIXED) % 4 != 0 {
+    if stride == 0 || !(body.len() - FIXED).is_multiple_of(4) {
         return Err(Invalid::Corrupt("bad index shape".into()));
     }
     let offsets: Vec<u32> = body[FIXED..]

@@ -54,15 +54,11 @@ pub fn parse(name: &str) -> Entry {
             .then(|| stem.parse::<u64>().ok())
             .flatten()
     };
-    if let Some(stem) = name.strip_suffix(".seg") {
-        if let Some(i) = parse_index(stem) {
-            return Entry::Segment(i);
-        }
+    if let Some(i) = name.strip_suffix(".seg").and_then(parse_index) {
+        return Entry::Segment(i);
     }
-    if let Some(stem) = name.strip_suffix(".idx") {
-        if let Some(i) = parse_index(stem) {
-            return Entry::Index(i);
-        }
+    if let Some(i) = name.strip_suffix(".idx").and_then(parse_index) {
+        return Entry::Index(i);
     }
     Entry::Other
 }

@@ -1,0 +1,1123 @@
+//! # The chat engine
+//!
+//! [`Engine`] is a complete embeddable chat store on top of the segment [`Log`]: chats and
+//! membership, gapless per-chat seqs, idempotent sends, edits and deletes as tombstones,
+//! history, per-device cursors, receipts, resume, file metadata, and in-process subscriptions
+//! to committed events.
+//!
+//! Data path of a write: the caller's operation goes to the **sequencer** thread, which checks
+//! it against the chat state, assigns the seq and turns it into log records; the records of a
+//! whole batch of operations are submitted to the log (one group commit, one `fdatasync`); the
+//! **applier** thread waits for durability, writes the RocksDB indexes of the batch in one
+//! `WriteBatch`, replies to the callers and publishes the events to subscribers. The log is the
+//! source of truth: on open, records after the indexes' last applied log index are replayed.
+//!
+//! ```no_run
+//! use chatlog::engine::{Engine, EngineConfig};
+//! let engine = Engine::open("/tmp/chatlog-engine", EngineConfig::default())?;
+//! let chat = engine.create_chat("alice", &["bob".into()], Some("lunch".into()), false)?;
+//! let sent = engine.send("alice", &chat, "m1", Some("hi".into()), None)?;
+//! let page = engine.history("bob", &chat, None, None, None)?;
+//! assert_eq!(page.events.last().unwrap().event.seq, sent.seq);
+//! # Ok::<(), chatlog::engine::ChatError>(())
+//! ```
+
+mod error;
+mod sequencer;
+pub mod store;
+pub mod types;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use tokio::sync::broadcast;
+
+pub use error::ChatError;
+use sequencer::{Op, Outcome, Reply, Sequencer};
+use store::{CF_CURSORS, CF_FILE_REFS, CF_FILES, CF_LAST_SEEN, CF_RECEIPTS, CF_USER_CHATS, Store};
+pub use types::{
+    ChatSummary, Cursor, Event, EventKind, FileMeta, HistoryEvent, Receipt, Record,
+};
+
+use crate::log::{Log, LogConfig, PendingAppend};
+
+/// Operations the sequencer takes in one batch at most.
+const OPS_PER_BATCH_MAX: usize = 8192;
+/// Batches between the sequencer and the applier.
+const APPLY_QUEUE_DEPTH: usize = 64;
+/// History pages are capped at this many events (PROTOCOL.md).
+pub const HISTORY_LIMIT_MAX: usize = 500;
+/// Default history page size.
+pub const HISTORY_LIMIT_DEFAULT: usize = 50;
+
+/// A source of "now" in ms since the epoch. Injected so tests control time.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
+}
+
+/// Engine configuration.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// The segment log's configuration.
+    pub log: LogConfig,
+    /// Members per chat, creator included. Default 256.
+    pub members_max: usize,
+    /// Largest message body in bytes of UTF-8. Default 16 KiB.
+    pub body_bytes_max: usize,
+    /// Largest title in bytes. Default 256.
+    pub title_bytes_max: usize,
+    /// Operations waiting for the sequencer before new ones are refused as busy. Default 65,536.
+    pub queue_depth_max: usize,
+    /// Committed events buffered per subscriber before it lags (and resumes from the log).
+    /// Default 65,536.
+    pub subscriber_buffer: usize,
+    /// Applied records between RocksDB memtable flushes; bounds the log replay after a crash.
+    /// Default 200,000.
+    pub index_flush_every_records: u64,
+    /// Time source.
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("log", &self.log)
+            .field("members_max", &self.members_max)
+            .field("body_bytes_max", &self.body_bytes_max)
+            .field("title_bytes_max", &self.title_bytes_max)
+            .field("queue_depth_max", &self.queue_depth_max)
+            .field("subscriber_buffer", &self.subscriber_buffer)
+            .field("index_flush_every_records", &self.index_flush_every_records)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            log: LogConfig::default(),
+            members_max: 256,
+            body_bytes_max: 16 * 1024,
+            title_bytes_max: 256,
+            queue_depth_max: 1 << 16,
+            subscriber_buffer: 1 << 16,
+            index_flush_every_records: 200_000,
+            clock: system_clock(),
+        }
+    }
+}
+
+/// A committed log record, as published to subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The record's log index.
+    pub log_index: u64,
+    /// The record.
+    pub record: Record,
+}
+
+/// The reply to a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// The message's seq.
+    pub seq: u64,
+    /// Its timestamp (ms).
+    pub ts: u64,
+}
+
+/// A page of history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    /// Events in ascending seq.
+    pub events: Vec<HistoryEvent>,
+    /// The chat's last seq.
+    pub last_seq: u64,
+}
+
+/// Where a device resumes in one chat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// Chat.
+    pub chat: String,
+    /// The device has everything up to here; send what follows.
+    pub after: u64,
+    /// The chat's last seq when the plan was made.
+    pub last_seq: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    /// Last batch the applier finished.
+    applied_batch: AtomicU64,
+    /// Last log index applied to the indexes.
+    applied_index: AtomicU64,
+}
+
+impl Shared {
+    fn fail(&self, error: &dyn std::fmt::Display) {
+        tracing::error!(%error, "chat engine stops accepting writes");
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(error.to_string());
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn unavailable(&self) -> ChatError {
+        let why = self
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "engine stopped".into());
+        ChatError::Unavailable(crate::Error::Io {
+            op: "earlier failure",
+            path: PathBuf::from("engine"),
+            source: std::io::Error::other(why),
+        })
+    }
+}
+
+struct ApplyBatch {
+    id: u64,
+    first_index: u64,
+    records: Vec<Record>,
+    pending: Option<PendingAppend>,
+    replies: Vec<(Reply, Outcome)>,
+}
+
+/// The chat engine. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Engine {
+    log: Arc<Log>,
+    store: Arc<Store>,
+    config: EngineConfig,
+    shared: Arc<Shared>,
+    ops: Option<flume::Sender<(Op, Reply)>>,
+    events: broadcast::Sender<Arc<Committed>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("dir", &self.dir)
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads and decodes the record at `index`.
+pub(crate) fn read_record(log: &Log, index: u64) -> Result<Record, ChatError> {
+    let bytes = log.read(index)?;
+    postcard::from_bytes(&bytes).map_err(|e| {
+        ChatError::Unavailable(crate::Error::Corruption {
+            segment: log.dir().to_path_buf(),
+            offset: index,
+            reason: format!("log entry {index} is not a record: {e}"),
+        })
+    })
+}
+
+impl Engine {
+    /// Opens (or creates) an engine in `dir`: the log in `dir/log`, the indexes in
+    /// `dir/index`. Replays log records the indexes have not seen.
+    pub fn open(dir: impl AsRef<Path>, config: EngineConfig) -> Result<Engine, ChatError> {
+        let dir = dir.as_ref().to_path_buf();
+        let log = Arc::new(Log::open(dir.join("log"), config.log.clone())?);
+        let store = Arc::new(Store::open(&dir.join("index"))?);
+        let applied = store.applied_index()?;
+        let next = log.next_index();
+        if applied >= next {
+            return Err(ChatError::Unavailable(crate::Error::Corruption {
+                segment: dir.join("index"),
+                offset: applied,
+                reason: format!(
+                    "indexes have applied log index {applied} but the log ends before {next}; \
+                     remove the index directory to rebuild it from the log"
+                ),
+            }));
+        }
+        replay(&log, &store, applied + 1, next)?;
+        let shared = Arc::new(Shared {
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            applied_batch: AtomicU64::new(0),
+            applied_index: AtomicU64::new(next - 1),
+        });
+        let (events, _) = broadcast::channel(config.subscriber_buffer);
+        let (ops_tx, ops_rx) = flume::bounded::<(Op, Reply)>(config.queue_depth_max);
+        let (apply_tx, apply_rx) = flume::bounded::<ApplyBatch>(APPLY_QUEUE_DEPTH);
+        let sequencer = Sequencer::new(store.clone(), log.clone(), config.clone())?;
+        let mut threads = Vec::new();
+        {
+            let log = log.clone();
+            let shared = shared.clone();
+            let clock = config.clock.clone();
+            threads.push(spawn("chatlog-sequencer", move || {
+                run_sequencer(sequencer, ops_rx, apply_tx, log, shared, clock);
+            })?);
+        }
+        {
+            let store = store.clone();
+            let shared = shared.clone();
+            let events = events.clone();
+            let flush_every = config.index_flush_every_records;
+            threads.push(spawn("chatlog-applier", move || {
+                run_applier(apply_rx, store, shared, events, flush_every);
+            })?);
+        }
+        Ok(Engine {
+            log,
+            store,
+            config,
+            shared,
+            ops: Some(ops_tx),
+            events,
+            threads: Mutex::new(threads),
+            dir,
+        })
+    }
+
+    /// The underlying log.
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// The underlying index store (read access for tools and tests).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Why the engine refuses writes, if it does (storage failure).
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn submit(&self, op: Op) -> Ticket {
+        let (reply, rx) = oneshot::channel();
+        let result = match &self.ops {
+            _ if self.shared.failed.load(Ordering::Acquire) => Err(self.shared.unavailable()),
+            None => Err(ChatError::Unavailable(crate::Error::Closed)),
+            Some(tx) => tx.try_send((op, reply)).map_err(|e| match e {
+                flume::TrySendError::Full(_) => ChatError::Busy,
+                flume::TrySendError::Disconnected(_) => {
+                    ChatError::Unavailable(crate::Error::Closed)
+                }
+            }),
+        };
+        Ticket {
+            state: match result {
+                Ok(()) => TicketState::Waiting(rx),
+                Err(e) => TicketState::Failed(Some(e)),
+            },
+        }
+    }
+
+    /// Creates a chat. The creator is a member; `members` are added with it (at most
+    /// [`EngineConfig::members_max`] in all). With `direct`, `members` names the one other
+    /// user and the same chat is returned for the pair every time.
+    pub fn create_chat(
+        &self,
+        creator: &str,
+        members: &[String],
+        title: Option<String>,
+        direct: bool,
+    ) -> Result<String, ChatError> {
+        self.create_chat_ticket(creator, members, title, direct).chat()
+    }
+
+    /// [`Engine::create_chat`] without waiting: wait on the ticket (blocking or `.await`).
+    pub fn create_chat_ticket(
+        &self,
+        creator: &str,
+        members: &[String],
+        title: Option<String>,
+        direct: bool,
+    ) -> Ticket {
+        self.submit(Op::Create {
+            creator: creator.to_owned(),
+            members: members.to_vec(),
+            title,
+            direct,
+        })
+    }
+
+    /// Adds members (any member may); returns the seq of the `members` event, or the chat's
+    /// last seq if nobody was added.
+    pub fn add_members(&self, user: &str, chat: &str, users: &[String]) -> Result<u64, ChatError> {
+        self.add_members_ticket(user, chat, users).seq()
+    }
+
+    /// [`Engine::add_members`] without waiting.
+    pub fn add_members_ticket(&self, user: &str, chat: &str, users: &[String]) -> Ticket {
+        self.submit(Op::AddMembers {
+            user: user.to_owned(),
+            chat: chat.to_owned(),
+            users: users.to_vec(),
+        })
+    }
+
+    /// Removes members (a member may remove itself; the creator anyone).
+    pub fn remove_members(&self, user: &str, chat: &str, users: &[String]) -> Result<u64, ChatError> {
+        self.remove_members_ticket(user, chat, users).seq()
+    }
+
+    /// [`Engine::remove_members`] without waiting.
+    pub fn remove_members_ticket(&self, user: &str, chat: &str, users: &[String]) -> Ticket {
+        self.submit(Op::RemoveMembers {
+            user: user.to_owned(),
+            chat: chat.to_owned(),
+            users: users.to_vec(),
+        })
+    }
+
+    /// Appends a message; idempotent on `(chat, user, cmid)` for ever. Returns once durable.
+    pub fn send(
+        &self,
+        user: &str,
+        chat: &str,
+        cmid: &str,
+        body: Option<String>,
+        file: Option<String>,
+    ) -> Result<Sent, ChatError> {
+        self.send_ticket(user, chat, cmid, body, file).sent()
+    }
+
+    /// [`Engine::send`] without waiting.
+    pub fn send_ticket(
+        &self,
+        user: &str,
+        chat: &str,
+        cmid: &str,
+        body: Option<String>,
+        file: Option<String>,
+    ) -> Ticket {
+        self.submit(Op::Send {
+            user: user.to_owned(),
+            chat: chat.to_owned(),
+            cmid: cmid.to_owned(),
+            body,
+            file,
+        })
+    }
+
+    /// Edits a message (only its sender); returns the seq of the `edit` event.
+    pub fn edit(&self, user: &str, chat: &str, target: u64, body: String) -> Result<u64, ChatError> {
+        self.edit_ticket(user, chat, target, body).seq()
+    }
+
+    /// [`Engine::edit`] without waiting.
+    pub fn edit_ticket(&self, user: &str, chat: &str, target: u64, body: String) -> Ticket {
+        self.submit(Op::Edit {
+            user: user.to_owned(),
+            chat: chat.to_owned(),
+            target,
+            body,
+        })
+    }
+
+    /// Deletes a message (its sender or the chat's creator); returns the `delete` event's seq.
+    pub fn delete(&self, user: &str, chat: &str, target: u64) -> Result<u64, ChatError> {
+        self.delete_ticket(user, chat, target).seq()
+    }
+
+    /// [`Engine::delete`] without waiting.
+    pub fn delete_ticket(&self, user: &str, chat: &str, target: u64) -> Ticket {
+        self.submit(Op::Delete {
+            user: user.to_owned(),
+            chat: chat.to_owned(),
+            target,
+        })
+    }
+
+    /// Moves a device's `delivered` cursor (or `read`, which implies delivered) forward to
+    /// `seq`; lower values are ignored. Returns once durable.
+    pub fn mark(&self, user: &str, device: &str, chat: &str, seq: u64, read: bool) -> Result<(), ChatError> {
+        self.mark_ticket(user, device, chat, seq, read).done()
+    }
+
+    /// [`Engine::mark`] without waiting.
+    pub fn mark_ticket(&self, user: &str, device: &str, chat: &str, seq: u64, read: bool) -> Ticket {
+        self.submit(Op::Cursor {
+            user: user.to_owned(),
+            device: device.to_owned(),
+            chat: chat.to_owned(),
+            seq,
+            read,
+        })
+    }
+
+    /// Records file metadata (the server stores the bytes). Returns once durable.
+    pub fn register_file(&self, meta: FileMeta) -> Result<(), ChatError> {
+        self.submit(Op::File(meta)).done()
+    }
+
+    /// Registers a device the first time it is seen (it starts at every chat's current end).
+    pub fn register_device(&self, user: &str, device: &str) -> Result<(), ChatError> {
+        self.register_device_ticket(user, device).done()
+    }
+
+    /// [`Engine::register_device`] without waiting.
+    pub fn register_device_ticket(&self, user: &str, device: &str) -> Ticket {
+        self.submit(Op::Device {
+            user: user.to_owned(),
+            device: device.to_owned(),
+        })
+    }
+
+    fn member_meta(&self, user: &str, chat: &str) -> Result<store::ChatMeta, ChatError> {
+        let meta = self
+            .store
+            .chat(chat)?
+            .ok_or_else(|| ChatError::NotFound(format!("chat {chat}")))?;
+        if meta.members.binary_search_by(|m| m.as_str().cmp(user)).is_err() {
+            return Err(ChatError::Forbidden(format!("{user} is not a member of {chat}")));
+        }
+        Ok(meta)
+    }
+
+    /// Current members of a chat (no permission check: for the server's fanout).
+    pub fn members(&self, chat: &str) -> Result<Vec<String>, ChatError> {
+        Ok(self
+            .store
+            .chat(chat)?
+            .ok_or_else(|| ChatError::NotFound(format!("chat {chat}")))?
+            .members)
+    }
+
+    /// A page of history, ascending: no bound → the latest `limit`; `before` → the latest
+    /// `limit` below it; `after` → the earliest `limit` above it; both → the earliest `limit`
+    /// strictly between. `limit` defaults to 50 and is capped at 500.
+    pub fn history(
+        &self,
+        user: &str,
+        chat: &str,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<History, ChatError> {
+        self.member_meta(user, chat)?;
+        let last_seq = self.store.last_seq(chat)?;
+        let limit = limit.unwrap_or(HISTORY_LIMIT_DEFAULT).min(HISTORY_LIMIT_MAX) as u64;
+        let top = before.map_or(last_seq, |b| b.saturating_sub(1).min(last_seq));
+        let (lo, hi) = match after {
+            Some(a) => (a + 1, top.min(a.saturating_add(limit))),
+            None => ((top + 1).saturating_sub(limit).max(1), top),
+        };
+        let events = if lo > hi || limit == 0 {
+            Vec::new()
+        } else {
+            self.events_range(chat, lo, (hi - lo + 1) as usize)?
+        };
+        Ok(History { events, last_seq })
+    }
+
+    fn events_range(&self, chat: &str, from: u64, count: usize) -> Result<Vec<HistoryEvent>, ChatError> {
+        let entries = self.store.history_range(chat, from, count)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Record::Event { mut event, .. } = read_record(&self.log, entry.log_index)? else {
+                return Err(index_points_wrong(entry.log_index));
+            };
+            if let EventKind::Message { body, .. } = &mut event.kind {
+                if entry.deleted {
+                    *body = None;
+                } else if let Some(edit_index) = entry.edit_log_index {
+                    match read_record(&self.log, edit_index)? {
+                        Record::Event {
+                            event:
+                                Event {
+                                    kind: EventKind::Edit { body: new, .. },
+                                    ..
+                                },
+                            ..
+                        } => *body = Some(new),
+                        _ => return Err(index_points_wrong(edit_index)),
+                    }
+                }
+            }
+            out.push(HistoryEvent {
+                event,
+                edited: entry.edit_log_index.is_some(),
+                deleted: entry.deleted,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The user's chats with last seq and the user's receipt values.
+    pub fn list_chats(&self, user: &str) -> Result<Vec<ChatSummary>, ChatError> {
+        let mut out = Vec::new();
+        for (chat, _joined) in self.store.scan_prefix::<u64>(CF_USER_CHATS, user)? {
+            let Some(meta) = self.store.chat(&chat)? else {
+                continue;
+            };
+            let (delivered, read) = self
+                .store
+                .get::<(u64, u64)>(CF_RECEIPTS, &store::key(&[&chat, user]))?
+                .unwrap_or((0, 0));
+            out.push(ChatSummary {
+                last_seq: self.store.last_seq(&chat)?,
+                chat,
+                title: meta.title,
+                members: meta.members,
+                delivered,
+                read,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Per member: the max over its devices of `delivered` and `read`.
+    pub fn receipts(&self, user: &str, chat: &str) -> Result<Vec<Receipt>, ChatError> {
+        let meta = self.member_meta(user, chat)?;
+        let values: HashMap<String, (u64, u64)> = self
+            .store
+            .scan_prefix::<(u64, u64)>(CF_RECEIPTS, chat)?
+            .into_iter()
+            .collect();
+        Ok(meta
+            .members
+            .into_iter()
+            .map(|m| {
+                let (delivered, read) = values.get(&m).copied().unwrap_or((0, 0));
+                Receipt {
+                    user: m,
+                    delivered,
+                    read,
+                }
+            })
+            .collect())
+    }
+
+    /// Where a device resumes in each of its user's chats: after `since[chat]` if given, else
+    /// after its cursor; a device seen for the first time starts at every chat's current end
+    /// (registered durably now); a chat joined later starts at the `members` event that added
+    /// the user.
+    pub fn resume_points(
+        &self,
+        user: &str,
+        device: &str,
+        since: &HashMap<String, u64>,
+    ) -> Result<Vec<ResumePoint>, ChatError> {
+        self.register_device(user, device)?;
+        let mut out = Vec::new();
+        for (chat, joined) in self.store.scan_prefix::<u64>(CF_USER_CHATS, user)? {
+            let last_seq = self.store.last_seq(&chat)?;
+            let after = match since.get(&chat) {
+                Some(s) => *s,
+                None => self
+                    .store
+                    .get::<Cursor>(CF_CURSORS, &store::key(&[user, device, &chat]))?
+                    .map_or(joined.saturating_sub(1), |c| c.resume_after()),
+            };
+            out.push(ResumePoint {
+                chat,
+                after: after.min(last_seq),
+                last_seq,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Everything a device has not seen, chat by chat in seq order (the resume stream).
+    pub fn resume(
+        &self,
+        user: &str,
+        device: &str,
+        since: &HashMap<String, u64>,
+    ) -> Result<Vec<Event>, ChatError> {
+        let mut out = Vec::new();
+        for point in self.resume_points(user, device, since)? {
+            let mut after = point.after;
+            while after < point.last_seq {
+                let count = ((point.last_seq - after) as usize).min(HISTORY_LIMIT_MAX);
+                let page = self.events_range(&point.chat, after + 1, count)?;
+                after += page.len() as u64;
+                out.extend(page.into_iter().map(|h| h.event));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A device's cursor in a chat.
+    pub fn cursor(&self, user: &str, device: &str, chat: &str) -> Result<Cursor, ChatError> {
+        Ok(self
+            .store
+            .get::<Cursor>(CF_CURSORS, &store::key(&[user, device, chat]))?
+            .unwrap_or_default())
+    }
+
+    /// File metadata, if the user may see the file: its uploader, or a member of a chat with
+    /// a message referencing it. Anyone else gets `NotFound` (no existence leak).
+    pub fn file(&self, user: &str, id: &str) -> Result<FileMeta, ChatError> {
+        let not_found = || ChatError::NotFound(format!("file {id}"));
+        let meta: FileMeta = self.store.get(CF_FILES, id.as_bytes())?.ok_or_else(not_found)?;
+        if meta.uploader == user {
+            return Ok(meta);
+        }
+        for (chat, ()) in self.store.scan_prefix::<()>(CF_FILE_REFS, id)? {
+            if self.member_meta(user, &chat).is_ok() {
+                return Ok(meta);
+            }
+        }
+        Err(not_found())
+    }
+
+    /// Persists last-seen times (soft state, written lazily by the presence layer).
+    pub fn save_last_seen(&self, values: &[(String, u64)]) -> Result<(), ChatError> {
+        Ok(self.store.put_last_seen(values)?)
+    }
+
+    /// A persisted last-seen time.
+    pub fn last_seen(&self, user: &str) -> Result<Option<u64>, ChatError> {
+        Ok(self.store.get::<u64>(CF_LAST_SEEN, user.as_bytes())?)
+    }
+
+    /// Subscribes to committed records from now on, in log order.
+    pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        Subscription {
+            rx: self.events.subscribe(),
+            engine: self.clone(),
+            next: self.shared.applied_index.load(Ordering::Acquire) + 1,
+            catch_up_to: 0,
+        }
+    }
+
+    /// Stops the engine's threads after queued work is done.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.ops = None;
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn index_points_wrong(index: u64) -> ChatError {
+    ChatError::Unavailable(crate::Error::Corruption {
+        segment: "history index".into(),
+        offset: index,
+        reason: "history entry points at the wrong kind of record".into(),
+    })
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ChatError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| ChatError::Unavailable(crate::Error::io("spawn thread", name, e)))
+}
+
+/// Applies log records `from..to` to the indexes, in batches.
+fn replay(log: &Log, store: &Store, from: u64, to: u64) -> Result<(), ChatError> {
+    const REPLAY_BATCH_RECORDS: usize = 10_000;
+    let mut batch = store.batch();
+    let mut n = 0;
+    for item in log.iter_from(from.max(log.first_index())) {
+        let (index, bytes) = item?;
+        if index >= to {
+            break;
+        }
+        let record: Record = postcard::from_bytes(&bytes).map_err(|e| {
+            ChatError::Unavailable(crate::Error::Corruption {
+                segment: log.dir().to_path_buf(),
+                offset: index,
+                reason: format!("log entry {index} is not a record: {e}"),
+            })
+        })?;
+        batch.apply(&record, index)?;
+        n += 1;
+        if n == REPLAY_BATCH_RECORDS {
+            batch.commit()?;
+            batch = store.batch();
+            n = 0;
+        }
+    }
+    batch.commit()?;
+    Ok(())
+}
+
+fn run_sequencer(
+    mut seq: Sequencer,
+    ops: flume::Receiver<(Op, Reply)>,
+    apply: flume::Sender<ApplyBatch>,
+    log: Arc<Log>,
+    shared: Arc<Shared>,
+    clock: Clock,
+) {
+    let mut batch_id = 0;
+    let mut next_index = log.next_index();
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while batch.len() < OPS_PER_BATCH_MAX {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if shared.failed.load(Ordering::Acquire) {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(shared.unavailable()));
+            }
+            continue;
+        }
+        batch_id += 1;
+        seq.begin(batch_id, shared.applied_batch.load(Ordering::Acquire));
+        let now = clock();
+        let mut records = Vec::new();
+        let mut replies = Vec::with_capacity(batch.len());
+        for (op, reply) in batch {
+            match seq.decide(op, now, &mut records) {
+                Ok(outcome) => replies.push((reply, outcome)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        seq.end();
+        let pending = if records.is_empty() {
+            None
+        } else {
+            let entries: Vec<Bytes> = records
+                .iter()
+                .map(|r| Bytes::from(postcard::to_allocvec(r).expect("postcard encoding")))
+                .collect();
+            match log.append_batch_deferred(entries) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    shared.fail(&e);
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(shared.unavailable()));
+                    }
+                    continue;
+                }
+            }
+        };
+        let first_index = next_index;
+        next_index += records.len() as u64;
+        let batch = ApplyBatch {
+            id: batch_id,
+            first_index,
+            records,
+            pending,
+            replies,
+        };
+        if apply.send(batch).is_err() {
+            break;
+        }
+    }
+}
+
+fn run_applier(
+    batches: flume::Receiver<ApplyBatch>,
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    events: broadcast::Sender<Arc<Committed>>,
+    flush_every: u64,
+) {
+    let mut since_flush = 0u64;
+    for b in batches.iter() {
+        let fail_all = |b: ApplyBatch| {
+            for (reply, _) in b.replies {
+                let _ = reply.send(Err(shared.unavailable()));
+            }
+        };
+        if shared.failed.load(Ordering::Acquire) {
+            fail_all(b);
+            continue;
+        }
+        if let Some(pending) = b.pending {
+            let b = ApplyBatch { pending: None, ..b };
+            match pending.wait() {
+                Ok(first) if first == b.first_index => apply_batch(b, &store, &shared, &events, &mut since_flush, flush_every),
+                Ok(first) => {
+                    shared.fail(&format!(
+                        "log assigned index {first} where {} was expected",
+                        b.first_index
+                    ));
+                    fail_all(b);
+                }
+                Err(e) => {
+                    shared.fail(&e);
+                    fail_all(b);
+                }
+            }
+        } else {
+            apply_batch(b, &store, &shared, &events, &mut since_flush, flush_every);
+        }
+    }
+}
+
+fn apply_batch(
+    b: ApplyBatch,
+    store: &Store,
+    shared: &Shared,
+    events: &broadcast::Sender<Arc<Committed>>,
+    since_flush: &mut u64,
+    flush_every: u64,
+) {
+    let mut wb = store.batch();
+    let applied = b
+        .records
+        .iter()
+        .enumerate()
+        .try_for_each(|(k, r)| wb.apply(r, b.first_index + k as u64))
+        .and_then(|()| wb.commit());
+    if let Err(e) = applied {
+        shared.fail(&e);
+        for (reply, _) in b.replies {
+            let _ = reply.send(Err(shared.unavailable()));
+        }
+        return;
+    }
+    let n = b.records.len() as u64;
+    if n > 0 {
+        shared
+            .applied_index
+            .store(b.first_index + n - 1, Ordering::Release);
+    }
+    shared.applied_batch.store(b.id, Ordering::Release);
+    for (reply, outcome) in b.replies {
+        let _ = reply.send(Ok(outcome));
+    }
+    for (k, record) in b.records.into_iter().enumerate() {
+        let _ = events.send(Arc::new(Committed {
+            log_index: b.first_index + k as u64,
+            record,
+        }));
+    }
+    *since_flush += n;
+    if *since_flush >= flush_every {
+        *since_flush = 0;
+        if let Err(e) = store.flush(false) {
+            tracing::warn!(%e, "index flush failed");
+        }
+    }
+}
+
+enum TicketState {
+    Waiting(oneshot::Receiver<Result<Outcome, ChatError>>),
+    Failed(Option<ChatError>),
+}
+
+/// A submitted write operation. Wait for it with the typed methods (blocking) or `.await` it.
+pub struct Ticket {
+    state: TicketState,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ticket")
+    }
+}
+
+/// The reply to an awaited [`Ticket`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A chat id (create).
+    Chat(String),
+    /// A seq (membership, edit, delete).
+    Seq(u64),
+    /// A sent message.
+    Sent(Sent),
+    /// Done (cursors, devices, files).
+    Done,
+}
+
+impl From<Outcome> for Answer {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Chat(c) => Answer::Chat(c),
+            Outcome::Seq(s) => Answer::Seq(s),
+            Outcome::Sent { seq, ts } => Answer::Sent(Sent { seq, ts }),
+            Outcome::Done => Answer::Done,
+        }
+    }
+}
+
+impl Ticket {
+    /// Blocks until the operation is durable (or refused).
+    pub fn wait(self) -> Result<Answer, ChatError> {
+        match self.state {
+            TicketState::Failed(e) => Err(e.expect("ticket waited once")),
+            TicketState::Waiting(rx) => rx
+                .recv()
+                .map_err(|_| ChatError::Unavailable(crate::Error::Closed))?
+                .map(Answer::from),
+        }
+    }
+
+    fn chat(self) -> Result<String, ChatError> {
+        match self.wait()? {
+            Answer::Chat(c) => Ok(c),
+            other => unreachable!("create answered {other:?}"),
+        }
+    }
+
+    fn seq(self) -> Result<u64, ChatError> {
+        match self.wait()? {
+            Answer::Seq(s) => Ok(s),
+            other => unreachable!("expected a seq, got {other:?}"),
+        }
+    }
+
+    fn sent(self) -> Result<Sent, ChatError> {
+        match self.wait()? {
+            Answer::Sent(s) => Ok(s),
+            other => unreachable!("send answered {other:?}"),
+        }
+    }
+
+    fn done(self) -> Result<(), ChatError> {
+        self.wait().map(|_| ())
+    }
+}
+
+impl std::future::Future for Ticket {
+    type Output = Result<Answer, ChatError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.state {
+            TicketState::Failed(e) => std::task::Poll::Ready(Err(e.take().expect("polled after completion"))),
+            TicketState::Waiting(rx) => std::pin::Pin::new(rx).poll(cx).map(|r| match r {
+                Ok(result) => result.map(Answer::from),
+                Err(_) => Err(ChatError::Unavailable(crate::Error::Closed)),
+            }),
+        }
+    }
+}
+
+/// Why [`Subscription::recv`] did not return a record.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscriptionError {
+    /// The subscriber fell behind the in-memory buffer. Nothing is lost: the next calls
+    /// return the records from `resume_from` on, read back from the log.
+    #[error("subscriber lagged; resuming from log index {resume_from}")]
+    Lagged {
+        /// The first log index the subscriber had not received.
+        resume_from: u64,
+    },
+    /// The engine is gone.
+    #[error("engine closed")]
+    Closed,
+    /// Reading back from the log failed.
+    #[error(transparent)]
+    Read(#[from] ChatError),
+}
+
+/// A subscription to committed records, in log order, with no gaps.
+pub struct Subscription {
+    rx: broadcast::Receiver<Arc<Committed>>,
+    engine: Arc<Engine>,
+    /// Log index of the next record to hand out.
+    next: u64,
+    /// While > `next`: catching up from the log up to (excluding) this index.
+    catch_up_to: u64,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("next", &self.next).finish()
+    }
+}
+
+impl Subscription {
+    fn from_log(&mut self) -> Option<Result<Arc<Committed>, SubscriptionError>> {
+        if self.next >= self.catch_up_to {
+            return None;
+        }
+        let index = self.next;
+        self.next += 1;
+        Some(
+            read_record(&self.engine.log, index)
+                .map(|record| Arc::new(Committed { log_index: index, record }))
+                .map_err(SubscriptionError::from),
+        )
+    }
+
+    fn accept(
+        &mut self,
+        item: Result<Arc<Committed>, broadcast::error::RecvError>,
+    ) -> Option<Result<Arc<Committed>, SubscriptionError>> {
+        match item {
+            Ok(c) if c.log_index < self.next => None,
+            Ok(c) if c.log_index == self.next => {
+                self.next += 1;
+                Some(Ok(c))
+            }
+            Ok(c) => {
+                // A gap (the subscriber was created between apply and publish): fill it
+                // from the log.
+                self.catch_up_to = c.log_index + 1;
+                self.from_log()
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                self.catch_up_to = self.engine.shared.applied_index.load(Ordering::Acquire) + 1;
+                Some(Err(SubscriptionError::Lagged {
+                    resume_from: self.next,
+                }))
+            }
+            Err(broadcast::error::RecvError::Closed) => Some(Err(SubscriptionError::Closed)),
+        }
+    }
+
+    /// The next committed record (blocking).
+    pub fn recv_blocking(&mut self) -> Result<Arc<Committed>, SubscriptionError> {
+        loop {
+            if let Some(r) = self.from_log() {
+                return r;
+            }
+            let item = self.rx.blocking_recv();
+            if let Some(r) = self.accept(item) {
+                return r;
+            }
+        }
+    }
+
+    /// The next committed record.
+    pub async fn recv(&mut self) -> Result<Arc<Committed>, SubscriptionError> {
+        loop {
+            if let Some(r) = self.from_log() {
+                return r;
+            }
+            let item = self.rx.recv().await;
+            if let Some(r) = self.accept(item) {
+                return r;
+            }
+        }
+    }
+}

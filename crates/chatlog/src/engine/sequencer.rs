@@ -1,0 +1,734 @@
+//! The sequencer: the one place that decides. It takes operations in arrival order, checks
+//! them against the chat state (its own authoritative in-memory copy, read through from the
+//! indexes on first use), assigns seqs and timestamps, and turns each accepted operation into
+//! log records. Replies are sent only after the applier has made the batch durable and indexed.
+//!
+//! Records decided but not yet applied are remembered in small overlays (dedup keys, message
+//! targets, cursors, receipts, devices, files), tagged with their batch, so later decisions see
+//! them; an overlay entry is dropped once the applier reports its batch applied.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::error::ChatError;
+use super::store::{
+    self, CF_CURSORS, CF_DEDUP, CF_DEVICES, CF_FILES, CF_RECEIPTS, CF_USER_CHATS, ChatMeta,
+    HistoryEntry, Store,
+};
+use super::types::{
+    Creation, Cursor, CursorMove, Event, EventKind, FileMeta, Record, check_cmid, check_device,
+    check_user, direct_chat_id,
+};
+use super::EngineConfig;
+use crate::log::Log;
+
+/// A reply channel for an operation.
+pub(crate) type Reply = oneshot::Sender<Result<Outcome, ChatError>>;
+
+/// What an accepted operation answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Chat(String),
+    Seq(u64),
+    Sent { seq: u64, ts: u64 },
+    Done,
+}
+
+/// A write operation.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Create {
+        creator: String,
+        members: Vec<String>,
+        title: Option<String>,
+        direct: bool,
+    },
+    AddMembers {
+        user: String,
+        chat: String,
+        users: Vec<String>,
+    },
+    RemoveMembers {
+        user: String,
+        chat: String,
+        users: Vec<String>,
+    },
+    Send {
+        user: String,
+        chat: String,
+        cmid: String,
+        body: Option<String>,
+        file: Option<String>,
+    },
+    Edit {
+        user: String,
+        chat: String,
+        target: u64,
+        body: String,
+    },
+    Delete {
+        user: String,
+        chat: String,
+        target: u64,
+    },
+    Cursor {
+        user: String,
+        device: String,
+        chat: String,
+        seq: u64,
+        read: bool,
+    },
+    Device {
+        user: String,
+        device: String,
+    },
+    File(FileMeta),
+}
+
+#[derive(Debug, Clone)]
+struct ChatState {
+    last_seq: u64,
+    meta: ChatMeta,
+}
+
+impl ChatState {
+    fn is_member(&self, user: &str) -> bool {
+        self.meta.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok()
+    }
+}
+
+/// What the sequencer needs to know about a message to rule on edits and deletes.
+#[derive(Debug, Clone)]
+struct MessageInfo {
+    sender: String,
+    is_message: bool,
+    deleted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum OverlayKey {
+    Dedup(String, String, String),
+    Message(String, u64),
+    Cursor(String, String, String),
+    Receipt(String, String),
+    Device(String, String),
+    File(String),
+}
+
+#[derive(Debug, Clone)]
+enum OverlayValue {
+    Dedup(u64, u64),
+    Message(MessageInfo),
+    Cursor(Cursor),
+    Receipt(u64, u64),
+    Device,
+    File(FileMeta),
+}
+
+/// The sequencer's state.
+pub(crate) struct Sequencer {
+    store: Arc<Store>,
+    log: Arc<Log>,
+    config: EngineConfig,
+    chats: HashMap<String, ChatState>,
+    chat_counter: u64,
+    overlay: HashMap<OverlayKey, (OverlayValue, u64)>,
+    /// Keys written per batch, oldest first, for pruning.
+    written: VecDeque<(u64, Vec<OverlayKey>)>,
+    /// Keys written by the batch being decided.
+    current: Vec<OverlayKey>,
+    batch: u64,
+}
+
+impl std::fmt::Debug for Sequencer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequencer")
+            .field("chats_cached", &self.chats.len())
+            .field("overlay", &self.overlay.len())
+            .field("batch", &self.batch)
+            .finish()
+    }
+}
+
+fn limit_members(config: &EngineConfig, count: usize) -> Result<(), ChatError> {
+    if count > config.members_max {
+        return Err(ChatError::TooManyMembers {
+            limit: config.members_max,
+            actual: count,
+        });
+    }
+    Ok(())
+}
+
+fn limit_body(config: &EngineConfig, body: &str) -> Result<(), ChatError> {
+    if body.len() > config.body_bytes_max {
+        return Err(ChatError::TooLarge {
+            what: "body",
+            limit: config.body_bytes_max,
+            actual: body.len(),
+        });
+    }
+    Ok(())
+}
+
+impl Sequencer {
+    pub(crate) fn new(store: Arc<Store>, log: Arc<Log>, config: EngineConfig) -> crate::Result<Self> {
+        let chat_counter = store.chat_counter()?;
+        Ok(Sequencer {
+            store,
+            log,
+            config,
+            chats: HashMap::new(),
+            chat_counter,
+            overlay: HashMap::new(),
+            written: VecDeque::new(),
+            current: Vec::new(),
+            batch: 0,
+        })
+    }
+
+    /// Starts deciding batch `batch`; forgets overlay entries of batches up to `applied`.
+    pub(crate) fn begin(&mut self, batch: u64, applied: u64) {
+        while let Some((b, _)) = self.written.front() {
+            if *b > applied {
+                break;
+            }
+            let (b, keys) = self.written.pop_front().expect("front exists");
+            for k in keys {
+                if self.overlay.get(&k).is_some_and(|(_, kb)| *kb == b) {
+                    self.overlay.remove(&k);
+                }
+            }
+        }
+        self.batch = batch;
+    }
+
+    /// Ends the batch being decided.
+    pub(crate) fn end(&mut self) {
+        let keys = std::mem::take(&mut self.current);
+        if !keys.is_empty() {
+            self.written.push_back((self.batch, keys));
+        }
+    }
+
+    fn remember(&mut self, key: OverlayKey, value: OverlayValue) {
+        self.overlay.insert(key.clone(), (value, self.batch));
+        self.current.push(key);
+    }
+
+    fn recall(&self, key: &OverlayKey) -> Option<&OverlayValue> {
+        self.overlay.get(key).map(|(v, _)| v)
+    }
+
+    fn chat(&mut self, chat: &str) -> Result<&mut ChatState, ChatError> {
+        if !self.chats.contains_key(chat) {
+            let meta = self
+                .store
+                .chat(chat)?
+                .ok_or_else(|| ChatError::NotFound(format!("chat {chat}")))?;
+            let last_seq = self.store.last_seq(chat)?;
+            self.chats
+                .insert(chat.to_owned(), ChatState { last_seq, meta });
+        }
+        Ok(self.chats.get_mut(chat).expect("inserted above"))
+    }
+
+    fn member_chat(&mut self, user: &str, chat: &str) -> Result<&mut ChatState, ChatError> {
+        let state = self.chat(chat)?;
+        if !state.is_member(user) {
+            return Err(ChatError::Forbidden(format!("{user} is not a member of {chat}")));
+        }
+        Ok(state)
+    }
+
+    fn event(&mut self, chat: &str, sender: &str, ts: u64, kind: EventKind) -> Event {
+        let state = self.chats.get_mut(chat).expect("chat loaded before an event");
+        state.last_seq += 1;
+        Event {
+            chat: chat.to_owned(),
+            seq: state.last_seq,
+            ts,
+            sender: sender.to_owned(),
+            kind,
+        }
+    }
+
+    /// Decides one operation at time `now_ms`, appending its records to `out`.
+    pub(crate) fn decide(&mut self, op: Op, now_ms: u64, out: &mut Vec<Record>) -> Result<Outcome, ChatError> {
+        match op {
+            Op::Create {
+                creator,
+                members,
+                title,
+                direct,
+            } => self.create(creator, members, title, direct, now_ms, out),
+            Op::AddMembers { user, chat, users } => self.add_members(&user, &chat, users, now_ms, out),
+            Op::RemoveMembers { user, chat, users } => {
+                self.remove_members(&user, &chat, users, now_ms, out)
+            }
+            Op::Send {
+                user,
+                chat,
+                cmid,
+                body,
+                file,
+            } => self.send(&user, &chat, cmid, body, file, now_ms, out),
+            Op::Edit {
+                user,
+                chat,
+                target,
+                body,
+            } => self.edit(&user, &chat, target, body, now_ms, out),
+            Op::Delete { user, chat, target } => self.delete(&user, &chat, target, now_ms, out),
+            Op::Cursor {
+                user,
+                device,
+                chat,
+                seq,
+                read,
+            } => self.cursor(&user, &device, &chat, seq, read, out),
+            Op::Device { user, device } => self.device(&user, &device, out),
+            Op::File(meta) => {
+                check_user(&meta.uploader)?;
+                self.remember(OverlayKey::File(meta.id.clone()), OverlayValue::File(meta.clone()));
+                out.push(Record::File(meta));
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    fn create(
+        &mut self,
+        creator: String,
+        members: Vec<String>,
+        title: Option<String>,
+        direct: bool,
+        now_ms: u64,
+        out: &mut Vec<Record>,
+    ) -> Result<Outcome, ChatError> {
+        check_user(&creator)?;
+        for m in &members {
+            check_user(m)?;
+        }
+        if let Some(t) = &title {
+            if t.len() > self.config.title_bytes_max {
+                return Err(ChatError::TooLarge {
+                    what: "title",
+                    limit: self.config.title_bytes_max,
+                    actual: t.len(),
+                });
+            }
+        }
+        let mut all: BTreeSet<String> = members.into_iter().collect();
+        all.insert(creator.clone());
+        let chat = if direct {
+            let others: Vec<&String> = all.iter().filter(|m| **m != creator).collect();
+            if others.len() != 1 {
+                return Err(ChatError::BadRequest(
+                    "a direct chat needs exactly one other member".into(),
+                ));
+            }
+            let id = direct_chat_id(&creator, others[0]);
+            match self.chat(&id) {
+                Ok(_) => return Ok(Outcome::Chat(id)),
+                Err(ChatError::NotFound(_)) => id,
+                Err(e) => return Err(e),
+            }
+        } else {
+            limit_members(&self.config, all.len())?;
+            self.chat_counter += 1;
+            format!("g{}", self.chat_counter)
+        };
+        let added: Vec<String> = all.into_iter().collect();
+        self.chats.insert(
+            chat.clone(),
+            ChatState {
+                last_seq: 0,
+                meta: ChatMeta {
+                    title: title.clone(),
+                    creator: creator.clone(),
+                    direct,
+                    members: added.clone(),
+                },
+            },
+        );
+        let event = self.event(
+            &chat,
+            &creator,
+            now_ms,
+            EventKind::Members {
+                added,
+                removed: Vec::new(),
+                title,
+            },
+        );
+        out.push(Record::Event {
+            event,
+            created: Some(Creation { creator, direct }),
+        });
+        Ok(Outcome::Chat(chat))
+    }
+
+    fn add_members(
+        &mut self,
+        user: &str,
+        chat: &str,
+        users: Vec<String>,
+        now_ms: u64,
+        out: &mut Vec<Record>,
+    ) -> Result<Outcome, ChatError> {
+        for u in &users {
+            check_user(u)?;
+        }
+        let members_max = self.config.members_max;
+        let state = self.member_chat(user, chat)?;
+        if state.meta.direct {
+            return Err(ChatError::Forbidden("members of a direct chat cannot change".into()));
+        }
+        let new: BTreeSet<String> = users.into_iter().filter(|u| !state.is_member(u)).collect();
+        if new.is_empty() {
+            return Ok(Outcome::Seq(state.last_seq));
+        }
+        let total = state.meta.members.len() + new.len();
+        if total > members_max {
+            return Err(ChatError::TooManyMembers {
+                limit: members_max,
+                actual: total,
+            });
+        }
+        for u in &new {
+            let pos = state.meta.members.binary_search(u).unwrap_err();
+            state.meta.members.insert(pos, u.clone());
+        }
+        let event = self.event(
+            chat,
+            user,
+            now_ms,
+            EventKind::Members {
+                added: new.into_iter().collect(),
+                removed: Vec::new(),
+                title: None,
+            },
+        );
+        let seq = event.seq;
+        out.push(Record::Event {
+            event,
+            created: None,
+        });
+        Ok(Outcome::Seq(seq))
+    }
+
+    fn remove_members(
+        &mut self,
+        user: &str,
+        chat: &str,
+        users: Vec<String>,
+        now_ms: u64,
+        out: &mut Vec<Record>,
+    ) -> Result<Outcome, ChatError> {
+        for u in &users {
+            check_user(u)?;
+        }
+        let state = self.member_chat(user, chat)?;
+        let gone: BTreeSet<String> = users.into_iter().filter(|u| state.is_member(u)).collect();
+        let is_creator = state.meta.creator == user;
+        if !is_creator && gone.iter().any(|u| u != user) {
+            return Err(ChatError::Forbidden(
+                "only the creator may remove other members".into(),
+            ));
+        }
+        if gone.is_empty() {
+            return Ok(Outcome::Seq(state.last_seq));
+        }
+        if state.meta.direct {
+            return Err(ChatError::Forbidden("members of a direct chat cannot change".into()));
+        }
+        state.meta.members.retain(|m| !gone.contains(m));
+        let event = self.event(
+            chat,
+            user,
+            now_ms,
+            EventKind::Members {
+                added: Vec::new(),
+                removed: gone.into_iter().collect(),
+                title: None,
+            },
+        );
+        let seq = event.seq;
+        out.push(Record::Event {
+            event,
+            created: None,
+        });
+        Ok(Outcome::Seq(seq))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        user: &str,
+        chat: &str,
+        cmid: String,
+        body: Option<String>,
+        file: Option<String>,
+        now_ms: u64,
+        out: &mut Vec<Record>,
+    ) -> Result<Outcome, ChatError> {
+        check_cmid(&cmid)?;
+        if body.is_none() && file.is_none() {
+            return Err(ChatError::BadRequest("send needs a body or a file".into()));
+        }
+        if let Some(b) = &body {
+            limit_body(&self.config, b)?;
+        }
+        self.member_chat(user, chat)?;
+        let dedup_key = OverlayKey::Dedup(chat.to_owned(), user.to_owned(), cmid.clone());
+        if let Some(OverlayValue::Dedup(seq, ts)) = self.recall(&dedup_key) {
+            return Ok(Outcome::Sent { seq: *seq, ts: *ts });
+        }
+        if let Some((seq, ts)) = self
+            .store
+            .get::<(u64, u64)>(CF_DEDUP, &store::key(&[chat, user, &cmid]))?
+        {
+            return Ok(Outcome::Sent { seq, ts });
+        }
+        if let Some(id) = &file {
+            let meta = match self.recall(&OverlayKey::File(id.clone())) {
+                Some(OverlayValue::File(m)) => Some(m.clone()),
+                _ => self.store.get::<FileMeta>(CF_FILES, id.as_bytes())?,
+            };
+            if meta.is_none_or(|m| m.uploader != user) {
+                return Err(ChatError::BadRequest(format!(
+                    "file {id} was not uploaded by {user}"
+                )));
+            }
+        }
+        let event = self.event(
+            chat,
+            user,
+            now_ms,
+            EventKind::Message {
+                cmid: cmid.clone(),
+                body,
+                file,
+            },
+        );
+        let (seq, ts) = (event.seq, event.ts);
+        self.remember(dedup_key, OverlayValue::Dedup(seq, ts));
+        self.remember(
+            OverlayKey::Message(chat.to_owned(), seq),
+            OverlayValue::Message(MessageInfo {
+                sender: user.to_owned(),
+                is_message: true,
+                deleted: false,
+            }),
+        );
+        out.push(Record::Event {
+            event,
+            created: None,
+        });
+        Ok(Outcome::Sent { seq, ts })
+    }
+
+    /// What is known about the event at `target`: from the overlay, else from the indexes and
+    /// the log.
+    fn message_info(&self, chat: &str, target: u64) -> Result<MessageInfo, ChatError> {
+        if let Some(OverlayValue::Message(info)) =
+            self.recall(&OverlayKey::Message(chat.to_owned(), target))
+        {
+            return Ok(info.clone());
+        }
+        let entry: HistoryEntry = self
+            .store
+            .get(store::CF_HISTORY, &store::history_key(chat, target))?
+            .ok_or_else(|| ChatError::NotFound(format!("{chat} has no event {target}")))?;
+        let record = super::read_record(&self.log, entry.log_index)?;
+        let Record::Event { event, .. } = record else {
+            return Err(ChatError::Unavailable(crate::Error::Corruption {
+                segment: "history index".into(),
+                offset: entry.log_index,
+                reason: "history entry points at a non-event record".into(),
+            }));
+        };
+        Ok(MessageInfo {
+            sender: event.sender,
+            is_message: matches!(event.kind, EventKind::Message { .. }),
+            deleted: entry.deleted,
+        })
+    }
+
+    fn target(&mut self, user: &str, chat: &str, target: u64) -> Result<(MessageInfo, String), ChatError> {
+        let state = self.member_chat(user, chat)?;
+        if target == 0 || target > state.last_seq {
+            return Err(ChatError::NotFound(format!("{chat} has no event {target}")));
+        }
+        let creator = state.meta.creator.clone();
+        let info = self.message_info(chat, target)?;
+        if !info.is_message {
+            return Err(ChatError::BadRequest(format!("event {target} is not a message")));
+        }
+        if info.deleted {
+            return Err(ChatError::BadRequest(format!("message {target} is deleted")));
+        }
+        Ok((info, creator))
+    }
+
+    fn edit(
+        &mut self,
+        user: &str,
+        chat: &str,
+        target: u64,
+        body: String,
+        now_ms: u64,
+        out: &mut Vec<Record>,
+    ) -> Result<Outcome, ChatError> {
+        limit_body(&self.config, &body)?;
+        let (info, _) = self.target(user, chat, target)?;
+        if info.sender != user {
+            return Err(ChatError::Forbidden("only the sender may edit a message".into()));
+        }
+        let event = self.event(chat, user, now_ms, EventKind::Edit { target, body });
+        let seq = event.seq;
+        self.remember(
+            OverlayKey::Message(chat.to_owned(), seq),
+            OverlayValue::Message(MessageInfo {
+                sender: user.to_owned(),
+                is_message: false,
+                deleted: false,
+            }),
+        );
+        out.push(Record::Event {
+            event,
+            created: None,
+        });
+        Ok(Outcome::Seq(seq))
+    }
+
+    fn delete(
+        &mut self,
+        user: &str,
+        chat: &str,
+        target: u64,
+        now_ms: u64,
+        out: &mut Vec<Record>,
+    ) -> Result<Outcome, ChatError> {
+        let (mut info, creator) = self.target(user, chat, target)?;
+        if info.sender != user && creator != user {
+            return Err(ChatError::Forbidden(
+                "only the sender or the chat's creator may delete a message".into(),
+            ));
+        }
+        let event = self.event(chat, user, now_ms, EventKind::Delete { target });
+        let seq = event.seq;
+        info.deleted = true;
+        self.remember(
+            OverlayKey::Message(chat.to_owned(), target),
+            OverlayValue::Message(info),
+        );
+        self.remember(
+            OverlayKey::Message(chat.to_owned(), seq),
+            OverlayValue::Message(MessageInfo {
+                sender: user.to_owned(),
+                is_message: false,
+                deleted: false,
+            }),
+        );
+        out.push(Record::Event {
+            event,
+            created: None,
+        });
+        Ok(Outcome::Seq(seq))
+    }
+
+    fn cursor(
+        &mut self,
+        user: &str,
+        device: &str,
+        chat: &str,
+        seq: u64,
+        read: bool,
+        out: &mut Vec<Record>,
+    ) -> Result<Outcome, ChatError> {
+        check_device(device)?;
+        let state = self.member_chat(user, chat)?;
+        if seq > state.last_seq {
+            return Err(ChatError::BadRequest(format!(
+                "cursor {seq} is beyond the last seq {} of {chat}",
+                state.last_seq
+            )));
+        }
+        let ckey = OverlayKey::Cursor(user.to_owned(), device.to_owned(), chat.to_owned());
+        let current = match self.recall(&ckey) {
+            Some(OverlayValue::Cursor(c)) => *c,
+            _ => self
+                .store
+                .get::<Cursor>(CF_CURSORS, &store::key(&[user, device, chat]))?
+                .unwrap_or_default(),
+        };
+        let mut next = current;
+        next.delivered = next.delivered.max(seq);
+        if read {
+            next.read = next.read.max(seq);
+        }
+        if next == current {
+            return Ok(Outcome::Done);
+        }
+        let rkey = OverlayKey::Receipt(chat.to_owned(), user.to_owned());
+        let (d, r) = match self.recall(&rkey) {
+            Some(OverlayValue::Receipt(d, r)) => (*d, *r),
+            _ => self
+                .store
+                .get::<(u64, u64)>(CF_RECEIPTS, &store::key(&[chat, user]))?
+                .unwrap_or((0, 0)),
+        };
+        let (d, r) = (d.max(next.delivered), r.max(next.read));
+        self.remember(ckey, OverlayValue::Cursor(next));
+        self.remember(rkey, OverlayValue::Receipt(d, r));
+        out.push(Record::Cursor(CursorMove {
+            chat: chat.to_owned(),
+            user: user.to_owned(),
+            device: device.to_owned(),
+            cursor: next,
+            user_delivered: d,
+            user_read: r,
+        }));
+        Ok(Outcome::Done)
+    }
+
+    fn device(&mut self, user: &str, device: &str, out: &mut Vec<Record>) -> Result<Outcome, ChatError> {
+        check_user(user)?;
+        check_device(device)?;
+        let dkey = OverlayKey::Device(user.to_owned(), device.to_owned());
+        if self.recall(&dkey).is_some()
+            || self
+                .store
+                .contains(CF_DEVICES, &store::key(&[user, device]))?
+        {
+            return Ok(Outcome::Done);
+        }
+        let chats = self.store.scan_prefix::<u64>(CF_USER_CHATS, user)?;
+        let mut starts = Vec::with_capacity(chats.len());
+        for (chat, _) in chats {
+            let last = match self.chats.get(&chat) {
+                Some(s) => s.last_seq,
+                None => self.store.last_seq(&chat)?,
+            };
+            starts.push((chat, last));
+        }
+        self.remember(dkey, OverlayValue::Device);
+        for (chat, seq) in &starts {
+            self.remember(
+                OverlayKey::Cursor(user.to_owned(), device.to_owned(), chat.clone()),
+                OverlayValue::Cursor(Cursor {
+                    start: *seq,
+                    ..Cursor::default()
+                }),
+            );
+        }
+        out.push(Record::DeviceSeen {
+            user: user.to_owned(),
+            device: device.to_owned(),
+            starts,
+        });
+        Ok(Outcome::Done)
+    }
+}

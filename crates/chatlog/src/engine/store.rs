@@ -1,0 +1,445 @@
+//! The RocksDB indexes: column families, key encoding, and applying log records to them.
+//!
+//! Every column family but `last_seen` is derived from the log: [`Store::apply`] is a
+//! deterministic, idempotent function of (record, log index), so replaying the log from the
+//! last applied index (or from the start, into an empty directory) rebuilds identical indexes.
+//! Writes skip RocksDB's WAL (the segment log is the write-ahead log); `atomic_flush` keeps
+//! all column families at one consistent point on disk.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, FlushOptions, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+
+use super::types::{Cursor, Event, EventKind, Record};
+use crate::error::{Error, Result};
+
+/// (chat, seq) → [`HistoryEntry`].
+pub const CF_HISTORY: &str = "history";
+/// chat → [`ChatMeta`].
+pub const CF_CHATS: &str = "chats";
+/// chat → last seq (u64).
+pub const CF_SEQS: &str = "seqs";
+/// (chat, sender, cmid) → (seq, ts).
+pub const CF_DEDUP: &str = "dedup";
+/// (user, device, chat) → [`Cursor`].
+pub const CF_CURSORS: &str = "cursors";
+/// (chat, user) → (delivered, read), the max over the user's devices.
+pub const CF_RECEIPTS: &str = "receipts";
+/// (user, chat) → seq of the members event that added the user.
+pub const CF_USER_CHATS: &str = "user_chats";
+/// (user, device) → ().
+pub const CF_DEVICES: &str = "devices";
+/// file id → [`super::types::FileMeta`].
+pub const CF_FILES: &str = "files";
+/// (file, chat) → () for every chat with a message referencing the file.
+pub const CF_FILE_REFS: &str = "file_refs";
+/// Engine bookkeeping: applied log index, chat counter.
+pub const CF_META: &str = "meta";
+/// user → last seen ms (soft state, not derived from the log).
+pub const CF_LAST_SEEN: &str = "last_seen";
+
+/// Column families derived from the log (all but `last_seen`).
+pub const DERIVED_CFS: [&str; 11] = [
+    CF_HISTORY,
+    CF_CHATS,
+    CF_SEQS,
+    CF_DEDUP,
+    CF_CURSORS,
+    CF_RECEIPTS,
+    CF_USER_CHATS,
+    CF_DEVICES,
+    CF_FILES,
+    CF_FILE_REFS,
+    CF_META,
+];
+
+const KEY_APPLIED: &[u8] = b"applied";
+const KEY_CHAT_COUNTER: &[u8] = b"chat_counter";
+
+/// Where a chat event lives and what happened to it since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Log index of the event.
+    pub log_index: u64,
+    /// Log index of the latest edit, for messages.
+    pub edit_log_index: Option<u64>,
+    /// Deleted (messages only).
+    pub deleted: bool,
+}
+
+/// A chat's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMeta {
+    /// Title given at creation.
+    pub title: Option<String>,
+    /// Creator.
+    pub creator: String,
+    /// Direct chat.
+    pub direct: bool,
+    /// Current members, sorted.
+    pub members: Vec<String>,
+}
+
+/// Joins key parts with a 0 byte (ids never contain one).
+pub fn key(parts: &[&str]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+/// `chat \0 seq(be)`.
+pub fn history_key(chat: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(chat.len() + 9);
+    k.extend_from_slice(chat.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("postcard encoding into a Vec")
+}
+
+fn decode<T: DeserializeOwned>(cf: &str, bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| index_error(cf, format!("undecodable value: {e}")))
+}
+
+fn index_error(cf: &str, reason: String) -> Error {
+    Error::Corruption {
+        segment: format!("rocksdb column family {cf}").into(),
+        offset: 0,
+        reason,
+    }
+}
+
+fn rocks(e: rocksdb::Error) -> Error {
+    Error::Io {
+        op: "rocksdb",
+        path: "indexes".into(),
+        source: std::io::Error::other(e.into_string()),
+    }
+}
+
+/// The index database.
+#[derive(Debug)]
+pub struct Store {
+    db: DB,
+}
+
+impl Store {
+    /// Opens (or creates) the indexes in `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_atomic_flush(true);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(4);
+        let cfs = DERIVED_CFS
+            .iter()
+            .chain([CF_LAST_SEEN].iter())
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(rocks)?;
+        Ok(Store { db })
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is created on open")
+    }
+
+    /// Reads and decodes one value.
+    pub fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>> {
+        match self.db.get_pinned_cf(self.cf(cf), key).map_err(rocks)? {
+            Some(bytes) => Ok(Some(decode(cf, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a key exists.
+    pub fn contains(&self, cf: &str, key: &[u8]) -> Result<bool> {
+        Ok(self.db.get_pinned_cf(self.cf(cf), key).map_err(rocks)?.is_some())
+    }
+
+    /// Last applied log index (0 if none).
+    pub fn applied_index(&self) -> Result<u64> {
+        Ok(self.get::<u64>(CF_META, KEY_APPLIED)?.unwrap_or(0))
+    }
+
+    /// Number of group chats ever created.
+    pub fn chat_counter(&self) -> Result<u64> {
+        Ok(self.get::<u64>(CF_META, KEY_CHAT_COUNTER)?.unwrap_or(0))
+    }
+
+    /// Last seq of a chat (0 if none).
+    pub fn last_seq(&self, chat: &str) -> Result<u64> {
+        Ok(self.get::<u64>(CF_SEQS, chat.as_bytes())?.unwrap_or(0))
+    }
+
+    /// A chat's metadata.
+    pub fn chat(&self, chat: &str) -> Result<Option<ChatMeta>> {
+        self.get(CF_CHATS, chat.as_bytes())
+    }
+
+    /// History entries for seqs `from..from+count` of a chat (seqs are gapless).
+    pub fn history_range(&self, chat: &str, from: u64, count: usize) -> Result<Vec<HistoryEntry>> {
+        let mut out = Vec::with_capacity(count);
+        if count == 0 {
+            return Ok(out);
+        }
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(history_key(chat, from + count as u64));
+        let start = history_key(chat, from);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_HISTORY),
+            read,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            let (_, value) = item.map_err(rocks)?;
+            out.push(decode(CF_HISTORY, &value)?);
+        }
+        if out.len() != count {
+            return Err(index_error(
+                CF_HISTORY,
+                format!("chat {chat}: expected {count} entries from seq {from}, found {}", out.len()),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// All `(key suffix after prefix, value)` pairs whose key starts with `prefix \0`.
+    pub fn scan_prefix<T: DeserializeOwned>(&self, cf: &str, prefix: &str) -> Result<Vec<(String, T)>> {
+        let mut start = prefix.as_bytes().to_vec();
+        start.push(0);
+        let mut end = prefix.as_bytes().to_vec();
+        end.push(1);
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(end);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(cf),
+            read,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item.map_err(rocks)?;
+            let suffix = String::from_utf8_lossy(&k[start.len()..]).into_owned();
+            out.push((suffix, decode(cf, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every key and value of a column family, in order (for digests and tests).
+    pub fn dump(&self, cf: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+            let (k, v) = item.map_err(rocks)?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes last-seen times (soft state; with RocksDB's WAL).
+    pub fn put_last_seen(&self, values: &[(String, u64)]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for (user, ms) in values {
+            batch.put_cf(self.cf(CF_LAST_SEEN), user.as_bytes(), encode(ms));
+        }
+        self.db.write(batch).map_err(rocks)
+    }
+
+    /// Starts a flush of all memtables to SST files (bounds replay after a crash).
+    pub fn flush(&self, wait: bool) -> Result<()> {
+        let mut opts = FlushOptions::default();
+        opts.set_wait(wait);
+        let cfs: Vec<&ColumnFamily> = DERIVED_CFS.iter().map(|n| self.cf(n)).collect();
+        self.db.flush_cfs_opt(&cfs, &opts).map_err(rocks)
+    }
+
+    /// A batch for applying records; see [`Batch::apply`].
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            wb: WriteBatch::default(),
+            overlay: HashMap::new(),
+            last_index: None,
+        }
+    }
+}
+
+/// Applies records into one RocksDB write batch. Reads inside the batch see its own writes.
+pub struct Batch<'a> {
+    store: &'a Store,
+    wb: WriteBatch,
+    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    last_index: Option<u64>,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("writes", &self.overlay.len())
+            .field("last_index", &self.last_index)
+            .finish()
+    }
+}
+
+impl Batch<'_> {
+    fn put<T: Serialize>(&mut self, cf: &'static str, key: Vec<u8>, value: &T) {
+        let bytes = encode(value);
+        self.wb.put_cf(self.store.cf(cf), &key, &bytes);
+        self.overlay.insert((cf, key), Some(bytes));
+    }
+
+    fn delete(&mut self, cf: &'static str, key: Vec<u8>) {
+        self.wb.delete_cf(self.store.cf(cf), &key);
+        self.overlay.insert((cf, key), None);
+    }
+
+    fn get<T: DeserializeOwned>(&self, cf: &'static str, key: &[u8]) -> Result<Option<T>> {
+        match self.overlay.get(&(cf, key.to_vec())) {
+            Some(Some(bytes)) => Ok(Some(decode(cf, bytes)?)),
+            Some(None) => Ok(None),
+            None => self.store.get(cf, key),
+        }
+    }
+
+    /// Applies one record found at `log_index`.
+    pub fn apply(&mut self, record: &Record, log_index: u64) -> Result<()> {
+        if let Some(last) = self.last_index {
+            assert!(log_index > last, "records are applied in log order");
+        }
+        self.last_index = Some(log_index);
+        match record {
+            Record::Event { event, created } => self.apply_event(event, created.as_ref(), log_index)?,
+            Record::Cursor(m) => {
+                self.put(CF_CURSORS, key(&[&m.user, &m.device, &m.chat]), &m.cursor);
+                self.put(
+                    CF_RECEIPTS,
+                    key(&[&m.chat, &m.user]),
+                    &(m.user_delivered, m.user_read),
+                );
+            }
+            Record::DeviceSeen {
+                user,
+                device,
+                starts,
+            } => {
+                self.put(CF_DEVICES, key(&[user, device]), &());
+                for (chat, seq) in starts {
+                    let cursor = Cursor {
+                        start: *seq,
+                        ..Cursor::default()
+                    };
+                    self.put(CF_CURSORS, key(&[user, device, chat]), &cursor);
+                }
+            }
+            Record::File(meta) => self.put(CF_FILES, meta.id.as_bytes().to_vec(), meta),
+        }
+        Ok(())
+    }
+
+    fn apply_event(
+        &mut self,
+        event: &Event,
+        created: Option<&super::types::Creation>,
+        log_index: u64,
+    ) -> Result<()> {
+        let chat = event.chat.as_str();
+        self.put(
+            CF_HISTORY,
+            history_key(chat, event.seq),
+            &HistoryEntry {
+                log_index,
+                edit_log_index: None,
+                deleted: false,
+            },
+        );
+        self.put(CF_SEQS, chat.as_bytes().to_vec(), &event.seq);
+        match &event.kind {
+            EventKind::Message { cmid, file, .. } => {
+                self.put(
+                    CF_DEDUP,
+                    key(&[chat, &event.sender, cmid]),
+                    &(event.seq, event.ts),
+                );
+                if let Some(file) = file {
+                    self.put(CF_FILE_REFS, key(&[file, chat]), &());
+                }
+            }
+            EventKind::Edit { target, .. } | EventKind::Delete { target } => {
+                let k = history_key(chat, *target);
+                let mut entry: HistoryEntry = self.get(CF_HISTORY, &k)?.ok_or_else(|| {
+                    index_error(CF_HISTORY, format!("{chat}: target {target} missing"))
+                })?;
+                if matches!(event.kind, EventKind::Edit { .. }) {
+                    entry.edit_log_index = Some(log_index);
+                } else {
+                    entry.deleted = true;
+                }
+                self.put(CF_HISTORY, k, &entry);
+            }
+            EventKind::Members {
+                added,
+                removed,
+                title,
+            } => {
+                let mut meta = match created {
+                    Some(c) => {
+                        if !c.direct {
+                            if let Some(n) = chat.strip_prefix('g').and_then(|n| n.parse::<u64>().ok()) {
+                                self.put(CF_META, KEY_CHAT_COUNTER.to_vec(), &n);
+                            }
+                        }
+                        ChatMeta {
+                            title: title.clone(),
+                            creator: c.creator.clone(),
+                            direct: c.direct,
+                            members: Vec::new(),
+                        }
+                    }
+                    None => self.get(CF_CHATS, chat.as_bytes())?.ok_or_else(|| {
+                        index_error(CF_CHATS, format!("members event for unknown chat {chat}"))
+                    })?,
+                };
+                for user in added {
+                    if let Err(pos) = meta.members.binary_search(user) {
+                        meta.members.insert(pos, user.clone());
+                    }
+                    self.put(CF_USER_CHATS, key(&[user, chat]), &event.seq);
+                }
+                for user in removed {
+                    if let Ok(pos) = meta.members.binary_search(user) {
+                        meta.members.remove(pos);
+                    }
+                    self.delete(CF_USER_CHATS, key(&[user, chat]));
+                }
+                self.put(CF_CHATS, chat.as_bytes().to_vec(), &meta);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the batch (without RocksDB's WAL) with the last applied log index.
+    pub fn commit(mut self) -> Result<()> {
+        if let Some(last) = self.last_index {
+            self.put(CF_META, KEY_APPLIED.to_vec(), &last);
+        }
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        self.store.db.write_opt(self.wb, &opts).map_err(rocks)
+    }
+}
