@@ -11,13 +11,13 @@
 //!
 //! See `docs/storage-format.md` for byte diagrams and durability guarantees.
 
+#[cfg(feature = "engine")]
+pub mod engine;
 pub mod error;
 pub mod io;
 pub mod log;
 pub mod presence;
 pub mod segment;
-#[cfg(feature = "engine")]
-pub mod engine;
 
 pub use error::{Error, Result};
 pub use log::{Durability, Log, LogConfig, Preallocate, RecoveryMode};

@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatlog::engine::{Engine, EngineConfig, EventKind};
 use chatlog::LogConfig;
+use chatlog::engine::{Engine, EngineConfig, EventKind};
 use rand::Rng;
 
 const CHILD_ENV: &str = "CHATLOG_ENGINE_CHILD_DIR";
@@ -25,7 +25,6 @@ fn config() -> EngineConfig {
             entry_size_bytes_max: 64 * 1024,
             ..LogConfig::default()
         },
-        index_flush_every_records: 5_000,
         ..EngineConfig::default()
     }
 }
@@ -60,11 +59,15 @@ fn child_process_entry_point() {
                     let chat = CHATS[(k as usize + t) % CHATS.len()];
                     let user = users[t % users.len()];
                     let cmid = format!("c{cycle}-t{t}-k{k}");
-                    let sent = engine.send(user, chat, &cmid, Some(body(&cmid)), None).unwrap();
+                    let sent = engine
+                        .send(user, chat, &cmid, Some(body(&cmid)), None)
+                        .unwrap();
                     let mut line = format!("send {chat} {user} {cmid} {}", sent.seq);
                     if k % 7 == 3 {
                         let device = format!("dev{t}");
-                        engine.mark(user, &device, chat, sent.seq, k % 2 == 0).unwrap();
+                        engine
+                            .mark(user, &device, chat, sent.seq, k % 2 == 0)
+                            .unwrap();
                         line = format!("{line}\nmark {chat} {user} {device} {}", sent.seq);
                     }
                     let mut out = out.lock().unwrap();
@@ -93,7 +96,12 @@ fn kill_9_loses_no_acknowledged_chat_operation() {
     let mut marks: HashMap<(String, String, String), u64> = HashMap::new();
     for cycle in 0..cycles {
         let mut child = Command::new(&exe)
-            .args(["--exact", "child_process_entry_point", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "child_process_entry_point",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .env(CYCLE_ENV, cycle.to_string())
             .stdout(Stdio::piped())
@@ -111,7 +119,10 @@ fn kill_9_loses_no_acknowledged_chat_operation() {
         child.kill().unwrap();
         child.wait().unwrap();
         let lines = reader.join().unwrap();
-        assert!(lines.iter().any(|l| l.ends_with("ready")), "cycle {cycle}: child did not start");
+        assert!(
+            lines.iter().any(|l| l.ends_with("ready")),
+            "cycle {cycle}: child did not start"
+        );
         for line in lines {
             let f: Vec<&str> = line.split(' ').collect();
             match f.first() {
@@ -135,11 +146,18 @@ fn kill_9_loses_no_acknowledged_chat_operation() {
         for chat in CHATS {
             let mut after = 0;
             loop {
-                let page = engine.history("alice", chat, None, Some(after), Some(500)).unwrap();
+                let page = engine
+                    .history("alice", chat, None, Some(after), Some(500))
+                    .unwrap();
                 for h in &page.events {
                     assert_eq!(h.event.seq, after + 1, "cycle {cycle}: gap in {chat}");
                     after = h.event.seq;
-                    if let EventKind::Message { cmid, body: Some(b), .. } = &h.event.kind {
+                    if let EventKind::Message {
+                        cmid,
+                        body: Some(b),
+                        ..
+                    } = &h.event.kind
+                    {
                         assert_eq!(b, &body(cmid), "cycle {cycle}: body changed");
                         let prev = by_seq.insert(
                             (chat.to_owned(), h.event.seq),
@@ -156,7 +174,10 @@ fn kill_9_loses_no_acknowledged_chat_operation() {
         // Every cmid appears at most once.
         let mut seen = std::collections::HashSet::new();
         for (chat, (sender, cmid)) in by_seq.iter().map(|((c, _), v)| (c, v)) {
-            assert!(seen.insert((chat.clone(), sender.clone(), cmid.clone())), "duplicate {cmid}");
+            assert!(
+                seen.insert((chat.clone(), sender.clone(), cmid.clone())),
+                "duplicate {cmid}"
+            );
         }
         for ((chat, user, cmid), seq) in &sends {
             let got = by_seq.get(&(chat.clone(), *seq));
@@ -172,10 +193,22 @@ fn kill_9_loses_no_acknowledged_chat_operation() {
         }
         // Retrying acknowledged sends returns the original seq (dedup survives the crash).
         for ((chat, user, cmid), seq) in sends.iter().rev().take(20) {
-            let again = engine.send(user, chat, cmid, Some(body(cmid)), None).unwrap();
-            assert_eq!(again.seq, *seq, "cycle {cycle}: retry of {cmid} got a new seq");
+            let again = engine
+                .send(user, chat, cmid, Some(body(cmid)), None)
+                .unwrap();
+            assert_eq!(
+                again.seq, *seq,
+                "cycle {cycle}: retry of {cmid} got a new seq"
+            );
         }
     }
-    assert!(sends.len() as u64 > cycles * 20, "too few operations to prove anything");
-    eprintln!("{cycles} kill -9 cycles, {} acknowledged sends, {} cursors checked", sends.len(), marks.len());
+    assert!(
+        sends.len() as u64 > cycles * 20,
+        "too few operations to prove anything"
+    );
+    eprintln!(
+        "{cycles} kill -9 cycles, {} acknowledged sends, {} cursors checked",
+        sends.len(),
+        marks.len()
+    );
 }

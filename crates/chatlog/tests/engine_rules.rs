@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chatlog::engine::{ChatError, Engine, EngineConfig, EventKind, FileMeta, Record, SubscriptionError};
+use chatlog::engine::{
+    ChatError, Engine, EngineConfig, EventKind, FileMeta, Record, SubscriptionError,
+};
 
 fn s(v: &str) -> String {
     v.to_owned()
@@ -31,7 +33,9 @@ fn open() -> (tempfile::TempDir, Engine) {
 #[test]
 fn create_send_history_with_gapless_seqs() {
     let (_dir, e) = open();
-    let chat = e.create_chat("alice", &[s("bob")], Some(s("lunch")), false).unwrap();
+    let chat = e
+        .create_chat("alice", &[s("bob")], Some(s("lunch")), false)
+        .unwrap();
     let h = e.history("bob", &chat, None, None, None).unwrap();
     assert_eq!(h.last_seq, 1);
     match &h.events[0].event.kind {
@@ -42,22 +46,48 @@ fn create_send_history_with_gapless_seqs() {
         other => panic!("first event must be members, got {other:?}"),
     }
     for i in 0..20 {
-        let sent = e.send("alice", &chat, &format!("m{i}"), Some(format!("hi {i}")), None).unwrap();
+        let sent = e
+            .send(
+                "alice",
+                &chat,
+                &format!("m{i}"),
+                Some(format!("hi {i}")),
+                None,
+            )
+            .unwrap();
         assert_eq!(sent.seq, i + 2);
         assert_eq!(sent.ts, 1_000);
     }
     let h = e.history("bob", &chat, None, None, Some(5)).unwrap();
-    assert_eq!(h.events.iter().map(|x| x.event.seq).collect::<Vec<_>>(), vec![17, 18, 19, 20, 21]);
+    assert_eq!(
+        h.events.iter().map(|x| x.event.seq).collect::<Vec<_>>(),
+        vec![17, 18, 19, 20, 21]
+    );
     let h = e.history("bob", &chat, Some(10), None, Some(3)).unwrap();
-    assert_eq!(h.events.iter().map(|x| x.event.seq).collect::<Vec<_>>(), vec![7, 8, 9]);
+    assert_eq!(
+        h.events.iter().map(|x| x.event.seq).collect::<Vec<_>>(),
+        vec![7, 8, 9]
+    );
     let h = e.history("bob", &chat, None, Some(10), Some(3)).unwrap();
-    assert_eq!(h.events.iter().map(|x| x.event.seq).collect::<Vec<_>>(), vec![11, 12, 13]);
-    let h = e.history("bob", &chat, Some(14), Some(10), Some(50)).unwrap();
-    assert_eq!(h.events.iter().map(|x| x.event.seq).collect::<Vec<_>>(), vec![11, 12, 13]);
+    assert_eq!(
+        h.events.iter().map(|x| x.event.seq).collect::<Vec<_>>(),
+        vec![11, 12, 13]
+    );
+    let h = e
+        .history("bob", &chat, Some(14), Some(10), Some(50))
+        .unwrap();
+    assert_eq!(
+        h.events.iter().map(|x| x.event.seq).collect::<Vec<_>>(),
+        vec![11, 12, 13]
+    );
     let h = e.history("bob", &chat, None, Some(21), None).unwrap();
     assert!(h.events.is_empty());
     let h = e.history("bob", &chat, None, None, Some(10_000)).unwrap();
-    assert_eq!(h.events.len(), 21, "capped page still returns everything there is");
+    assert_eq!(
+        h.events.len(),
+        21,
+        "capped page still returns everything there is"
+    );
 }
 
 #[test]
@@ -65,13 +95,17 @@ fn sends_are_idempotent_sequentially_and_concurrently() {
     let (_dir, e) = open();
     let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
     let a = e.send("alice", &chat, "x", Some(s("one")), None).unwrap();
-    let b = e.send("alice", &chat, "x", Some(s("different body")), None).unwrap();
+    let b = e
+        .send("alice", &chat, "x", Some(s("different body")), None)
+        .unwrap();
     assert_eq!(a, b);
     // The same cmid from another sender is another message.
     let c = e.send("bob", &chat, "x", Some(s("bob's")), None).unwrap();
     assert_eq!(c.seq, a.seq + 1);
     // Concurrent duplicates: many tickets in flight at once, one event.
-    let tickets: Vec<_> = (0..50).map(|_| e.send_ticket("alice", &chat, "dup", Some(s("d")), None)).collect();
+    let tickets: Vec<_> = (0..50)
+        .map(|_| e.send_ticket("alice", &chat, "dup", Some(s("d")), None))
+        .collect();
     let seqs: Vec<_> = tickets.into_iter().map(|t| t.wait().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] == w[1]));
     let h = e.history("alice", &chat, None, None, None).unwrap();
@@ -85,10 +119,24 @@ fn rule_violations_are_typed_errors() {
     let err = e.send("carol", &chat, "m", Some(s("x")), None).unwrap_err();
     assert!(matches!(err, ChatError::Forbidden(_)), "{err}");
     assert_eq!(err.code(), "forbidden");
-    let err = e.send("alice", "g999", "m", Some(s("x")), None).unwrap_err();
+    let err = e
+        .send("alice", "g999", "m", Some(s("x")), None)
+        .unwrap_err();
     assert!(matches!(err, ChatError::NotFound(_)), "{err}");
-    let err = e.send("alice", &chat, "m", Some("x".repeat(101)), None).unwrap_err();
-    assert!(matches!(err, ChatError::TooLarge { limit: 100, actual: 101, .. }), "{err}");
+    let err = e
+        .send("alice", &chat, "m", Some("x".repeat(101)), None)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ChatError::TooLarge {
+                limit: 100,
+                actual: 101,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = e.send("alice", &chat, "m", None, None).unwrap_err();
     assert!(matches!(err, ChatError::BadRequest(_)), "{err}");
     let err = e.send("alice", &chat, "", Some(s("x")), None).unwrap_err();
@@ -96,8 +144,19 @@ fn rule_violations_are_typed_errors() {
     let err = e
         .create_chat("alice", &[s("b"), s("c"), s("d"), s("e")], None, false)
         .unwrap_err();
-    assert!(matches!(err, ChatError::TooManyMembers { limit: 4, actual: 5 }), "{err}");
-    let err = e.add_members("alice", &chat, &[s("c"), s("d"), s("e")]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ChatError::TooManyMembers {
+                limit: 4,
+                actual: 5
+            }
+        ),
+        "{err}"
+    );
+    let err = e
+        .add_members("alice", &chat, &[s("c"), s("d"), s("e")])
+        .unwrap_err();
     assert!(matches!(err, ChatError::TooManyMembers { .. }), "{err}");
     let err = e.mark("bob", "phone", &chat, 99, false).unwrap_err();
     assert!(matches!(err, ChatError::BadRequest(_)), "bad cursor: {err}");
@@ -105,19 +164,32 @@ fn rule_violations_are_typed_errors() {
     assert!(matches!(err, ChatError::Forbidden(_)), "{err}");
     let err = e.create_chat("bad user!", &[], None, false).unwrap_err();
     assert!(matches!(err, ChatError::BadRequest(_)), "{err}");
-    let err = e.send("alice", &chat, "f", None, Some(s("nofile"))).unwrap_err();
+    let err = e
+        .send("alice", &chat, "f", None, Some(s("nofile")))
+        .unwrap_err();
     assert!(matches!(err, ChatError::BadRequest(_)), "{err}");
     // Nothing of the above was stored.
-    assert_eq!(e.history("alice", &chat, None, None, None).unwrap().last_seq, 1);
+    assert_eq!(
+        e.history("alice", &chat, None, None, None)
+            .unwrap()
+            .last_seq,
+        1
+    );
 }
 
 #[test]
 fn membership_rules() {
     let (_dir, e) = open();
-    let chat = e.create_chat("alice", &[s("bob"), s("carol")], None, false).unwrap();
+    let chat = e
+        .create_chat("alice", &[s("bob"), s("carol")], None, false)
+        .unwrap();
     // Any member may add; already-members are skipped; nobody new → no event.
     assert_eq!(e.add_members("bob", &chat, &[s("dave")]).unwrap(), 2);
-    assert_eq!(e.add_members("bob", &chat, &[s("dave"), s("alice")]).unwrap(), 2);
+    assert_eq!(
+        e.add_members("bob", &chat, &[s("dave"), s("alice")])
+            .unwrap(),
+        2
+    );
     // A member may remove itself; only the creator may remove others.
     let err = e.remove_members("bob", &chat, &[s("carol")]).unwrap_err();
     assert!(matches!(err, ChatError::Forbidden(_)), "{err}");
@@ -126,14 +198,23 @@ fn membership_rules() {
     // Removed users are refused everything.
     for err in [
         e.send("carol", &chat, "m", Some(s("x")), None).unwrap_err(),
-        e.history("carol", &chat, None, None, None).map(|_| ()).unwrap_err(),
+        e.history("carol", &chat, None, None, None)
+            .map(|_| ())
+            .unwrap_err(),
         e.receipts("carol", &chat).map(|_| ()).unwrap_err(),
         e.mark("carol", "d", &chat, 1, true).unwrap_err(),
-        e.add_members("carol", &chat, &[s("x")]).map(|_| ()).unwrap_err(),
+        e.add_members("carol", &chat, &[s("x")])
+            .map(|_| ())
+            .unwrap_err(),
     ] {
         assert!(matches!(err, ChatError::Forbidden(_)), "{err}");
     }
-    let listed: Vec<String> = e.list_chats("carol").unwrap().into_iter().map(|c| c.chat).collect();
+    let listed: Vec<String> = e
+        .list_chats("carol")
+        .unwrap()
+        .into_iter()
+        .map(|c| c.chat)
+        .collect();
     assert!(listed.is_empty());
     let listed = e.list_chats("dave").unwrap();
     assert_eq!(listed.len(), 1);
@@ -141,7 +222,10 @@ fn membership_rules() {
     assert_eq!(listed[0].last_seq, 4);
     // A chat may have the creator as its only member.
     let solo = e.create_chat("zed", &[], None, false).unwrap();
-    assert_eq!(e.history("zed", &solo, None, None, None).unwrap().last_seq, 1);
+    assert_eq!(
+        e.history("zed", &solo, None, None, None).unwrap().last_seq,
+        1
+    );
 }
 
 #[test]
@@ -151,7 +235,9 @@ fn direct_chats_are_stable_per_pair() {
     let b = e.create_chat("bob", &[s("alice")], None, true).unwrap();
     assert_eq!(a, b);
     assert_eq!(e.history("bob", &a, None, None, None).unwrap().last_seq, 1);
-    let err = e.create_chat("alice", &[s("bob"), s("carol")], None, true).unwrap_err();
+    let err = e
+        .create_chat("alice", &[s("bob"), s("carol")], None, true)
+        .unwrap_err();
     assert!(matches!(err, ChatError::BadRequest(_)), "{err}");
     let err = e.add_members("alice", &a, &[s("carol")]).unwrap_err();
     assert!(matches!(err, ChatError::Forbidden(_)), "{err}");
@@ -160,16 +246,26 @@ fn direct_chats_are_stable_per_pair() {
 #[test]
 fn edits_and_deletes_are_tombstones_with_rules() {
     let (_dir, e) = open();
-    let chat = e.create_chat("alice", &[s("bob"), s("carol")], None, false).unwrap();
-    let m = e.send("bob", &chat, "1", Some(s("helo")), None).unwrap().seq;
+    let chat = e
+        .create_chat("alice", &[s("bob"), s("carol")], None, false)
+        .unwrap();
+    let m = e
+        .send("bob", &chat, "1", Some(s("helo")), None)
+        .unwrap()
+        .seq;
     let err = e.edit("carol", &chat, m, s("hacked")).unwrap_err();
     assert!(matches!(err, ChatError::Forbidden(_)), "{err}");
-    let err = e.edit("alice", &chat, m, s("creator cannot edit")).unwrap_err();
+    let err = e
+        .edit("alice", &chat, m, s("creator cannot edit"))
+        .unwrap_err();
     assert!(matches!(err, ChatError::Forbidden(_)), "{err}");
     let edit_seq = e.edit("bob", &chat, m, s("hello")).unwrap();
     assert_eq!(edit_seq, m + 1);
     let err = e.edit("bob", &chat, edit_seq, s("x")).unwrap_err();
-    assert!(matches!(err, ChatError::BadRequest(_)), "edit of an edit: {err}");
+    assert!(
+        matches!(err, ChatError::BadRequest(_)),
+        "edit of an edit: {err}"
+    );
     let err = e.edit("bob", &chat, 99, s("x")).unwrap_err();
     assert!(matches!(err, ChatError::NotFound(_)), "{err}");
     let h = e.history("carol", &chat, None, None, None).unwrap();
@@ -185,8 +281,13 @@ fn edits_and_deletes_are_tombstones_with_rules() {
     let h = e.history("carol", &chat, None, None, None).unwrap();
     let msg = h.events.iter().find(|x| x.event.seq == m).unwrap();
     assert!(msg.deleted);
-    assert!(matches!(&msg.event.kind, EventKind::Message { body: None, .. }));
-    assert!(matches!(h.events.last().unwrap().event.kind, EventKind::Delete { target } if target == m));
+    assert!(matches!(
+        &msg.event.kind,
+        EventKind::Message { body: None, .. }
+    ));
+    assert!(
+        matches!(h.events.last().unwrap().event.kind, EventKind::Delete { target } if target == m)
+    );
     assert_eq!(h.last_seq, del);
 }
 
@@ -195,17 +296,28 @@ fn cursors_receipts_and_resume() {
     let (_dir, e) = open();
     let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
     // bob's phone is seen now: it starts at the chat's current end.
-    assert!(e.resume("bob", "phone", &HashMap::new()).unwrap().is_empty());
+    assert!(
+        e.resume("bob", "phone", &HashMap::new())
+            .unwrap()
+            .is_empty()
+    );
     for i in 0..5 {
-        e.send("alice", &chat, &format!("m{i}"), Some(s("x")), None).unwrap();
+        e.send("alice", &chat, &format!("m{i}"), Some(s("x")), None)
+            .unwrap();
     }
     let pending = e.resume("bob", "phone", &HashMap::new()).unwrap();
-    assert_eq!(pending.iter().map(|x| x.seq).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
+    assert_eq!(
+        pending.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        vec![2, 3, 4, 5, 6]
+    );
     e.mark("bob", "phone", &chat, 4, false).unwrap();
     e.mark("bob", "phone", &chat, 2, false).unwrap(); // lower: ignored
     assert_eq!(e.cursor("bob", "phone", &chat).unwrap().delivered, 4);
     let pending = e.resume("bob", "phone", &HashMap::new()).unwrap();
-    assert_eq!(pending.iter().map(|x| x.seq).collect::<Vec<_>>(), vec![5, 6]);
+    assert_eq!(
+        pending.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
     // since overrides without moving the stored cursor.
     let since = HashMap::from([(chat.clone(), 1)]);
     assert_eq!(e.resume("bob", "phone", &since).unwrap().len(), 5);
@@ -219,7 +331,15 @@ fn cursors_receipts_and_resume() {
     assert_eq!((alice.delivered, alice.read), (0, 0));
     let listed = e.list_chats("bob").unwrap();
     assert_eq!((listed[0].delivered, listed[0].read), (4, 3));
-    // A user added later starts at the members event that added it.
+    // A device seen for the first time starts at the current end...
+    assert!(
+        e.resume("dave", "tablet", &HashMap::new())
+            .unwrap()
+            .is_empty()
+    );
+    // ...and when its user is added to a chat later, it starts at the members event that
+    // added the user.
+    e.register_device("carol", "web").unwrap();
     let seq = e.add_members("alice", &chat, &[s("carol")]).unwrap();
     let pending = e.resume("carol", "web", &HashMap::new()).unwrap();
     assert_eq!(pending.first().map(|x| x.seq), Some(seq));
@@ -241,7 +361,10 @@ fn files_are_visible_to_uploader_and_members_of_referencing_chats() {
     assert!(matches!(e.file("bob", "f1"), Err(ChatError::NotFound(_))));
     let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
     let err = e.send("bob", &chat, "m", None, Some(s("f1"))).unwrap_err();
-    assert!(matches!(err, ChatError::BadRequest(_)), "only the uploader may send it: {err}");
+    assert!(
+        matches!(err, ChatError::BadRequest(_)),
+        "only the uploader may send it: {err}"
+    );
     e.send("alice", &chat, "m", None, Some(s("f1"))).unwrap();
     assert_eq!(e.file("bob", "f1").unwrap(), meta);
     assert!(matches!(e.file("carol", "f1"), Err(ChatError::NotFound(_))));
@@ -258,7 +381,8 @@ fn subscribers_get_every_committed_record_in_log_order_even_after_lagging() {
     let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
     let mut sub = e.subscribe();
     for i in 0..40 {
-        e.send("alice", &chat, &format!("m{i}"), Some(s("x")), None).unwrap();
+        e.send("alice", &chat, &format!("m{i}"), Some(s("x")), None)
+            .unwrap();
     }
     let mut seqs = Vec::new();
     let mut lagged = 0;
@@ -273,7 +397,8 @@ fn subscribers_get_every_committed_record_in_log_order_even_after_lagging() {
                 }
             }
             Err(SubscriptionError::Lagged { resume_from }) => {
-                assert_eq!(resume_from, last_index + 1);
+                // The subscription started after the chat's creation record (log index 1).
+                assert_eq!(resume_from, last_index.max(1) + 1);
                 lagged += 1;
             }
             Err(other) => panic!("{other}"),
@@ -288,9 +413,12 @@ fn reopen_replays_and_rebuilds_identical_indexes() {
     let dir = tempfile::tempdir().unwrap();
     {
         let e = Engine::open(dir.path(), config().0).unwrap();
-        let chat = e.create_chat("alice", &[s("bob")], Some(s("t")), false).unwrap();
+        let chat = e
+            .create_chat("alice", &[s("bob")], Some(s("t")), false)
+            .unwrap();
         for i in 0..30 {
-            e.send("alice", &chat, &format!("m{i}"), Some(format!("{i}")), None).unwrap();
+            e.send("alice", &chat, &format!("m{i}"), Some(format!("{i}")), None)
+                .unwrap();
         }
         e.edit("alice", &chat, 3, s("edited")).unwrap();
         e.delete("alice", &chat, 4).unwrap();
@@ -310,6 +438,83 @@ fn reopen_replays_and_rebuilds_identical_indexes() {
     // And the engine keeps going with the same numbering.
     let chat2 = rebuilt.create_chat("carol", &[], None, false).unwrap();
     assert_eq!(chat2, "g2");
-    let again = rebuilt.send("alice", "g1", "m5", Some(s("retry")), None).unwrap();
+    let again = rebuilt
+        .send("alice", "g1", "m5", Some(s("retry")), None)
+        .unwrap();
     assert_eq!(again.seq, 7, "dedup survives the rebuild");
+}
+
+#[test]
+fn retention_by_count_and_age_keeps_seqs_gapless_and_removes_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, now) = config();
+    config.log.segment_size_bytes = 8 * 1024;
+    config.log.entry_size_bytes_max = 1024;
+    config.retention = chatlog::engine::Retention {
+        max_age_ms: Some(60_000),
+        max_events_per_chat: Some(30),
+    };
+    let e = Engine::open(dir.path(), config.clone()).unwrap();
+    let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
+    for i in 0..200 {
+        e.send(
+            "alice",
+            &chat,
+            &format!("m{i}"),
+            Some(format!("message number {i}")),
+            None,
+        )
+        .unwrap();
+    }
+    let first_before = e.log().first_index();
+    let report = e.enforce_retention().unwrap();
+    assert_eq!(report.chats_trimmed, 1);
+    assert!(
+        report.log_first_index > first_before,
+        "whole segments must be removed"
+    );
+    let h = e.history("bob", &chat, None, None, Some(500)).unwrap();
+    assert_eq!(h.last_seq, 201);
+    assert_eq!(h.horizon, 172);
+    assert_eq!(h.events.len(), 30);
+    assert_eq!(h.events[0].event.seq, 172);
+    // Below the horizon there is nothing, and it says so.
+    let below = e.history("bob", &chat, Some(100), None, None).unwrap();
+    assert!(below.events.is_empty());
+    assert_eq!(below.horizon, 172);
+    let err = e.edit("alice", &chat, 5, s("too late")).unwrap_err();
+    assert!(matches!(err, ChatError::NotFound(_)), "{err}");
+    // Seqs continue without gaps.
+    assert_eq!(
+        e.send("alice", &chat, "next", Some(s("x")), None)
+            .unwrap()
+            .seq,
+        202
+    );
+    // Age: everything older than a minute goes.
+    now.fetch_add(120_000, Ordering::SeqCst);
+    e.send("alice", &chat, "fresh", Some(s("new")), None)
+        .unwrap();
+    e.enforce_retention().unwrap();
+    let h = e.history("bob", &chat, None, None, None).unwrap();
+    assert_eq!(h.horizon, 203);
+    assert_eq!(
+        h.events.iter().map(|x| x.event.seq).collect::<Vec<_>>(),
+        vec![203]
+    );
+    drop(e);
+    // Reopen works from the remaining segments and the indexes.
+    let e = Engine::open(dir.path(), config.clone()).unwrap();
+    assert_eq!(
+        e.history("bob", &chat, None, None, None)
+            .unwrap()
+            .events
+            .len(),
+        1
+    );
+    drop(e);
+    // Without the indexes, the purged log cannot rebuild them: a clear error, not wrong data.
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let err = Engine::open(dir.path(), config).unwrap_err();
+    assert!(err.to_string().contains("cannot be rebuilt"), "{err}");
 }

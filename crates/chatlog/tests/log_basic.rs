@@ -29,7 +29,13 @@ fn append_read_iterate_across_rollover_and_reopen() {
     }
     let segments = std::fs::read_dir(dir.path())
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "seg")
+        })
         .count();
     assert!(segments > 3, "expected rollover, found {segments} segments");
     for i in 1..=300u64 {

@@ -91,7 +91,12 @@ fn kill_9_never_loses_an_acknowledged_entry() {
     let mut total_acked_this_run = 0u64;
     for cycle in 0..cycles {
         let mut child = Command::new(&exe)
-            .args(["--exact", "child_process_entry_point", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "child_process_entry_point",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .env(CYCLE_ENV, cycle.to_string())
             .stdout(Stdio::piped())
@@ -131,7 +136,11 @@ fn kill_9_never_loses_an_acknowledged_entry() {
             let data = log
                 .read(index)
                 .unwrap_or_else(|e| panic!("cycle {cycle}: acknowledged index {index} lost: {e}"));
-            assert_eq!(data.as_ref(), entry(c, t, k), "cycle {cycle}: index {index} changed");
+            assert_eq!(
+                data.as_ref(),
+                entry(c, t, k),
+                "cycle {cycle}: index {index} changed"
+            );
         }
         // Nothing unacknowledged is garbage: every entry is one some thread submitted, and
         // each thread's entries appear in submission order.

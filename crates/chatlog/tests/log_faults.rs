@@ -30,11 +30,23 @@ fn entry(i: u64) -> Vec<u8> {
 /// Asserts the log holds exactly `acked` (from index 1) plus, possibly, a prefix of `maybe`.
 fn assert_holds(log: &Log, acked: &[Vec<u8>], maybe: &[Vec<u8>]) {
     let got: Vec<Vec<u8>> = log.iter_from(1).map(|r| r.unwrap().1.to_vec()).collect();
-    assert!(got.len() >= acked.len(), "lost acknowledged entries: {} < {}", got.len(), acked.len());
+    assert!(
+        got.len() >= acked.len(),
+        "lost acknowledged entries: {} < {}",
+        got.len(),
+        acked.len()
+    );
     assert_eq!(&got[..acked.len()], acked, "acknowledged entries changed");
     let extra = &got[acked.len()..];
-    assert!(extra.len() <= maybe.len(), "entries appeared that were never submitted");
-    assert_eq!(extra, &maybe[..extra.len()], "unacknowledged entries are garbage");
+    assert!(
+        extra.len() <= maybe.len(),
+        "entries appeared that were never submitted"
+    );
+    assert_eq!(
+        extra,
+        &maybe[..extra.len()],
+        "unacknowledged entries are garbage"
+    );
 }
 
 fn active_segment(fs: &FaultFs) -> PathBuf {
@@ -63,7 +75,10 @@ fn torn_write_at_every_byte_of_a_frame_loses_nothing_acknowledged() {
         let err = log.append(victim.clone()).unwrap_err();
         assert!(matches!(err, Error::Io { op: "write", .. }), "{err}");
         assert!(log.is_poisoned());
-        assert!(matches!(log.append(b"later".to_vec()), Err(Error::Poisoned)));
+        assert!(matches!(
+            log.append(b"later".to_vec()),
+            Err(Error::Poisoned)
+        ));
         // Reads of acknowledged entries keep working on a poisoned log.
         assert_eq!(&log.read(5).unwrap()[..], &acked[4][..]);
         for crash in [Crash::Process, Crash::PowerLoss] {
@@ -99,7 +114,9 @@ fn bit_flip_in_an_earlier_batch_is_reported_with_segment_and_offset() {
             let err = open(&hit).unwrap_err();
             match &err {
                 Error::Corruption {
-                    segment, offset: at, ..
+                    segment,
+                    offset: at,
+                    ..
                 } => {
                     assert_eq!(segment, &seg);
                     assert!(*at as usize <= offset, "reported at {at}, flipped {offset}");
@@ -171,12 +188,25 @@ fn failed_fsync_poisons_and_is_never_retried() {
         ..Faults::default()
     });
     let err = log.append(entry(4)).unwrap_err();
-    assert!(matches!(err, Error::Io { op: "fdatasync", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Io {
+                op: "fdatasync",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let ios = fs.io_count();
     assert!(matches!(log.append(entry(5)), Err(Error::Poisoned)));
     assert!(matches!(log.sync(), Err(Error::Poisoned)));
     assert!(matches!(log.truncate_from(2), Err(Error::Poisoned)));
-    assert_eq!(fs.io_count(), ios, "a poisoned log must not touch the disk again");
+    assert_eq!(
+        fs.io_count(),
+        ios,
+        "a poisoned log must not touch the disk again"
+    );
     assert_eq!(log.next_index(), 4);
     let reopened = open(&fs.crash(Crash::PowerLoss)).unwrap();
     assert_holds(&reopened, &acked, &[entry(4)]);
@@ -243,7 +273,10 @@ fn io_failure_at_every_step_of_appends_and_rollovers_loses_nothing() {
     }
     let total = probe.io_count() - start;
     drop(log);
-    assert!(total > 300, "expected at least one I/O per append, got {total}");
+    assert!(
+        total > 300,
+        "expected at least one I/O per append, got {total}"
+    );
     for fail_at in 0..total {
         let fs = FaultFs::new();
         let log = open(&fs).unwrap();
@@ -294,5 +327,8 @@ fn segment_files_are_named_by_first_index_and_checked_against_their_header() {
     let crashed = fs.crash(Crash::PowerLoss);
     crashed.flip(&second, 16, 0x01);
     let err = open(&crashed).unwrap_err();
-    assert!(matches!(&err, Error::Corruption { segment, offset: 0, .. } if *segment == second), "{err}");
+    assert!(
+        matches!(&err, Error::Corruption { segment, offset: 0, .. } if *segment == second),
+        "{err}"
+    );
 }

@@ -38,10 +38,9 @@ use tokio::sync::broadcast;
 
 pub use error::ChatError;
 use sequencer::{Op, Outcome, Reply, Sequencer};
+pub use store::HistoryEntry;
 use store::{CF_CURSORS, CF_FILE_REFS, CF_FILES, CF_LAST_SEEN, CF_RECEIPTS, CF_USER_CHATS, Store};
-pub use types::{
-    ChatSummary, Cursor, Event, EventKind, FileMeta, HistoryEvent, Receipt, Record,
-};
+pub use types::{ChatSummary, Cursor, Event, EventKind, FileMeta, HistoryEvent, Receipt, Record};
 
 use crate::log::{Log, LogConfig, PendingAppend};
 
@@ -83,11 +82,29 @@ pub struct EngineConfig {
     /// Committed events buffered per subscriber before it lags (and resumes from the log).
     /// Default 65,536.
     pub subscriber_buffer: usize,
-    /// Applied records between RocksDB memtable flushes; bounds the log replay after a crash.
-    /// Default 200,000.
-    pub index_flush_every_records: u64,
+    /// Retention limits applied by [`Engine::enforce_retention`]. Default: keep everything.
+    pub retention: Retention,
     /// Time source.
     pub clock: Clock,
+}
+
+/// Retention limits. Events beyond them leave history (seqs stay gapless: history reports the
+/// horizon), and whole sealed log segments are removed once no kept event lives in them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Drop events older than this.
+    pub max_age_ms: Option<u64>,
+    /// Keep at most this many of the latest events per chat.
+    pub max_events_per_chat: Option<u64>,
+}
+
+/// What [`Engine::enforce_retention`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Chats whose horizon moved.
+    pub chats_trimmed: u64,
+    /// The log's first index after removing segments.
+    pub log_first_index: u64,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -99,7 +116,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("title_bytes_max", &self.title_bytes_max)
             .field("queue_depth_max", &self.queue_depth_max)
             .field("subscriber_buffer", &self.subscriber_buffer)
-            .field("index_flush_every_records", &self.index_flush_every_records)
+            .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
 }
@@ -113,7 +130,7 @@ impl Default for EngineConfig {
             title_bytes_max: 256,
             queue_depth_max: 1 << 16,
             subscriber_buffer: 1 << 16,
-            index_flush_every_records: 200_000,
+            retention: Retention::default(),
             clock: system_clock(),
         }
     }
@@ -144,6 +161,9 @@ pub struct History {
     pub events: Vec<HistoryEvent>,
     /// The chat's last seq.
     pub last_seq: u64,
+    /// The first seq retention still keeps (1 if nothing was dropped); earlier events are
+    /// gone.
+    pub horizon: u64,
 }
 
 /// Where a device resumes in one chat.
@@ -252,6 +272,18 @@ impl Engine {
                 ),
             }));
         }
+        if applied + 1 < log.first_index() {
+            return Err(ChatError::Unavailable(crate::Error::Corruption {
+                segment: dir.join("index"),
+                offset: applied,
+                reason: format!(
+                    "the log starts at index {} (older segments were removed by retention) but \
+                     the indexes have only applied up to {applied}: they cannot be rebuilt from \
+                     the log alone; restore the index directory from its backup",
+                    log.first_index()
+                ),
+            }));
+        }
         replay(&log, &store, applied + 1, next)?;
         let shared = Arc::new(Shared {
             failed: AtomicBool::new(false),
@@ -276,9 +308,8 @@ impl Engine {
             let store = store.clone();
             let shared = shared.clone();
             let events = events.clone();
-            let flush_every = config.index_flush_every_records;
             threads.push(spawn("chatlog-applier", move || {
-                run_applier(apply_rx, store, shared, events, flush_every);
+                run_applier(apply_rx, store, shared, events);
             })?);
         }
         Ok(Engine {
@@ -291,6 +322,11 @@ impl Engine {
             threads: Mutex::new(threads),
             dir,
         })
+    }
+
+    /// The configuration the engine was opened with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
     }
 
     /// The underlying log.
@@ -342,7 +378,8 @@ impl Engine {
         title: Option<String>,
         direct: bool,
     ) -> Result<String, ChatError> {
-        self.create_chat_ticket(creator, members, title, direct).chat()
+        self.create_chat_ticket(creator, members, title, direct)
+            .chat()
     }
 
     /// [`Engine::create_chat`] without waiting: wait on the ticket (blocking or `.await`).
@@ -377,7 +414,12 @@ impl Engine {
     }
 
     /// Removes members (a member may remove itself; the creator anyone).
-    pub fn remove_members(&self, user: &str, chat: &str, users: &[String]) -> Result<u64, ChatError> {
+    pub fn remove_members(
+        &self,
+        user: &str,
+        chat: &str,
+        users: &[String],
+    ) -> Result<u64, ChatError> {
         self.remove_members_ticket(user, chat, users).seq()
     }
 
@@ -421,7 +463,13 @@ impl Engine {
     }
 
     /// Edits a message (only its sender); returns the seq of the `edit` event.
-    pub fn edit(&self, user: &str, chat: &str, target: u64, body: String) -> Result<u64, ChatError> {
+    pub fn edit(
+        &self,
+        user: &str,
+        chat: &str,
+        target: u64,
+        body: String,
+    ) -> Result<u64, ChatError> {
         self.edit_ticket(user, chat, target, body).seq()
     }
 
@@ -451,12 +499,26 @@ impl Engine {
 
     /// Moves a device's `delivered` cursor (or `read`, which implies delivered) forward to
     /// `seq`; lower values are ignored. Returns once durable.
-    pub fn mark(&self, user: &str, device: &str, chat: &str, seq: u64, read: bool) -> Result<(), ChatError> {
+    pub fn mark(
+        &self,
+        user: &str,
+        device: &str,
+        chat: &str,
+        seq: u64,
+        read: bool,
+    ) -> Result<(), ChatError> {
         self.mark_ticket(user, device, chat, seq, read).done()
     }
 
     /// [`Engine::mark`] without waiting.
-    pub fn mark_ticket(&self, user: &str, device: &str, chat: &str, seq: u64, read: bool) -> Ticket {
+    pub fn mark_ticket(
+        &self,
+        user: &str,
+        device: &str,
+        chat: &str,
+        seq: u64,
+        read: bool,
+    ) -> Ticket {
         self.submit(Op::Cursor {
             user: user.to_owned(),
             device: device.to_owned(),
@@ -489,8 +551,14 @@ impl Engine {
             .store
             .chat(chat)?
             .ok_or_else(|| ChatError::NotFound(format!("chat {chat}")))?;
-        if meta.members.binary_search_by(|m| m.as_str().cmp(user)).is_err() {
-            return Err(ChatError::Forbidden(format!("{user} is not a member of {chat}")));
+        if meta
+            .members
+            .binary_search_by(|m| m.as_str().cmp(user))
+            .is_err()
+        {
+            return Err(ChatError::Forbidden(format!(
+                "{user} is not a member of {chat}"
+            )));
         }
         Ok(meta)
     }
@@ -517,21 +585,36 @@ impl Engine {
     ) -> Result<History, ChatError> {
         self.member_meta(user, chat)?;
         let last_seq = self.store.last_seq(chat)?;
-        let limit = limit.unwrap_or(HISTORY_LIMIT_DEFAULT).min(HISTORY_LIMIT_MAX) as u64;
+        let horizon = self.store.horizon(chat)?;
+        let limit = limit
+            .unwrap_or(HISTORY_LIMIT_DEFAULT)
+            .min(HISTORY_LIMIT_MAX) as u64;
         let top = before.map_or(last_seq, |b| b.saturating_sub(1).min(last_seq));
         let (lo, hi) = match after {
-            Some(a) => (a + 1, top.min(a.saturating_add(limit))),
-            None => ((top + 1).saturating_sub(limit).max(1), top),
+            Some(a) => {
+                let lo = a.saturating_add(1).max(horizon);
+                (lo, top.min(lo.saturating_add(limit).saturating_sub(1)))
+            }
+            None => ((top + 1).saturating_sub(limit).max(horizon).max(1), top),
         };
         let events = if lo > hi || limit == 0 {
             Vec::new()
         } else {
             self.events_range(chat, lo, (hi - lo + 1) as usize)?
         };
-        Ok(History { events, last_seq })
+        Ok(History {
+            events,
+            last_seq,
+            horizon,
+        })
     }
 
-    fn events_range(&self, chat: &str, from: u64, count: usize) -> Result<Vec<HistoryEvent>, ChatError> {
+    fn events_range(
+        &self,
+        chat: &str,
+        from: u64,
+        count: usize,
+    ) -> Result<Vec<HistoryEvent>, ChatError> {
         let entries = self.store.history_range(chat, from, count)?;
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -648,7 +731,8 @@ impl Engine {
     ) -> Result<Vec<Event>, ChatError> {
         let mut out = Vec::new();
         for point in self.resume_points(user, device, since)? {
-            let mut after = point.after;
+            let horizon = self.store.horizon(&point.chat)?;
+            let mut after = point.after.max(horizon - 1);
             while after < point.last_seq {
                 let count = ((point.last_seq - after) as usize).min(HISTORY_LIMIT_MAX);
                 let page = self.events_range(&point.chat, after + 1, count)?;
@@ -671,7 +755,10 @@ impl Engine {
     /// a message referencing it. Anyone else gets `NotFound` (no existence leak).
     pub fn file(&self, user: &str, id: &str) -> Result<FileMeta, ChatError> {
         let not_found = || ChatError::NotFound(format!("file {id}"));
-        let meta: FileMeta = self.store.get(CF_FILES, id.as_bytes())?.ok_or_else(not_found)?;
+        let meta: FileMeta = self
+            .store
+            .get(CF_FILES, id.as_bytes())?
+            .ok_or_else(not_found)?;
         if meta.uploader == user {
             return Ok(meta);
         }
@@ -701,6 +788,32 @@ impl Engine {
             next: self.shared.applied_index.load(Ordering::Acquire) + 1,
             catch_up_to: 0,
         }
+    }
+
+    /// Applies [`EngineConfig::retention`]: advances each chat's horizon (durably, through the
+    /// log), then removes whole sealed log segments that hold nothing still kept. The index
+    /// WAL is synced first, so recovery never needs a removed record for replay.
+    pub fn enforce_retention(&self) -> Result<RetentionReport, ChatError> {
+        let chats_trimmed = self.submit(Op::Retention).seq()?;
+        let mut min_live = u64::MAX;
+        for (chat, last) in self.store.all_last_seqs()? {
+            let horizon = self.store.horizon(&chat)?;
+            if horizon > last {
+                continue;
+            }
+            let entry: store::HistoryEntry = self
+                .store
+                .get(store::CF_HISTORY, &store::history_key(&chat, horizon))?
+                .ok_or_else(|| index_points_wrong(horizon))?;
+            min_live = min_live.min(entry.log_index);
+        }
+        self.store.sync()?;
+        let applied_next = self.shared.applied_index.load(Ordering::Acquire) + 1;
+        let log_first_index = self.log.purge_before(min_live.min(applied_next))?;
+        Ok(RetentionReport {
+            chats_trimmed,
+            log_first_index,
+        })
     }
 
     /// Stops the engine's threads after queued work is done.
@@ -843,9 +956,7 @@ fn run_applier(
     store: Arc<Store>,
     shared: Arc<Shared>,
     events: broadcast::Sender<Arc<Committed>>,
-    flush_every: u64,
 ) {
-    let mut since_flush = 0u64;
     for b in batches.iter() {
         let fail_all = |b: ApplyBatch| {
             for (reply, _) in b.replies {
@@ -859,7 +970,7 @@ fn run_applier(
         if let Some(pending) = b.pending {
             let b = ApplyBatch { pending: None, ..b };
             match pending.wait() {
-                Ok(first) if first == b.first_index => apply_batch(b, &store, &shared, &events, &mut since_flush, flush_every),
+                Ok(first) if first == b.first_index => apply_batch(b, &store, &shared, &events),
                 Ok(first) => {
                     shared.fail(&format!(
                         "log assigned index {first} where {} was expected",
@@ -873,7 +984,7 @@ fn run_applier(
                 }
             }
         } else {
-            apply_batch(b, &store, &shared, &events, &mut since_flush, flush_every);
+            apply_batch(b, &store, &shared, &events);
         }
     }
 }
@@ -883,8 +994,6 @@ fn apply_batch(
     store: &Store,
     shared: &Shared,
     events: &broadcast::Sender<Arc<Committed>>,
-    since_flush: &mut u64,
-    flush_every: u64,
 ) {
     let mut wb = store.batch();
     let applied = b
@@ -915,13 +1024,6 @@ fn apply_batch(
             log_index: b.first_index + k as u64,
             record,
         }));
-    }
-    *since_flush += n;
-    if *since_flush >= flush_every {
-        *since_flush = 0;
-        if let Err(e) = store.flush(false) {
-            tracing::warn!(%e, "index flush failed");
-        }
     }
 }
 
@@ -1011,7 +1113,9 @@ impl std::future::Future for Ticket {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         match &mut self.state {
-            TicketState::Failed(e) => std::task::Poll::Ready(Err(e.take().expect("polled after completion"))),
+            TicketState::Failed(e) => {
+                std::task::Poll::Ready(Err(e.take().expect("polled after completion")))
+            }
             TicketState::Waiting(rx) => std::pin::Pin::new(rx).poll(cx).map(|r| match r {
                 Ok(result) => result.map(Answer::from),
                 Err(_) => Err(ChatError::Unavailable(crate::Error::Closed)),
@@ -1051,12 +1155,14 @@ pub struct Subscription {
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("next", &self.next).finish()
+        f.debug_struct("Subscription")
+            .field("next", &self.next)
+            .finish()
     }
 }
 
 impl Subscription {
-    fn from_log(&mut self) -> Option<Result<Arc<Committed>, SubscriptionError>> {
+    fn next_from_log(&mut self) -> Option<Result<Arc<Committed>, SubscriptionError>> {
         if self.next >= self.catch_up_to {
             return None;
         }
@@ -1064,7 +1170,12 @@ impl Subscription {
         self.next += 1;
         Some(
             read_record(&self.engine.log, index)
-                .map(|record| Arc::new(Committed { log_index: index, record }))
+                .map(|record| {
+                    Arc::new(Committed {
+                        log_index: index,
+                        record,
+                    })
+                })
                 .map_err(SubscriptionError::from),
         )
     }
@@ -1083,7 +1194,7 @@ impl Subscription {
                 // A gap (the subscriber was created between apply and publish): fill it
                 // from the log.
                 self.catch_up_to = c.log_index + 1;
-                self.from_log()
+                self.next_from_log()
             }
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 self.catch_up_to = self.engine.shared.applied_index.load(Ordering::Acquire) + 1;
@@ -1098,7 +1209,7 @@ impl Subscription {
     /// The next committed record (blocking).
     pub fn recv_blocking(&mut self) -> Result<Arc<Committed>, SubscriptionError> {
         loop {
-            if let Some(r) = self.from_log() {
+            if let Some(r) = self.next_from_log() {
                 return r;
             }
             let item = self.rx.blocking_recv();
@@ -1111,7 +1222,7 @@ impl Subscription {
     /// The next committed record.
     pub async fn recv(&mut self) -> Result<Arc<Committed>, SubscriptionError> {
         loop {
-            if let Some(r) = self.from_log() {
+            if let Some(r) = self.next_from_log() {
                 return r;
             }
             let item = self.rx.recv().await;

@@ -10,6 +10,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::EngineConfig;
 use super::error::ChatError;
 use super::store::{
     self, CF_CURSORS, CF_DEDUP, CF_DEVICES, CF_FILES, CF_RECEIPTS, CF_USER_CHATS, ChatMeta,
@@ -19,7 +20,6 @@ use super::types::{
     Creation, Cursor, CursorMove, Event, EventKind, FileMeta, Record, check_cmid, check_device,
     check_user, direct_chat_id,
 };
-use super::EngineConfig;
 use crate::log::Log;
 
 /// A reply channel for an operation.
@@ -83,6 +83,8 @@ pub(crate) enum Op {
         device: String,
     },
     File(FileMeta),
+    /// Advance every chat's retention horizon as the configured limits say.
+    Retention,
 }
 
 #[derive(Debug, Clone)]
@@ -93,7 +95,10 @@ struct ChatState {
 
 impl ChatState {
     fn is_member(&self, user: &str) -> bool {
-        self.meta.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok()
+        self.meta
+            .members
+            .binary_search_by(|m| m.as_str().cmp(user))
+            .is_ok()
     }
 }
 
@@ -113,6 +118,7 @@ enum OverlayKey {
     Receipt(String, String),
     Device(String, String),
     File(String),
+    Horizon(String),
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +129,7 @@ enum OverlayValue {
     Receipt(u64, u64),
     Device,
     File(FileMeta),
+    Horizon(u64),
 }
 
 /// The sequencer's state.
@@ -172,7 +179,11 @@ fn limit_body(config: &EngineConfig, body: &str) -> Result<(), ChatError> {
 }
 
 impl Sequencer {
-    pub(crate) fn new(store: Arc<Store>, log: Arc<Log>, config: EngineConfig) -> crate::Result<Self> {
+    pub(crate) fn new(
+        store: Arc<Store>,
+        log: Arc<Log>,
+        config: EngineConfig,
+    ) -> crate::Result<Self> {
         let chat_counter = store.chat_counter()?;
         Ok(Sequencer {
             store,
@@ -236,13 +247,18 @@ impl Sequencer {
     fn member_chat(&mut self, user: &str, chat: &str) -> Result<&mut ChatState, ChatError> {
         let state = self.chat(chat)?;
         if !state.is_member(user) {
-            return Err(ChatError::Forbidden(format!("{user} is not a member of {chat}")));
+            return Err(ChatError::Forbidden(format!(
+                "{user} is not a member of {chat}"
+            )));
         }
         Ok(state)
     }
 
     fn event(&mut self, chat: &str, sender: &str, ts: u64, kind: EventKind) -> Event {
-        let state = self.chats.get_mut(chat).expect("chat loaded before an event");
+        let state = self
+            .chats
+            .get_mut(chat)
+            .expect("chat loaded before an event");
         state.last_seq += 1;
         Event {
             chat: chat.to_owned(),
@@ -254,7 +270,12 @@ impl Sequencer {
     }
 
     /// Decides one operation at time `now_ms`, appending its records to `out`.
-    pub(crate) fn decide(&mut self, op: Op, now_ms: u64, out: &mut Vec<Record>) -> Result<Outcome, ChatError> {
+    pub(crate) fn decide(
+        &mut self,
+        op: Op,
+        now_ms: u64,
+        out: &mut Vec<Record>,
+    ) -> Result<Outcome, ChatError> {
         match op {
             Op::Create {
                 creator,
@@ -262,7 +283,9 @@ impl Sequencer {
                 title,
                 direct,
             } => self.create(creator, members, title, direct, now_ms, out),
-            Op::AddMembers { user, chat, users } => self.add_members(&user, &chat, users, now_ms, out),
+            Op::AddMembers { user, chat, users } => {
+                self.add_members(&user, &chat, users, now_ms, out)
+            }
             Op::RemoveMembers { user, chat, users } => {
                 self.remove_members(&user, &chat, users, now_ms, out)
             }
@@ -288,9 +311,13 @@ impl Sequencer {
                 read,
             } => self.cursor(&user, &device, &chat, seq, read, out),
             Op::Device { user, device } => self.device(&user, &device, out),
+            Op::Retention => self.retention(now_ms, out),
             Op::File(meta) => {
                 check_user(&meta.uploader)?;
-                self.remember(OverlayKey::File(meta.id.clone()), OverlayValue::File(meta.clone()));
+                self.remember(
+                    OverlayKey::File(meta.id.clone()),
+                    OverlayValue::File(meta.clone()),
+                );
                 out.push(Record::File(meta));
                 Ok(Outcome::Done)
             }
@@ -310,14 +337,15 @@ impl Sequencer {
         for m in &members {
             check_user(m)?;
         }
-        if let Some(t) = &title {
-            if t.len() > self.config.title_bytes_max {
-                return Err(ChatError::TooLarge {
-                    what: "title",
-                    limit: self.config.title_bytes_max,
-                    actual: t.len(),
-                });
-            }
+        if let Some(t) = title
+            .as_ref()
+            .filter(|t| t.len() > self.config.title_bytes_max)
+        {
+            return Err(ChatError::TooLarge {
+                what: "title",
+                limit: self.config.title_bytes_max,
+                actual: t.len(),
+            });
         }
         let mut all: BTreeSet<String> = members.into_iter().collect();
         all.insert(creator.clone());
@@ -383,7 +411,9 @@ impl Sequencer {
         let members_max = self.config.members_max;
         let state = self.member_chat(user, chat)?;
         if state.meta.direct {
-            return Err(ChatError::Forbidden("members of a direct chat cannot change".into()));
+            return Err(ChatError::Forbidden(
+                "members of a direct chat cannot change".into(),
+            ));
         }
         let new: BTreeSet<String> = users.into_iter().filter(|u| !state.is_member(u)).collect();
         if new.is_empty() {
@@ -441,7 +471,9 @@ impl Sequencer {
             return Ok(Outcome::Seq(state.last_seq));
         }
         if state.meta.direct {
-            return Err(ChatError::Forbidden("members of a direct chat cannot change".into()));
+            return Err(ChatError::Forbidden(
+                "members of a direct chat cannot change".into(),
+            ));
         }
         state.meta.members.retain(|m| !gone.contains(m));
         let event = self.event(
@@ -556,7 +588,12 @@ impl Sequencer {
         })
     }
 
-    fn target(&mut self, user: &str, chat: &str, target: u64) -> Result<(MessageInfo, String), ChatError> {
+    fn target(
+        &mut self,
+        user: &str,
+        chat: &str,
+        target: u64,
+    ) -> Result<(MessageInfo, String), ChatError> {
         let state = self.member_chat(user, chat)?;
         if target == 0 || target > state.last_seq {
             return Err(ChatError::NotFound(format!("{chat} has no event {target}")));
@@ -564,10 +601,14 @@ impl Sequencer {
         let creator = state.meta.creator.clone();
         let info = self.message_info(chat, target)?;
         if !info.is_message {
-            return Err(ChatError::BadRequest(format!("event {target} is not a message")));
+            return Err(ChatError::BadRequest(format!(
+                "event {target} is not a message"
+            )));
         }
         if info.deleted {
-            return Err(ChatError::BadRequest(format!("message {target} is deleted")));
+            return Err(ChatError::BadRequest(format!(
+                "message {target} is deleted"
+            )));
         }
         Ok((info, creator))
     }
@@ -584,7 +625,9 @@ impl Sequencer {
         limit_body(&self.config, &body)?;
         let (info, _) = self.target(user, chat, target)?;
         if info.sender != user {
-            return Err(ChatError::Forbidden("only the sender may edit a message".into()));
+            return Err(ChatError::Forbidden(
+                "only the sender may edit a message".into(),
+            ));
         }
         let event = self.event(chat, user, now_ms, EventKind::Edit { target, body });
         let seq = event.seq;
@@ -694,7 +737,65 @@ impl Sequencer {
         Ok(Outcome::Done)
     }
 
-    fn device(&mut self, user: &str, device: &str, out: &mut Vec<Record>) -> Result<Outcome, ChatError> {
+    /// The ts of the applied event at `seq`.
+    fn event_ts(&self, chat: &str, seq: u64) -> Result<u64, ChatError> {
+        let entry: HistoryEntry = self
+            .store
+            .get(store::CF_HISTORY, &store::history_key(chat, seq))?
+            .ok_or_else(|| ChatError::NotFound(format!("{chat} has no event {seq}")))?;
+        match super::read_record(&self.log, entry.log_index)? {
+            Record::Event { event, .. } => Ok(event.ts),
+            _ => Err(ChatError::NotFound(format!("{chat} has no event {seq}"))),
+        }
+    }
+
+    /// Decides new retention horizons: at most `max_events_per_chat` events kept per chat, none
+    /// older than `max_age_ms`. Only applied events are considered; the horizon never moves back.
+    fn retention(&mut self, now_ms: u64, out: &mut Vec<Record>) -> Result<Outcome, ChatError> {
+        let limits = self.config.retention;
+        if limits.max_age_ms.is_none() && limits.max_events_per_chat.is_none() {
+            return Ok(Outcome::Seq(0));
+        }
+        let mut changed = 0;
+        for (chat, last) in self.store.all_last_seqs()? {
+            let hkey = OverlayKey::Horizon(chat.clone());
+            let old = match self.recall(&hkey) {
+                Some(OverlayValue::Horizon(h)) => *h,
+                _ => self.store.horizon(&chat)?,
+            };
+            let mut horizon = old;
+            if let Some(keep) = limits.max_events_per_chat {
+                horizon = horizon.max((last + 1).saturating_sub(keep));
+            }
+            if let Some(age) = limits.max_age_ms {
+                let cutoff = now_ms.saturating_sub(age);
+                // The first seq in [horizon, last] with ts >= cutoff (ts grow with seq).
+                let (mut lo, mut hi) = (horizon, last + 1);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    if self.event_ts(&chat, mid)? >= cutoff {
+                        hi = mid;
+                    } else {
+                        lo = mid + 1;
+                    }
+                }
+                horizon = horizon.max(lo);
+            }
+            if horizon > old {
+                self.remember(hkey, OverlayValue::Horizon(horizon));
+                out.push(Record::Horizon { chat, seq: horizon });
+                changed += 1;
+            }
+        }
+        Ok(Outcome::Seq(changed))
+    }
+
+    fn device(
+        &mut self,
+        user: &str,
+        device: &str,
+        out: &mut Vec<Record>,
+    ) -> Result<Outcome, ChatError> {
         check_user(user)?;
         check_device(device)?;
         let dkey = OverlayKey::Device(user.to_owned(), device.to_owned());

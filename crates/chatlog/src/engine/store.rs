@@ -1,20 +1,22 @@
 //! The RocksDB indexes: column families, key encoding, and applying log records to them.
 //!
-//! Every column family but `last_seen` is derived from the log: [`Store::apply`] is a
+//! Every column family but `last_seen` is derived from the log: [`Batch::apply`] is a
 //! deterministic, idempotent function of (record, log index), so replaying the log from the
 //! last applied index (or from the start, into an empty directory) rebuilds identical indexes.
-//! Writes skip RocksDB's WAL (the segment log is the write-ahead log); `atomic_flush` keeps
-//! all column families at one consistent point on disk.
+//! Index batches go through RocksDB's WAL without `fsync` (the segment log is what is synced):
+//! after a process crash RocksDB recovers them from its WAL in the page cache; after a power
+//! loss it recovers a consistent prefix (one WAL for all column families), and the engine
+//! replays the log records after the recovered applied index.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, FlushOptions, IteratorMode, Options,
-    ReadOptions, WriteBatch, WriteOptions,
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions,
+    WriteBatch,
 };
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::types::{Cursor, Event, EventKind, Record};
 use crate::error::{Error, Result};
@@ -39,13 +41,16 @@ pub const CF_DEVICES: &str = "devices";
 pub const CF_FILES: &str = "files";
 /// (file, chat) → () for every chat with a message referencing the file.
 pub const CF_FILE_REFS: &str = "file_refs";
+/// chat → first seq kept by retention (absent: 1).
+pub const CF_HORIZONS: &str = "horizons";
 /// Engine bookkeeping: applied log index, chat counter.
 pub const CF_META: &str = "meta";
 /// user → last seen ms (soft state, not derived from the log).
 pub const CF_LAST_SEEN: &str = "last_seen";
 
 /// Column families derived from the log (all but `last_seen`).
-pub const DERIVED_CFS: [&str; 11] = [
+pub const DERIVED_CFS: [&str; 12] = [
+    CF_HORIZONS,
     CF_HISTORY,
     CF_CHATS,
     CF_SEQS,
@@ -143,7 +148,6 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        opts.set_atomic_flush(true);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(4);
         let cfs = DERIVED_CFS
@@ -170,7 +174,11 @@ impl Store {
 
     /// Whether a key exists.
     pub fn contains(&self, cf: &str, key: &[u8]) -> Result<bool> {
-        Ok(self.db.get_pinned_cf(self.cf(cf), key).map_err(rocks)?.is_some())
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(cf), key)
+            .map_err(rocks)?
+            .is_some())
     }
 
     /// Last applied log index (0 if none).
@@ -186,6 +194,24 @@ impl Store {
     /// Last seq of a chat (0 if none).
     pub fn last_seq(&self, chat: &str) -> Result<u64> {
         Ok(self.get::<u64>(CF_SEQS, chat.as_bytes())?.unwrap_or(0))
+    }
+
+    /// First seq retention keeps in a chat (1 if nothing was dropped).
+    pub fn horizon(&self, chat: &str) -> Result<u64> {
+        Ok(self.get::<u64>(CF_HORIZONS, chat.as_bytes())?.unwrap_or(1))
+    }
+
+    /// Every chat with its last seq.
+    pub fn all_last_seqs(&self) -> Result<Vec<(String, u64)>> {
+        self.dump(CF_SEQS)?
+            .into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    decode(CF_SEQS, &v)?,
+                ))
+            })
+            .collect()
     }
 
     /// A chat's metadata.
@@ -214,14 +240,21 @@ impl Store {
         if out.len() != count {
             return Err(index_error(
                 CF_HISTORY,
-                format!("chat {chat}: expected {count} entries from seq {from}, found {}", out.len()),
+                format!(
+                    "chat {chat}: expected {count} entries from seq {from}, found {}",
+                    out.len()
+                ),
             ));
         }
         Ok(out)
     }
 
     /// All `(key suffix after prefix, value)` pairs whose key starts with `prefix \0`.
-    pub fn scan_prefix<T: DeserializeOwned>(&self, cf: &str, prefix: &str) -> Result<Vec<(String, T)>> {
+    pub fn scan_prefix<T: DeserializeOwned>(
+        &self,
+        cf: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>> {
         let mut start = prefix.as_bytes().to_vec();
         start.push(0);
         let mut end = prefix.as_bytes().to_vec();
@@ -261,12 +294,9 @@ impl Store {
         self.db.write(batch).map_err(rocks)
     }
 
-    /// Starts a flush of all memtables to SST files (bounds replay after a crash).
-    pub fn flush(&self, wait: bool) -> Result<()> {
-        let mut opts = FlushOptions::default();
-        opts.set_wait(wait);
-        let cfs: Vec<&ColumnFamily> = DERIVED_CFS.iter().map(|n| self.cf(n)).collect();
-        self.db.flush_cfs_opt(&cfs, &opts).map_err(rocks)
+    /// Makes every applied index write durable (syncs RocksDB's WAL).
+    pub fn sync(&self) -> Result<()> {
+        self.db.flush_wal(true).map_err(rocks)
     }
 
     /// A batch for applying records; see [`Batch::apply`].
@@ -324,7 +354,9 @@ impl Batch<'_> {
         }
         self.last_index = Some(log_index);
         match record {
-            Record::Event { event, created } => self.apply_event(event, created.as_ref(), log_index)?,
+            Record::Event { event, created } => {
+                self.apply_event(event, created.as_ref(), log_index)?
+            }
             Record::Cursor(m) => {
                 self.put(CF_CURSORS, key(&[&m.user, &m.device, &m.chat]), &m.cursor);
                 self.put(
@@ -348,6 +380,17 @@ impl Batch<'_> {
                 }
             }
             Record::File(meta) => self.put(CF_FILES, meta.id.as_bytes().to_vec(), meta),
+            Record::Horizon { chat, seq } => {
+                let old: u64 = self.get(CF_HORIZONS, chat.as_bytes())?.unwrap_or(1);
+                if *seq > old {
+                    self.wb.delete_range_cf(
+                        self.store.cf(CF_HISTORY),
+                        history_key(chat, old),
+                        history_key(chat, *seq),
+                    );
+                    self.put(CF_HORIZONS, chat.as_bytes().to_vec(), seq);
+                }
+            }
         }
         Ok(())
     }
@@ -399,10 +442,10 @@ impl Batch<'_> {
             } => {
                 let mut meta = match created {
                     Some(c) => {
-                        if !c.direct {
-                            if let Some(n) = chat.strip_prefix('g').and_then(|n| n.parse::<u64>().ok()) {
-                                self.put(CF_META, KEY_CHAT_COUNTER.to_vec(), &n);
-                            }
+                        let group_number =
+                            chat.strip_prefix('g').and_then(|n| n.parse::<u64>().ok());
+                        if let Some(n) = group_number.filter(|_| !c.direct) {
+                            self.put(CF_META, KEY_CHAT_COUNTER.to_vec(), &n);
                         }
                         ChatMeta {
                             title: title.clone(),
@@ -433,13 +476,11 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Writes the batch (without RocksDB's WAL) with the last applied log index.
+    /// Writes the batch, with the last applied log index, atomically (WAL, no fsync).
     pub fn commit(mut self) -> Result<()> {
         if let Some(last) = self.last_index {
             self.put(CF_META, KEY_APPLIED.to_vec(), &last);
         }
-        let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        self.store.db.write_opt(self.wb, &opts).map_err(rocks)
+        self.store.db.write(self.wb).map_err(rocks)
     }
 }

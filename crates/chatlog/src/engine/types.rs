@@ -160,6 +160,13 @@ pub enum Record {
     },
     /// A file was uploaded.
     File(FileMeta),
+    /// Retention: events of `chat` below `seq` are gone from history.
+    Horizon {
+        /// Chat.
+        chat: String,
+        /// First seq still kept.
+        seq: u64,
+    },
 }
 
 /// Facts fixed at chat creation.
@@ -246,6 +253,9 @@ mod tests {
         assert!(check_user(&"a".repeat(65)).is_err());
         assert!(check_cmid("m-1").is_ok());
         assert!(check_cmid("").is_err());
-        assert_eq!(direct_chat_id("bob", "alice"), direct_chat_id("alice", "bob"));
+        assert_eq!(
+            direct_chat_id("bob", "alice"),
+            direct_chat_id("alice", "bob")
+        );
     }
 }
