@@ -30,6 +30,9 @@ use crate::segment::{Active, Sealed};
 
 pub use open::RecoveryReport;
 
+/// The largest log index the log hands out; appends beyond it fail with `LimitExceeded`.
+pub const INDEX_MAX: u64 = 1 << 62;
+
 /// When appended entries are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -137,6 +140,7 @@ impl LogConfig {
             ),
             (self.index_stride == 0, "index_stride must be positive"),
             (self.first_index == 0, "first_index must be at least 1"),
+            (self.first_index > INDEX_MAX, "first_index must be at most 2^62"),
         ];
         match problems.iter().find(|(bad, _)| *bad) {
             Some((_, msg)) => Err(Error::InvalidConfig((*msg).to_owned())),

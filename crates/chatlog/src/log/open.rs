@@ -42,15 +42,17 @@ pub(crate) struct Recovered {
 
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
-/// Overwrites `[from, to)` of `file` with zeros and syncs it.
+/// Overwrites `[from, to)` of `file` with zeros and syncs it. Zeroes from the end backwards,
+/// so an interruption leaves old frames followed by zeros (a valid, longer log), never zeros
+/// followed by frames (which recovery must read as corruption).
 pub(crate) fn zero_range(file: &dyn FileHandle, path: &Path, from: u64, to: u64) -> Result<()> {
     let zeros = vec![0u8; ZERO_CHUNK_BYTES];
-    let mut at = from;
-    while at < to {
-        let n = (to - at).min(ZERO_CHUNK_BYTES as u64) as usize;
-        file.write_at(&zeros[..n], at)
+    let mut end = to;
+    while end > from {
+        let n = (end - from).min(ZERO_CHUNK_BYTES as u64);
+        end -= n;
+        file.write_at(&zeros[..n as usize], end)
             .map_err(|e| Error::io("write", path, e))?;
-        at += n as u64;
     }
     file.sync_data()
         .map_err(|e| Error::io("fdatasync", path, e))
@@ -290,7 +292,12 @@ fn load_sealed(
     config: &LogConfig,
     report: &mut RecoveryReport,
 ) -> Result<Result<Sealed, Cut>> {
-    if let Some(index) = read_index(fs, dir, seg.first) {
+    // Repair trusts nothing: it scans every sealed segment so damage is found and cut.
+    let trusted_index = match config.recovery {
+        RecoveryMode::Repair => None,
+        _ => read_index(fs, dir, seg.first),
+    };
+    if let Some(index) = trusted_index {
         let consistent = index.first_index == seg.first
             && index.data_end <= seg.len
             && seg.first + index.entry_count == next_first;

@@ -14,7 +14,9 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::io::{FileHandle, FileSystem, OpenMode};
 use crate::log::open::{write_atomic, zero_range};
-use crate::log::{Command, Durability, Entries, LogConfig, Preallocate, Reply, Shared, View};
+use crate::log::{
+    Command, Durability, Entries, INDEX_MAX, LogConfig, Preallocate, Reply, Shared, View,
+};
 use crate::segment::format::{self, FrameBody, HEADER_BYTES};
 use crate::segment::{Active, ActiveFrames, Sealed, name, sparse_offsets};
 
@@ -108,6 +110,12 @@ impl Writer {
     }
 
     pub(crate) fn run(mut self, rx: flume::Receiver<Command>) {
+        // If this thread dies (a panic is a bug, but callers must not hang on it), poison the
+        // log and drop every queued command so its caller sees `Closed`.
+        let _guard = DrainOnExit {
+            rx: rx.clone(),
+            shared: self.shared.clone(),
+        };
         loop {
             let first = match self.sync_deadline() {
                 Some(deadline) => match rx.recv_deadline(deadline) {
@@ -171,11 +179,30 @@ impl Writer {
         self.shared.poisoned.store(true, Ordering::Release);
     }
 
-    fn append(&mut self, batch: Vec<Pending>) {
+    fn append(&mut self, mut batch: Vec<Pending>) {
         if self.poisoned {
             for p in batch {
                 let _ = p.reply.send(Err(Error::Poisoned));
             }
+            return;
+        }
+        // Refuse (without poisoning) requests that would run past the index space.
+        let mut next = self.next_index;
+        batch.retain_mut(|p| {
+            let n = p.entries.as_slice().len() as u64;
+            if next + n > INDEX_MAX + 1 {
+                let reply = std::mem::replace(&mut p.reply, oneshot::channel().0);
+                let _ = reply.send(Err(Error::LimitExceeded {
+                    what: "log index",
+                    limit: INDEX_MAX,
+                    actual: next + n - 1,
+                }));
+                return false;
+            }
+            next += n;
+            true
+        });
+        if batch.is_empty() {
             return;
         }
         match self.write_batch(&batch) {
@@ -576,6 +603,20 @@ impl Writer {
             .sync_dir(&self.dir)
             .map_err(|e| Error::io("fsync directory", &self.dir, e))?;
         Ok(first)
+    }
+}
+
+struct DrainOnExit {
+    rx: flume::Receiver<Command>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for DrainOnExit {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.poisoned.store(true, Ordering::Release);
+        }
+        while self.rx.try_recv().is_ok() {}
     }
 }
 
