@@ -333,8 +333,9 @@ fn segment_files_are_named_by_first_index_and_checked_against_their_header() {
     );
 }
 
-/// Regression (found by the `log_model` fuzz target): a truncation interrupted part-way used to
-/// leave zeros followed by intact later frames, which the next open read as corruption.
+/// Regression (found twice by the `log_model` fuzz target): a truncation interrupted part-way
+/// (an I/O error, or a short write when the disk fills) used to leave zeros followed by intact
+/// later frames, which the next open read as corruption.
 #[test]
 fn interrupted_truncation_of_several_chunks_still_reopens() {
     let config = LogConfig {
@@ -343,17 +344,23 @@ fn interrupted_truncation_of_several_chunks_still_reopens() {
         preallocate: Preallocate::Sparse,
         ..LogConfig::default()
     };
-    for fail_after in 0..8 {
+    let faults = (0..8).map(|n| Faults {
+        ios_left: Some(n),
+        ..Faults::default()
+    });
+    // A disk that fills up in the middle of a write (a short write, then ENOSPC).
+    let full = [0u64, 1, 4096, (1 << 20) + 17].map(|n| Faults {
+        space_left_bytes: Some(n),
+        ..Faults::default()
+    });
+    for (fail_after, fault) in faults.chain(full).enumerate() {
         let fs = FaultFs::new();
         let log = Log::open_with(Arc::new(fs.clone()), DIR, config.clone()).unwrap();
         let entries: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 1 << 20]).collect();
         for e in &entries {
             log.append(e.clone()).unwrap();
         }
-        fs.set_faults(Faults {
-            ios_left: Some(fail_after),
-            ..Faults::default()
-        });
+        fs.set_faults(fault);
         let truncated = log.truncate_from(2).is_ok();
         for crash in [Crash::Process, Crash::PowerLoss] {
             let reopened = Log::open_with(Arc::new(fs.crash(crash)), DIR, config.clone())
@@ -378,7 +385,10 @@ fn repair_scans_sealed_segments_even_with_an_index_file() {
     }
     drop(log);
     let first = Path::new(DIR).join("00000000000000000001.seg");
-    assert!(fs.contents(&Path::new(DIR).join("00000000000000000001.idx")).is_some());
+    assert!(
+        fs.contents(&Path::new(DIR).join("00000000000000000001.idx"))
+            .is_some()
+    );
     let damaged = fs.crash(Crash::PowerLoss);
     damaged.flip(&first, 100, 0x04);
     let repaired = Log::open_with(
@@ -390,7 +400,10 @@ fn repair_scans_sealed_segments_even_with_an_index_file() {
         },
     )
     .unwrap();
-    assert_eq!(repaired.recovery_report().repaired_at.as_ref().unwrap().0, first);
+    assert_eq!(
+        repaired.recovery_report().repaired_at.as_ref().unwrap().0,
+        first
+    );
     let kept = repaired.verify().unwrap();
     assert_eq!(kept, repaired.next_index() - 1);
 }
@@ -411,8 +424,19 @@ fn the_index_space_is_bounded_without_panics_or_hangs() {
     };
     let log = Log::open_with(Arc::new(FaultFs::new()), DIR, near_end).unwrap();
     assert_eq!(log.append(entry(1)).unwrap(), chatlog::log::INDEX_MAX - 1);
-    let err = log.append_batch(vec![entry(2).into(), entry(3).into()]).unwrap_err();
-    assert!(matches!(err, Error::LimitExceeded { what: "log index", .. }), "{err}");
+    let err = log
+        .append_batch(vec![entry(2).into(), entry(3).into()])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                what: "log index",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(!log.is_poisoned());
     assert_eq!(log.append(entry(4)).unwrap(), chatlog::log::INDEX_MAX);
 }

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions,
-    WriteBatch,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -150,10 +150,21 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(4);
+        // Point lookups that usually miss (dedup on every send, devices) are answered by bloom
+        // filters, in the memtable and in SST files, instead of walking the skiplist or blocks.
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        let cf_options = || {
+            let mut cf = Options::default();
+            cf.set_block_based_table_factory(&table);
+            cf.set_memtable_whole_key_filtering(true);
+            cf.set_memtable_prefix_bloom_ratio(0.1);
+            cf
+        };
         let cfs = DERIVED_CFS
             .iter()
             .chain([CF_LAST_SEEN].iter())
-            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+            .map(|name| ColumnFamilyDescriptor::new(*name, cf_options()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(rocks)?;
         Ok(Store { db })
     }
@@ -305,6 +316,7 @@ impl Store {
             store: self,
             wb: WriteBatch::default(),
             overlay: HashMap::new(),
+            last_seqs: HashMap::new(),
             last_index: None,
         }
     }
@@ -315,6 +327,7 @@ pub struct Batch<'a> {
     store: &'a Store,
     wb: WriteBatch,
     overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    last_seqs: HashMap<String, u64>,
     last_index: Option<u64>,
 }
 
@@ -411,7 +424,8 @@ impl Batch<'_> {
                 deleted: false,
             },
         );
-        self.put(CF_SEQS, chat.as_bytes().to_vec(), &event.seq);
+        // The chat's last seq is written once per batch (see `commit`).
+        self.last_seqs.insert(event.chat.clone(), event.seq);
         match &event.kind {
             EventKind::Message { cmid, file, .. } => {
                 self.put(
@@ -478,6 +492,9 @@ impl Batch<'_> {
 
     /// Writes the batch, with the last applied log index, atomically (WAL, no fsync).
     pub fn commit(mut self) -> Result<()> {
+        for (chat, seq) in std::mem::take(&mut self.last_seqs) {
+            self.put(CF_SEQS, chat.into_bytes(), &seq);
+        }
         if let Some(last) = self.last_index {
             self.put(CF_META, KEY_APPLIED.to_vec(), &last);
         }

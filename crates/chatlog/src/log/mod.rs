@@ -140,7 +140,10 @@ impl LogConfig {
             ),
             (self.index_stride == 0, "index_stride must be positive"),
             (self.first_index == 0, "first_index must be at least 1"),
-            (self.first_index > INDEX_MAX, "first_index must be at most 2^62"),
+            (
+                self.first_index > INDEX_MAX,
+                "first_index must be at most 2^62",
+            ),
         ];
         match problems.iter().find(|(bad, _)| *bad) {
             Some((_, msg)) => Err(Error::InvalidConfig((*msg).to_owned())),

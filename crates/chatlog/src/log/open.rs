@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use crate::error::{Error, Result};
 use crate::io::{FileHandle, FileSystem, OpenMode};
 use crate::log::writer::prepare_spare;
-use crate::log::{LogConfig, RecoveryMode, View};
+use crate::log::{INDEX_MAX, LogConfig, RecoveryMode, View};
 use crate::segment::format::{self, HEADER_BYTES, SparseIndex};
 use crate::segment::recovery::{self, Tail};
 use crate::segment::{Active, ActiveFrames, Sealed, name, sparse_offsets};
@@ -40,20 +40,16 @@ pub(crate) struct Recovered {
     pub(crate) report: RecoveryReport,
 }
 
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
-
-/// Overwrites `[from, to)` of `file` with zeros and syncs it. Zeroes from the end backwards,
-/// so an interruption leaves old frames followed by zeros (a valid, longer log), never zeros
-/// followed by frames (which recovery must read as corruption).
-pub(crate) fn zero_range(file: &dyn FileHandle, path: &Path, from: u64, to: u64) -> Result<()> {
-    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
-    let mut end = to;
-    while end > from {
-        let n = (end - from).min(ZERO_CHUNK_BYTES as u64);
-        end -= n;
-        file.write_at(&zeros[..n as usize], end)
-            .map_err(|e| Error::io("write", path, e))?;
-    }
+/// Drops everything from byte `at` on, durably: shrinks the file to `at`, grows it back to its
+/// length (the hole reads as zeros, keeping the segment's size) and syncs. A length change is a
+/// single metadata operation, so a crash leaves either the old bytes or none of them, never
+/// zeros followed by old frames (which recovery would rightly read as corruption).
+pub(crate) fn cut_file(file: &dyn FileHandle, path: &Path, at: u64) -> Result<()> {
+    let len = file.len().map_err(|e| Error::io("stat", path, e))?;
+    file.set_len(at)
+        .map_err(|e| Error::io("set_len", path, e))?;
+    file.set_len(len.max(at))
+        .map_err(|e| Error::io("set_len", path, e))?;
     file.sync_data()
         .map_err(|e| Error::io("fdatasync", path, e))
 }
@@ -148,6 +144,13 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
             .map_err(|e| Error::io("read", &path, e))?;
         let header =
             format::decode_header(&head).map_err(|e| corruption(&path, 0, format!("{e:?}")))?;
+        if first > INDEX_MAX {
+            return Err(corruption(
+                &path,
+                16,
+                format!("first index {first} is above the log's index limit {INDEX_MAX}"),
+            ));
+        }
         if header.first_index != first {
             return Err(corruption(
                 &path,
@@ -224,12 +227,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                     format!("torn tail: {reason}"),
                 ));
             }
-            zero_range(
-                last.file.as_ref(),
-                &last.path,
-                *offset as u64,
-                scan.nonzero_end as u64,
-            )?;
+            cut_file(last.file.as_ref(), &last.path, *offset as u64)?;
             report.torn_tail = Some((
                 last.path.clone(),
                 *offset as u64,
@@ -244,12 +242,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
             if config.recovery != RecoveryMode::Repair {
                 return Err(corruption(&last.path, *offset as u64, reason.clone()));
             }
-            zero_range(
-                last.file.as_ref(),
-                &last.path,
-                *offset as u64,
-                scan.nonzero_end as u64,
-            )?;
+            cut_file(last.file.as_ref(), &last.path, *offset as u64)?;
             report.repaired_at = Some((last.path.clone(), *offset as u64));
             report.dropped_bytes += (scan.nonzero_end - offset) as u64;
             report.dropped_entries += later_frames;

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::io::{FileHandle, FileSystem, OpenMode};
-use crate::log::open::{write_atomic, zero_range};
+use crate::log::open::{cut_file, write_atomic};
 use crate::log::{
     Command, Durability, Entries, INDEX_MAX, LogConfig, Preallocate, Reply, Shared, View,
 };
@@ -497,16 +497,14 @@ impl Writer {
             self.remove_segment(seg.first_index, false)?;
             removed = true;
         }
-        let (active, cut, old_end) = if view.active.first_index <= from {
+        let (active, cut) = if view.active.first_index <= from {
             let frames = view.active.frames.read().unwrap_or_else(|e| e.into_inner());
             let k = (from - view.active.first_index) as usize;
-            (
-                view.active.clone(),
-                u64::from(frames.offsets[k]),
-                self.write_offset,
-            )
+            (view.active.clone(), u64::from(frames.offsets[k]))
         } else {
-            // The cut falls in a sealed segment, which becomes the active one again.
+            // The cut falls in a sealed segment, which becomes the active one again. Readers may
+            // still map it, so it is not cut in place (shrinking a mapped file would fault their
+            // reads): its kept prefix is copied to a new file that atomically replaces it.
             let seg = view.sealed[keep - 1].clone();
             let index_path = name::index(&self.dir, seg.first_index);
             self.fs
@@ -519,10 +517,20 @@ impl Writer {
                 dense.push(at as u32);
                 at = seg.frame_at(at, index)?.end;
             }
+            let tmp = name::temporary(&seg.path);
             let file = self
                 .fs
-                .open(&seg.path, OpenMode::ReadWrite)
-                .map_err(|e| Error::io("open", &seg.path, e))?;
+                .open(&tmp, OpenMode::CreateTruncate)
+                .map_err(|e| Error::io("create", &tmp, e))?;
+            file.write_at(&seg.map[..at], 0)
+                .map_err(|e| Error::io("write", &tmp, e))?;
+            file.set_len(self.config.segment_size_bytes)
+                .map_err(|e| Error::io("set_len", &tmp, e))?;
+            file.sync_data()
+                .map_err(|e| Error::io("fdatasync", &tmp, e))?;
+            self.fs
+                .rename(&tmp, &seg.path)
+                .map_err(|e| Error::io("rename", &tmp, e))?;
             let active = Arc::new(Active {
                 path: seg.path.clone(),
                 first_index: seg.first_index,
@@ -532,14 +540,17 @@ impl Writer {
                     data_end: at as u32,
                 }),
             });
-            (active, at as u64, seg.map.len() as u64)
+            (active, at as u64)
         };
         if removed {
             self.fs
                 .sync_dir(&self.dir)
                 .map_err(|e| Error::io("fsync directory", &self.dir, e))?;
         }
-        zero_range(active.file.as_ref(), &active.path, cut, old_end)?;
+        // The active segment is read with positional reads only, so it is cut in place.
+        if Arc::ptr_eq(&active, &view.active) {
+            cut_file(active.file.as_ref(), &active.path, cut)?;
+        }
         {
             let mut frames = active.frames.write().unwrap_or_else(|e| e.into_inner());
             frames
