@@ -12,14 +12,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let engine = Arc::new(Engine::open(&dir, EngineConfig::default())?);
 
     // A group chat: the creator is a member; the chat's first event (seq 1) adds everyone.
-    let chat = engine.create_chat("alice", &["bob".into(), "carol".into()], Some("launch".into()), false)?;
+    let chat = engine.create_chat(
+        "alice",
+        &["bob".into(), "carol".into()],
+        Some("launch".into()),
+        false,
+    )?;
 
     // Subscribers see every committed record in log order (this is how a server fans out).
     let mut subscription = engine.subscribe();
 
     // Sends return once the message is durable (fdatasync'd). The cmid makes retries safe.
-    let first = engine.send("alice", &chat, "cmid-1", Some("we ship friday".into()), None)?;
-    let retry = engine.send("alice", &chat, "cmid-1", Some("we ship friday".into()), None)?;
+    let first = engine.send(
+        "alice",
+        &chat,
+        "cmid-1",
+        Some("we ship friday".into()),
+        None,
+    )?;
+    let retry = engine.send(
+        "alice",
+        &chat,
+        "cmid-1",
+        Some("we ship friday".into()),
+        None,
+    )?;
     assert_eq!(first, retry, "same cmid, same seq, no second event");
     engine.send("bob", &chat, "cmid-2", Some("🚀".into()), None)?;
     engine.edit("alice", &chat, first.seq, "we ship thursday".into())?;
@@ -27,7 +44,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..3 {
         let committed = subscription.recv_blocking()?;
         if let Record::Event { event, .. } = &committed.record {
-            println!("pushed: {} #{} {} by {}", event.chat, event.seq, event.kind.name(), event.sender);
+            println!(
+                "pushed: {} #{} {} by {}",
+                event.chat,
+                event.seq,
+                event.kind.name(),
+                event.sender
+            );
         }
     }
 
@@ -41,10 +64,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             EventKind::Message { body, .. } => body.clone().unwrap_or_default(),
             other => other.name().to_owned(),
         };
-        println!("#{} {:>6}: {text}{}", h.event.seq, h.event.sender, if h.edited { " (edited)" } else { "" });
+        println!(
+            "#{} {:>6}: {text}{}",
+            h.event.seq,
+            h.event.sender,
+            if h.edited { " (edited)" } else { "" }
+        );
     }
     for r in engine.receipts("alice", &chat)? {
-        println!("receipt: {} delivered {} read {}", r.user, r.delivered, r.read);
+        println!(
+            "receipt: {} delivered {} read {}",
+            r.user, r.delivered, r.read
+        );
     }
     drop(subscription);
     drop(engine);
