@@ -89,6 +89,8 @@ fn kill_9_loses_no_acknowledged_chat_operation() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
+    let stderr_dir = tempfile::tempdir().unwrap();
+    let stderr_path = stderr_dir.path().join("child-stderr.txt");
     let exe = std::env::current_exe().unwrap();
     let mut rng = rand::rng();
     // (chat, user, cmid) -> seq, and the highest acknowledged cursor per (chat, user, device).
@@ -105,17 +107,24 @@ fn kill_9_loses_no_acknowledged_chat_operation() {
             .env(CHILD_ENV, dir.path())
             .env(CYCLE_ENV, cycle.to_string())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<_>>()
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.ends_with("ready") {
+                    let _ = ready_tx.send(());
+                }
+                lines.push(line);
+            }
+            lines
         });
-        std::thread::sleep(Duration::from_millis(rng.random_range(100..400)));
+        // Kill at a random moment after the child has opened the engine and started writing.
+        let _ = ready_rx.recv_timeout(Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(rng.random_range(20..300)));
         child.kill().unwrap();
         child.wait().unwrap();
         let lines = reader.join().unwrap();

@@ -104,17 +104,20 @@ fn kill_9_never_loses_an_acknowledged_entry() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut lines = Vec::new();
-            for line in BufReader::new(stdout).lines() {
-                match line {
-                    Ok(line) => lines.push(line),
-                    Err(_) => break,
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.ends_with("ready") {
+                    let _ = ready_tx.send(());
                 }
+                lines.push(line);
             }
             lines
         });
-        std::thread::sleep(Duration::from_millis(rng.random_range(30..250)));
+        // Kill at a random moment after the child has opened the log and started appending.
+        let _ = ready_rx.recv_timeout(Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(rng.random_range(5..200)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let lines = reader.join().unwrap();
