@@ -957,73 +957,103 @@ fn run_applier(
     shared: Arc<Shared>,
     events: broadcast::Sender<Arc<Committed>>,
 ) {
-    for b in batches.iter() {
-        let fail_all = |b: ApplyBatch| {
+    let fail_all = |group: Vec<ApplyBatch>| {
+        for b in group {
             for (reply, _) in b.replies {
                 let _ = reply.send(Err(shared.unavailable()));
             }
-        };
+        }
+    };
+    while let Ok(first) = batches.recv() {
+        // Every sequencer batch queued behind this one was most likely made durable by the
+        // same group commit: apply them all with one RocksDB write.
+        let mut group = vec![first];
+        while group.len() < APPLY_QUEUE_DEPTH {
+            match batches.try_recv() {
+                Ok(b) => group.push(b),
+                Err(_) => break,
+            }
+        }
         if shared.failed.load(Ordering::Acquire) {
-            fail_all(b);
+            fail_all(group);
             continue;
         }
-        if let Some(pending) = b.pending {
-            let b = ApplyBatch { pending: None, ..b };
-            match pending.wait() {
-                Ok(first) if first == b.first_index => apply_batch(b, &store, &shared, &events),
+        // Wait for durability in order; a failure ends the durable prefix.
+        let mut durable = Vec::with_capacity(group.len());
+        let mut rest = group.into_iter();
+        for mut b in rest.by_ref() {
+            let result = match b.pending.take() {
+                None => Ok(b.first_index),
+                Some(pending) => pending.wait().map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok(first) if first == b.first_index => durable.push(b),
                 Ok(first) => {
                     shared.fail(&format!(
                         "log assigned index {first} where {} was expected",
                         b.first_index
                     ));
-                    fail_all(b);
+                    fail_all(vec![b]);
+                    break;
                 }
                 Err(e) => {
                     shared.fail(&e);
-                    fail_all(b);
+                    fail_all(vec![b]);
+                    break;
                 }
             }
-        } else {
-            apply_batch(b, &store, &shared, &events);
         }
+        apply_group(durable, &store, &shared, &events);
+        fail_all(rest.collect());
     }
 }
 
-fn apply_batch(
-    b: ApplyBatch,
+fn apply_group(
+    group: Vec<ApplyBatch>,
     store: &Store,
     shared: &Shared,
     events: &broadcast::Sender<Arc<Committed>>,
 ) {
+    let Some(last) = group.last() else {
+        return;
+    };
+    let last_id = last.id;
     let mut wb = store.batch();
-    let applied = b
-        .records
+    let applied = group
         .iter()
-        .enumerate()
-        .try_for_each(|(k, r)| wb.apply(r, b.first_index + k as u64))
+        .flat_map(|b| {
+            b.records
+                .iter()
+                .enumerate()
+                .map(move |(k, r)| (b.first_index + k as u64, r))
+        })
+        .try_for_each(|(index, r)| wb.apply(r, index))
         .and_then(|()| wb.commit());
     if let Err(e) = applied {
         shared.fail(&e);
-        for (reply, _) in b.replies {
-            let _ = reply.send(Err(shared.unavailable()));
+        for b in group {
+            for (reply, _) in b.replies {
+                let _ = reply.send(Err(shared.unavailable()));
+            }
         }
         return;
     }
-    let n = b.records.len() as u64;
-    if n > 0 {
+    if let Some(b) = group.iter().rev().find(|b| !b.records.is_empty()) {
         shared
             .applied_index
-            .store(b.first_index + n - 1, Ordering::Release);
+            .store(b.first_index + b.records.len() as u64 - 1, Ordering::Release);
     }
-    shared.applied_batch.store(b.id, Ordering::Release);
-    for (reply, outcome) in b.replies {
-        let _ = reply.send(Ok(outcome));
-    }
-    for (k, record) in b.records.into_iter().enumerate() {
-        let _ = events.send(Arc::new(Committed {
-            log_index: b.first_index + k as u64,
-            record,
-        }));
+    shared.applied_batch.store(last_id, Ordering::Release);
+    for b in group {
+        for (reply, outcome) in b.replies {
+            let _ = reply.send(Ok(outcome));
+        }
+        for (k, record) in b.records.into_iter().enumerate() {
+            let _ = events.send(Arc::new(Committed {
+                log_index: b.first_index + k as u64,
+                record,
+            }));
+        }
     }
 }
 
