@@ -9,12 +9,16 @@
 //!   file (no group commit at all).
 //! - `append/...` (criterion): durable append throughput with 1, 8 and 64 blocking writers,
 //!   64 tokio tasks each pipelining 16 `append_async` futures, and 64 threads each calling
-//!   `append_batch` with 16 entries; followed by a summary with the ratio to the raw bound and
-//!   the mean group-commit batch size.
+//!   `append_batch` with 16 entries (plus, at 200 B, with 64 entries, and the two pipelined
+//!   shapes with `Preallocate::Sparse`); followed by a summary with the ratio to the raw bound
+//!   and the mean group-commit batch size.
 //! - `roll`: latency of append batches that cross a segment roll, right after open.
 //! - `read/...`: sequential `iter_from` over sealed (memory-mapped) segments and random
 //!   `read(index)` (criterion means plus custom percentiles), against plain buffered reads and
-//!   `pread`s of the same files.
+//!   `pread`s of the same files; random reads are also split by their distance from a
+//!   sparse-index entry.
+//! - `drift` (only without a filter): the raw disk again at the end, to see whether conditions
+//!   changed during the run.
 //!
 //! Run with `cargo bench -p chatlog --bench segment_log [-- FILTER]`; results and how to read
 //! them are in `docs/benchmarks.md`. Without `--bench` (`cargo test --all-targets`) every
@@ -55,12 +59,14 @@ const CHUNK_BYTES: usize = 1 << 20;
 const ASYNC_DEPTH: usize = 16;
 /// Entries per `append_batch` call in the batch-caller case.
 const BATCH_ENTRIES: usize = 16;
+/// Entries per `append_batch` call in the larger batch-caller comparison.
+const BATCH_ENTRIES_LARGE: usize = 64;
 /// Entries per `append_batch` call when filling read fixtures (outside any timed region).
 const FILL_BATCH_ENTRIES: usize = 4096;
 /// Entries per `append_batch` call in the roll section.
 const ROLL_BATCH_ENTRIES: usize = 64;
 
-const _: () = assert!(ASYNC_DEPTH * 64 <= FILL_BATCH_ENTRIES);
+const _: () = assert!(BATCH_ENTRIES < BATCH_ENTRIES_LARGE);
 const _: () = assert!(PAYLOAD_SMALL_BYTES < PAYLOAD_LARGE_BYTES);
 
 /// How much work each section does: the full run, or a smoke test under `cargo test`.
@@ -82,8 +88,8 @@ struct Scale {
 
 const FULL: Scale = Scale {
     segment_size_bytes: 64 << 20,
-    latency_rounds: 10,
-    latency_ops_per_round: 500,
+    latency_rounds: 500,
+    latency_ops_per_round: 10,
     latency_warmup_ops: 200,
     raw_duration: Duration::from_millis(500),
     read_fixture_sealed_segments: 4,
@@ -95,8 +101,8 @@ const FULL: Scale = Scale {
 
 const SMOKE: Scale = Scale {
     segment_size_bytes: 1 << 20,
-    latency_rounds: 1,
-    latency_ops_per_round: 20,
+    latency_rounds: 2,
+    latency_ops_per_round: 10,
     latency_warmup_ops: 5,
     raw_duration: Duration::from_millis(20),
     read_fixture_sealed_segments: 2,
@@ -597,13 +603,17 @@ fn latency_section(root: &Path, scale: Scale) {
             Preallocate::Sparse => "sparse",
         };
         let log_dir = dir.path().join(format!("engine_{payload_bytes}_{tag}"));
+        let start = Instant::now();
+        let log = open_log(&log_dir, log_config(scale, preallocate, Durability::Batch));
+        println!(
+            "Log::open of a new log ({tag} first segment of {} MiB): {:.1} ms (untimed below)",
+            scale.segment_size_bytes >> 20,
+            start.elapsed().as_secs_f64() * 1e3
+        );
         Variant {
             label: format!("engine {} ({tag})", size_name(payload_bytes)),
             op: LatencyOp::Engine {
-                log: Box::new(open_log(
-                    &log_dir,
-                    log_config(scale, preallocate, Durability::Batch),
-                )),
+                log: Box::new(log),
                 payload: payload(payload_bytes),
             },
             samples_ns: Vec::new(),
@@ -734,24 +744,29 @@ fn raw_throughput_section(root: &Path, scale: Scale) -> RawRates {
     section("raw_throughput: the disk's own limits (pwrite + fdatasync)");
     let dir = temp_dir(root);
     let mut rates = RawRates::default();
-    for payload_bytes in [PAYLOAD_SMALL_BYTES, PAYLOAD_LARGE_BYTES] {
+    // Every batch size an append case can form at most (its entries in flight).
+    let mut per_sync_sizes: Vec<(usize, usize)> = append_cases()
+        .iter()
+        .map(|c| (c.payload_bytes, c.shape.in_flight_max()))
+        .collect();
+    per_sync_sizes.sort_unstable();
+    per_sync_sizes.dedup();
+    for (payload_bytes, per_sync) in per_sync_sizes {
         let frame = frame_bytes(payload_bytes);
-        for per_sync in [1, 8, 64, 64 * BATCH_ENTRIES] {
-            let rate = raw_group_commit(
-                dir.path(),
-                frame,
-                per_sync,
-                scale.raw_duration,
-                scale.segment_size_bytes,
-            );
-            println!(
-                "raw group commit {frame:>4} B x {per_sync:<4} per sync: {:>8.0} syncs/s  {:>10.0} entries/s  {:>7.1} MB/s",
-                rate.ops_per_second(),
-                rate.entries_per_second(),
-                rate.entries_per_second() * frame as f64 / 1e6
-            );
-            rates.group_commit.push(((frame, per_sync), rate));
-        }
+        let rate = raw_group_commit(
+            dir.path(),
+            frame,
+            per_sync,
+            scale.raw_duration,
+            scale.segment_size_bytes,
+        );
+        println!(
+            "raw group commit {frame:>4} B x {per_sync:<4} per sync: {:>8.0} syncs/s  {:>10.0} entries/s  {:>7.1} MB/s",
+            rate.ops_per_second(),
+            rate.entries_per_second(),
+            rate.entries_per_second() * frame as f64 / 1e6
+        );
+        rates.group_commit.push(((frame, per_sync), rate));
     }
     let frame = frame_bytes(PAYLOAD_SMALL_BYTES);
     for threads in [8, 64] {
@@ -918,11 +933,29 @@ struct Tally {
     rolls: u64,
 }
 
-fn append_group(c: &mut Criterion, root: &Path, options: &Options) -> Vec<Tally> {
-    let shapes = [
-        Shape::Threads(1),
-        Shape::Threads(8),
-        Shape::Threads(64),
+/// One append throughput case.
+#[derive(Debug, Clone, Copy)]
+struct AppendCase {
+    payload_bytes: usize,
+    shape: Shape,
+    preallocate: Preallocate,
+}
+
+impl AppendCase {
+    fn id(&self) -> String {
+        let suffix = match self.preallocate {
+            Preallocate::Zeroed => "",
+            Preallocate::Sparse => "_sparse",
+        };
+        format!("{}{suffix}", self.shape.id())
+    }
+}
+
+/// The matrix (1, 8, 64 blocking writers; 64 async tasks x 16; 64 batch callers x 16;
+/// 200 B and 1 KiB, default config), plus three comparisons at 200 B: more entries in flight
+/// per caller (64 x 64), and sparse preallocation for the two pipelined shapes.
+fn append_cases() -> Vec<AppendCase> {
+    let pipelined = [
         Shape::Async {
             tasks: 64,
             depth: ASYNC_DEPTH,
@@ -932,6 +965,36 @@ fn append_group(c: &mut Criterion, root: &Path, options: &Options) -> Vec<Tally>
             entries: BATCH_ENTRIES,
         },
     ];
+    let mut cases = Vec::new();
+    for payload_bytes in [PAYLOAD_SMALL_BYTES, PAYLOAD_LARGE_BYTES] {
+        let shapes = [Shape::Threads(1), Shape::Threads(8), Shape::Threads(64)];
+        for shape in shapes.into_iter().chain(pipelined) {
+            cases.push(AppendCase {
+                payload_bytes,
+                shape,
+                preallocate: Preallocate::Zeroed,
+            });
+        }
+    }
+    cases.push(AppendCase {
+        payload_bytes: PAYLOAD_SMALL_BYTES,
+        shape: Shape::Batch {
+            threads: 64,
+            entries: BATCH_ENTRIES_LARGE,
+        },
+        preallocate: Preallocate::Zeroed,
+    });
+    for shape in pipelined {
+        cases.push(AppendCase {
+            payload_bytes: PAYLOAD_SMALL_BYTES,
+            shape,
+            preallocate: Preallocate::Sparse,
+        });
+    }
+    cases
+}
+
+fn append_group(c: &mut Criterion, root: &Path, options: &Options) -> Vec<Tally> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .build()
         .expect("tokio runtime");
@@ -942,43 +1005,41 @@ fn append_group(c: &mut Criterion, root: &Path, options: &Options) -> Vec<Tally>
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    for payload_bytes in [PAYLOAD_SMALL_BYTES, PAYLOAD_LARGE_BYTES] {
-        for shape in shapes {
-            let size = size_name(payload_bytes);
-            let full_id = format!("append/{size}/{}", shape.id());
-            if !options.wants(&[&full_id]) {
-                continue;
-            }
-            // A fresh log per case, opened (and its first segment zero-filled) untimed.
-            let dir = temp_dir(root);
-            let log = Arc::new(open_log(
-                dir.path(),
-                log_config(options.scale, Preallocate::Zeroed, Durability::Batch),
-            ));
-            let data = payload(payload_bytes);
-            let mut tally = Tally {
-                id: full_id,
-                shape,
-                frame_bytes: frame_bytes(payload_bytes),
-                entries: 0,
-                elapsed: Duration::ZERO,
-                write_syscalls: 0,
-                rolls: 0,
-            };
-            group.bench_function(BenchmarkId::new(size, shape.id()), |b| {
-                b.iter_custom(|iters| {
-                    let writes_before = write_syscalls();
-                    let elapsed = append_run(shape, &log, &runtime, &data, iters);
-                    tally.write_syscalls += write_syscalls() - writes_before;
-                    tally.entries += iters;
-                    tally.elapsed += elapsed;
-                    elapsed
-                });
-            });
-            tally.rolls = segment_firsts(dir.path()).len().saturating_sub(1) as u64;
-            drop(log);
-            tallies.push(tally);
+    for case in append_cases() {
+        let size = size_name(case.payload_bytes);
+        let full_id = format!("append/{size}/{}", case.id());
+        if !options.wants(&[&full_id]) {
+            continue;
         }
+        // A fresh log per case, opened (and its first segment zero-filled) untimed.
+        let dir = temp_dir(root);
+        let log = Arc::new(open_log(
+            dir.path(),
+            log_config(options.scale, case.preallocate, Durability::Batch),
+        ));
+        let data = payload(case.payload_bytes);
+        let mut tally = Tally {
+            id: full_id,
+            shape: case.shape,
+            frame_bytes: frame_bytes(case.payload_bytes),
+            entries: 0,
+            elapsed: Duration::ZERO,
+            write_syscalls: 0,
+            rolls: 0,
+        };
+        group.bench_function(BenchmarkId::new(size, case.id()), |b| {
+            b.iter_custom(|iters| {
+                let writes_before = write_syscalls();
+                let elapsed = append_run(case.shape, &log, &runtime, &data, iters);
+                tally.write_syscalls += write_syscalls() - writes_before;
+                tally.entries += iters;
+                tally.elapsed += elapsed;
+                elapsed
+            });
+        });
+        tally.rolls = segment_firsts(dir.path()).len().saturating_sub(1) as u64;
+        drop(log);
+        tallies.push(tally);
     }
     group.finish();
     tallies
@@ -1114,6 +1175,8 @@ struct ReadFixture {
     sealed: Range<u64>,
     active: Range<u64>,
     sealed_paths: Vec<PathBuf>,
+    /// First index of every segment, the active one last.
+    segment_firsts: Vec<u64>,
 }
 
 impl ReadFixture {
@@ -1144,6 +1207,7 @@ impl ReadFixture {
             .map(|&f| name::segment(dir.path(), f))
             .collect();
         ReadFixture {
+            segment_firsts: firsts.clone(),
             sealed: log.first_index()..active_first,
             active: active_first..log.next_index(),
             sealed_paths,
@@ -1174,6 +1238,22 @@ impl ReadFixture {
         }
         assert_eq!(bytes, count * self.payload_bytes as u64, "read every entry");
         bytes
+    }
+
+    /// Random sealed indexes exactly `past` entries after a sparse-index entry (every
+    /// `index_stride`-th entry of a segment has one), so a read walks `past` frame headers.
+    fn strided_indexes(&self, past: u64, count: usize, seed: u64) -> Vec<u64> {
+        let stride = u64::from(LogConfig::default().index_stride);
+        assert!(past < stride, "stay within one stride");
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..count)
+            .map(|_| {
+                let s = rng.random_range(0..self.segment_firsts.len() - 1);
+                let (first, end) = (self.segment_firsts[s], self.segment_firsts[s + 1]);
+                let strides = (end - first - past).div_ceil(stride);
+                first + rng.random_range(0..strides) * stride + past
+            })
+            .collect()
     }
 
     fn random_indexes(&self, range: &Range<u64>, count: usize, seed: u64) -> Vec<u64> {
@@ -1265,6 +1345,12 @@ fn read_section(fixtures: &[ReadFixture], scale: Scale) {
         sealed.print_ns(&format!("engine read {label} sealed (mmap)"));
         let active = measure(&f.random_indexes(&f.active, scale.random_reads, 2));
         active.print_ns(&format!("engine read {label} active (pread)"));
+        // Where a sealed read's time goes: the walk from the sparse index entry.
+        let stride = u64::from(LogConfig::default().index_stride);
+        for past in [0, stride - 1] {
+            measure(&f.strided_indexes(past, scale.random_reads, 5 + past))
+                .print_ns(&format!("  sealed {label}, {past} frames past index"));
+        }
         // Baseline: a pread of one frame's bytes at a random offset of the same files.
         let frame = frame_bytes(f.payload_bytes);
         let files: Vec<File> = f
@@ -1316,7 +1402,7 @@ fn read_group(c: &mut Criterion, fixtures: &[ReadFixture], options: &Options) {
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
+        .measurement_time(Duration::from_secs(3));
     for f in fixtures {
         let label = f.label();
         if options.wants(&[&format!("read/iter_from_sealed/{label}")]) {
@@ -1438,12 +1524,12 @@ fn main() {
 /// `--list`: every section and benchmark name a filter can select, in libtest's format.
 fn list() {
     let mut names = vec!["latency".to_owned(), "raw_throughput".to_owned()];
-    for size in [PAYLOAD_SMALL_BYTES, PAYLOAD_LARGE_BYTES].map(size_name) {
-        for shape in ["threads_1", "threads_8", "threads_64"] {
-            names.push(format!("append/{size}/{shape}"));
-        }
-        names.push(format!("append/{size}/async_64x{ASYNC_DEPTH}"));
-        names.push(format!("append/{size}/batch_64x{BATCH_ENTRIES}"));
+    for case in append_cases() {
+        names.push(format!(
+            "append/{}/{}",
+            size_name(case.payload_bytes),
+            case.id()
+        ));
     }
     names.push("roll".to_owned());
     for size in [PAYLOAD_SMALL_BYTES, PAYLOAD_LARGE_BYTES].map(size_name) {

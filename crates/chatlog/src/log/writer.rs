@@ -110,6 +110,9 @@ impl Writer {
     }
 
     pub(crate) fn run(mut self, rx: flume::Receiver<Command>) {
+        // Prepare the first spare now, not at the first roll (where zero-filling a whole
+        // segment would stall every append).
+        self.start_spare();
         // If this thread dies (a panic is a bug, but callers must not hang on it), poison the
         // log and drop every queued command so its caller sees `Closed`.
         let _guard = DrainOnExit {
