@@ -1039,9 +1039,10 @@ fn apply_group(
         return;
     }
     if let Some(b) = group.iter().rev().find(|b| !b.records.is_empty()) {
-        shared
-            .applied_index
-            .store(b.first_index + b.records.len() as u64 - 1, Ordering::Release);
+        shared.applied_index.store(
+            b.first_index + b.records.len() as u64 - 1,
+            Ordering::Release,
+        );
     }
     shared.applied_batch.store(last_id, Ordering::Release);
     for b in group {
