@@ -706,12 +706,15 @@ impl Engine {
         let mut out = Vec::new();
         for (chat, joined) in self.store.scan_prefix::<u64>(CF_USER_CHATS, user)? {
             let last_seq = self.store.last_seq(&chat)?;
+            // Never before the members event that (last) added the user: events from before
+            // a re-join were not theirs to receive.
             let after = match since.get(&chat) {
                 Some(s) => *s,
                 None => self
                     .store
                     .get::<Cursor>(CF_CURSORS, &store::key(&[user, device, &chat]))?
-                    .map_or(joined.saturating_sub(1), |c| c.resume_after()),
+                    .map_or(0, |c| c.resume_after())
+                    .max(joined.saturating_sub(1)),
             };
             out.push(ResumePoint {
                 chat,

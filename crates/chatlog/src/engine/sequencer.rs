@@ -260,9 +260,19 @@ impl Sequencer {
             .get_mut(chat)
             .expect("chat loaded before an event");
         state.last_seq += 1;
+        let seq = state.last_seq;
+        // Until applied, later decisions about this event (edit/delete targets) come from here.
+        self.remember(
+            OverlayKey::Message(chat.to_owned(), seq),
+            OverlayValue::Message(MessageInfo {
+                sender: sender.to_owned(),
+                is_message: matches!(kind, EventKind::Message { .. }),
+                deleted: false,
+            }),
+        );
         Event {
             chat: chat.to_owned(),
-            seq: state.last_seq,
+            seq,
             ts,
             sender: sender.to_owned(),
             kind,
@@ -806,25 +816,47 @@ impl Sequencer {
         {
             return Ok(Outcome::Done);
         }
-        let chats = self.store.scan_prefix::<u64>(CF_USER_CHATS, user)?;
+        // The user's chats: applied membership, corrected and completed by the chats this
+        // sequencer holds (which include decisions not yet applied).
+        let mut chats: BTreeSet<String> = self
+            .store
+            .scan_prefix::<u64>(CF_USER_CHATS, user)?
+            .into_iter()
+            .map(|(chat, _)| chat)
+            .filter(|chat| self.chats.get(chat).is_none_or(|s| s.is_member(user)))
+            .collect();
+        chats.extend(
+            self.chats
+                .iter()
+                .filter(|(_, s)| s.is_member(user))
+                .map(|(chat, _)| chat.clone()),
+        );
         let mut starts = Vec::with_capacity(chats.len());
-        for (chat, _) in chats {
+        for chat in chats {
             let last = match self.chats.get(&chat) {
                 Some(s) => s.last_seq,
                 None => self.store.last_seq(&chat)?,
             };
+            // What the device acknowledged before it was registered is kept; only its start
+            // moves to the chat's current end.
+            let ckey = OverlayKey::Cursor(user.to_owned(), device.to_owned(), chat.clone());
+            let current = match self.recall(&ckey) {
+                Some(OverlayValue::Cursor(c)) => *c,
+                _ => self
+                    .store
+                    .get::<Cursor>(CF_CURSORS, &store::key(&[user, device, &chat]))?
+                    .unwrap_or_default(),
+            };
+            self.remember(
+                ckey,
+                OverlayValue::Cursor(Cursor {
+                    start: last,
+                    ..current
+                }),
+            );
             starts.push((chat, last));
         }
         self.remember(dkey, OverlayValue::Device);
-        for (chat, seq) in &starts {
-            self.remember(
-                OverlayKey::Cursor(user.to_owned(), device.to_owned(), chat.clone()),
-                OverlayValue::Cursor(Cursor {
-                    start: *seq,
-                    ..Cursor::default()
-                }),
-            );
-        }
         out.push(Record::DeviceSeen {
             user: user.to_owned(),
             device: device.to_owned(),

@@ -65,6 +65,10 @@ pub const DERIVED_CFS: [&str; 12] = [
 ];
 
 const KEY_APPLIED: &[u8] = b"applied";
+/// RocksDB WAL kept before memtables are flushed (bounds crash recovery time).
+const INDEX_WAL_BYTES_MAX: u64 = 16 << 20;
+/// Memtable size per column family.
+const INDEX_MEMTABLE_BYTES: usize = 16 << 20;
 const KEY_CHAT_COUNTER: &[u8] = b"chat_counter";
 
 /// Where a chat event lives and what happened to it since.
@@ -150,6 +154,9 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(4);
+        // Bound what RocksDB replays from its WAL when reopening after a crash: past this size
+        // it flushes the column families that pin old WAL files.
+        opts.set_max_total_wal_size(INDEX_WAL_BYTES_MAX);
         // Point lookups that usually miss (dedup on every send, devices) are answered by bloom
         // filters, in the memtable and in SST files, instead of walking the skiplist or blocks.
         let mut table = BlockBasedOptions::default();
@@ -159,6 +166,7 @@ impl Store {
             cf.set_block_based_table_factory(&table);
             cf.set_memtable_whole_key_filtering(true);
             cf.set_memtable_prefix_bloom_ratio(0.1);
+            cf.set_write_buffer_size(INDEX_MEMTABLE_BYTES);
             cf
         };
         let cfs = DERIVED_CFS
@@ -385,11 +393,14 @@ impl Batch<'_> {
             } => {
                 self.put(CF_DEVICES, key(&[user, device]), &());
                 for (chat, seq) in starts {
+                    // Keep what the device acknowledged before it was registered.
+                    let k = key(&[user, device, chat]);
+                    let current: Cursor = self.get(CF_CURSORS, &k)?.unwrap_or_default();
                     let cursor = Cursor {
                         start: *seq,
-                        ..Cursor::default()
+                        ..current
                     };
-                    self.put(CF_CURSORS, key(&[user, device, chat]), &cursor);
+                    self.put(CF_CURSORS, k, &cursor);
                 }
             }
             Record::File(meta) => self.put(CF_FILES, meta.id.as_bytes().to_vec(), meta),
