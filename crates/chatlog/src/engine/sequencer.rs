@@ -556,14 +556,6 @@ impl Sequencer {
         );
         let (seq, ts) = (event.seq, event.ts);
         self.remember(dedup_key, OverlayValue::Dedup(seq, ts));
-        self.remember(
-            OverlayKey::Message(chat.to_owned(), seq),
-            OverlayValue::Message(MessageInfo {
-                sender: user.to_owned(),
-                is_message: true,
-                deleted: false,
-            }),
-        );
         out.push(Record::Event {
             event,
             created: None,
@@ -641,14 +633,6 @@ impl Sequencer {
         }
         let event = self.event(chat, user, now_ms, EventKind::Edit { target, body });
         let seq = event.seq;
-        self.remember(
-            OverlayKey::Message(chat.to_owned(), seq),
-            OverlayValue::Message(MessageInfo {
-                sender: user.to_owned(),
-                is_message: false,
-                deleted: false,
-            }),
-        );
         out.push(Record::Event {
             event,
             created: None,
@@ -676,14 +660,6 @@ impl Sequencer {
         self.remember(
             OverlayKey::Message(chat.to_owned(), target),
             OverlayValue::Message(info),
-        );
-        self.remember(
-            OverlayKey::Message(chat.to_owned(), seq),
-            OverlayValue::Message(MessageInfo {
-                sender: user.to_owned(),
-                is_message: false,
-                deleted: false,
-            }),
         );
         out.push(Record::Event {
             event,
