@@ -4,14 +4,14 @@
 //! Cycles: `CHATLOG_CRASH_CYCLES` (default 20).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chatlog::LogConfig;
 use chatlog::engine::{Engine, EngineConfig, EventKind};
 use rand::Rng;
+
+mod common;
 
 const CHILD_ENV: &str = "CHATLOG_ENGINE_CHILD_DIR";
 const CYCLE_ENV: &str = "CHATLOG_ENGINE_CHILD_CYCLE";
@@ -89,48 +89,19 @@ fn kill_9_loses_no_acknowledged_chat_operation() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
-    let stderr_dir = tempfile::tempdir().unwrap();
-    let stderr_path = stderr_dir.path().join("child-stderr.txt");
-    let exe = std::env::current_exe().unwrap();
     let mut rng = rand::rng();
     // (chat, user, cmid) -> seq, and the highest acknowledged cursor per (chat, user, device).
     let mut sends: BTreeMap<(String, String, String), u64> = BTreeMap::new();
     let mut marks: HashMap<(String, String, String), u64> = HashMap::new();
     for cycle in 0..cycles {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "child_process_entry_point",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .env(CYCLE_ENV, cycle.to_string())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.ends_with("ready") {
-                    let _ = ready_tx.send(());
-                }
-                lines.push(line);
-            }
-            lines
-        });
-        // Kill at a random moment after the child has opened the engine and started writing.
-        let _ = ready_rx.recv_timeout(Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(rng.random_range(20..300)));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let lines = reader.join().unwrap();
-        assert!(
-            lines.iter().any(|l| l.ends_with("ready")),
-            "cycle {cycle}: child did not start"
+        let lines = common::run_and_kill(
+            "child_process_entry_point",
+            &[
+                (CHILD_ENV, dir.path().display().to_string()),
+                (CYCLE_ENV, cycle.to_string()),
+            ],
+            rng.random_range(20..300),
+            &format!("cycle {cycle}"),
         );
         for line in lines {
             let f: Vec<&str> = line.split(' ').collect();

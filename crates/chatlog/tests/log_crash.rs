@@ -6,13 +6,13 @@
 //! Cycles: `CHATLOG_CRASH_CYCLES` (default 24); `scripts/crash-loop` runs many more.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chatlog::{Log, LogConfig};
 use rand::Rng;
+
+mod common;
 
 const CHILD_ENV: &str = "CHATLOG_CRASH_CHILD_DIR";
 const CYCLE_ENV: &str = "CHATLOG_CRASH_CHILD_CYCLE";
@@ -82,50 +82,19 @@ fn kill_9_never_loses_an_acknowledged_entry() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(24);
     let dir = tempfile::tempdir().unwrap();
-    let stderr_dir = tempfile::tempdir().unwrap();
-    let stderr_path = stderr_dir.path().join("child-stderr.txt");
-    let exe = std::env::current_exe().unwrap();
     let mut rng = rand::rng();
     // Every acknowledged entry of every cycle: index -> (cycle, thread, k).
     let mut acked: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
     let mut total_acked_this_run = 0u64;
     for cycle in 0..cycles {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "child_process_entry_point",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .env(CYCLE_ENV, cycle.to_string())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.ends_with("ready") {
-                    let _ = ready_tx.send(());
-                }
-                lines.push(line);
-            }
-            lines
-        });
-        // Kill at a random moment after the child has opened the log and started appending.
-        let _ = ready_rx.recv_timeout(Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(rng.random_range(5..200)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        let lines = reader.join().unwrap();
-        assert!(
-            lines.iter().any(|l| l.ends_with("ready")),
-            "cycle {cycle}: child never opened the log ({} lines of output); stderr:\n{}",
-            lines.len(),
-            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        let lines = common::run_and_kill(
+            "child_process_entry_point",
+            &[
+                (CHILD_ENV, dir.path().display().to_string()),
+                (CYCLE_ENV, cycle.to_string()),
+            ],
+            rng.random_range(5..200),
+            &format!("cycle {cycle}"),
         );
         for line in lines.iter().filter_map(|l| l.strip_prefix("ack ")) {
             let v: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
