@@ -88,7 +88,11 @@ fn main() {
         Scale {
             throughput_for: Duration::from_secs(10),
             latency_sends: 3_000,
-            history_events: 1_000_000,
+            // CHATLOG_BENCH_HISTORY_EVENTS overrides (e.g. 10000000 for the 10 M).
+            history_events: std::env::var("CHATLOG_BENCH_HISTORY_EVENTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000),
             history_pages: 20_000,
             resume_runs: 5,
             wait_for_load: true,
