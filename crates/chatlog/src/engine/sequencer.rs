@@ -450,12 +450,7 @@ impl Sequencer {
                 title: None,
             },
         );
-        let seq = event.seq;
-        out.push(Record::Event {
-            event,
-            created: None,
-        });
-        Ok(Outcome::Seq(seq))
+        Ok(Outcome::Seq(push_event(event, out)))
     }
 
     fn remove_members(
@@ -496,12 +491,7 @@ impl Sequencer {
                 title: None,
             },
         );
-        let seq = event.seq;
-        out.push(Record::Event {
-            event,
-            created: None,
-        });
-        Ok(Outcome::Seq(seq))
+        Ok(Outcome::Seq(push_event(event, out)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -632,12 +622,7 @@ impl Sequencer {
             ));
         }
         let event = self.event(chat, user, now_ms, EventKind::Edit { target, body });
-        let seq = event.seq;
-        out.push(Record::Event {
-            event,
-            created: None,
-        });
-        Ok(Outcome::Seq(seq))
+        Ok(Outcome::Seq(push_event(event, out)))
     }
 
     fn delete(
@@ -840,4 +825,14 @@ impl Sequencer {
         });
         Ok(Outcome::Done)
     }
+}
+
+/// Appends the record of a (non-creation) event; returns the event's seq.
+fn push_event(event: Event, out: &mut Vec<Record>) -> u64 {
+    let seq = event.seq;
+    out.push(Record::Event {
+        event,
+        created: None,
+    });
+    seq
 }
