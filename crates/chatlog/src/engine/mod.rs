@@ -243,8 +243,12 @@ impl std::fmt::Debug for Engine {
 
 /// Reads and decodes the record at `index`.
 pub(crate) fn read_record(log: &Log, index: u64) -> Result<Record, ChatError> {
-    let bytes = log.read(index)?;
-    postcard::from_bytes(&bytes).map_err(|e| {
+    decode_record(log, index, &log.read(index)?)
+}
+
+/// Decodes the log entry at `index` as a record.
+fn decode_record(log: &Log, index: u64, bytes: &[u8]) -> Result<Record, ChatError> {
+    postcard::from_bytes(bytes).map_err(|e| {
         ChatError::Unavailable(crate::Error::Corruption {
             segment: log.dir().to_path_buf(),
             offset: index,
@@ -864,13 +868,7 @@ fn replay(log: &Log, store: &Store, from: u64, to: u64) -> Result<(), ChatError>
         if index >= to {
             break;
         }
-        let record: Record = postcard::from_bytes(&bytes).map_err(|e| {
-            ChatError::Unavailable(crate::Error::Corruption {
-                segment: log.dir().to_path_buf(),
-                offset: index,
-                reason: format!("log entry {index} is not a record: {e}"),
-            })
-        })?;
+        let record = decode_record(log, index, &bytes)?;
         batch.apply(&record, index)?;
         n += 1;
         if n == REPLAY_BATCH_RECORDS {

@@ -366,18 +366,10 @@ impl Log {
     /// Appends entries as one contiguous run; returns the index of the first once all are
     /// durable. An empty batch returns [`Log::next_index`] without writing.
     pub fn append_batch(&self, entries: Vec<Bytes>) -> Result<u64> {
-        for entry in &entries {
-            self.check_entry(entry)?;
-        }
         if entries.is_empty() {
             return Ok(self.next_index());
         }
-        let (reply, rx) = oneshot::channel();
-        self.submit(Command::Append {
-            entries: Entries::Many(entries),
-            reply,
-        })?;
-        Self::wait(rx)
+        self.append_batch_deferred(entries)?.wait()
     }
 
     /// Submits entries as one contiguous run without waiting: the returned [`PendingAppend`]
