@@ -20,4 +20,4 @@ pub mod presence;
 pub mod segment;
 
 pub use error::{Error, Result};
-pub use log::{Durability, Log, LogConfig, Preallocate, RecoveryMode};
+pub use log::{Durability, Log, LogConfig, LogStats, Preallocate, RecoveryMode};

@@ -278,3 +278,19 @@ fn corruption_in_a_sealed_segment_is_reported_on_read_and_repair_cuts_there() {
         assert_eq!(&log.read(i).unwrap()[..], &entry(i)[..]);
     }
 }
+
+#[test]
+fn stats_count_syncs_and_batch_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    log.append_batch((0..10).map(|i| Bytes::from(vec![i as u8; 8])).collect())
+        .unwrap();
+    log.append(b"one".to_vec()).unwrap();
+    let stats = log.stats();
+    assert_eq!(stats.entries_synced, 11);
+    assert_eq!(stats.syncs, 2);
+    // One batch of 10 entries (bucket 4: 9..=16) and one of 1 entry (bucket 0).
+    assert_eq!(stats.batch_entries_buckets[0], 1);
+    assert_eq!(stats.batch_entries_buckets[4], 1);
+    assert_eq!(stats.batch_entries_buckets.iter().sum::<u64>(), 2);
+}

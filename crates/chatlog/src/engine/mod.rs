@@ -534,7 +534,12 @@ impl Engine {
 
     /// Records file metadata (the server stores the bytes). Returns once durable.
     pub fn register_file(&self, meta: FileMeta) -> Result<(), ChatError> {
-        self.submit(Op::File(meta)).done()
+        self.register_file_ticket(meta).done()
+    }
+
+    /// [`Engine::register_file`] without waiting.
+    pub fn register_file_ticket(&self, meta: FileMeta) -> Ticket {
+        self.submit(Op::File(meta))
     }
 
     /// Registers a device the first time it is seen (it starts at every chat's current end).

@@ -176,6 +176,39 @@ pub(crate) struct Shared {
     /// One past the last entry known durable.
     pub(crate) durable_next: AtomicU64,
     pub(crate) poisoned: AtomicBool,
+    pub(crate) stats: StatsCounters,
+}
+
+/// Buckets of [`LogStats::batch_entries_buckets`]: bucket `i` counts synced batches of at most
+/// `2^i` entries (the last bucket takes everything larger).
+pub const STATS_BUCKETS: usize = 20;
+
+#[derive(Debug, Default)]
+pub(crate) struct StatsCounters {
+    syncs: AtomicU64,
+    entries: AtomicU64,
+    buckets: [AtomicU64; STATS_BUCKETS],
+}
+
+impl StatsCounters {
+    /// Records one `fdatasync` that made `entries` entries durable.
+    pub(crate) fn record_sync(&self, entries: u64) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.entries.fetch_add(entries, Ordering::Relaxed);
+        let bucket = (u64::BITS - entries.saturating_sub(1).leading_zeros()) as usize;
+        self.buckets[bucket.min(STATS_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Group-commit statistics since the log was opened (for metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogStats {
+    /// `fdatasync` calls that made appended entries durable.
+    pub syncs: u64,
+    /// Entries made durable by them.
+    pub entries_synced: u64,
+    /// Histogram of entries per sync: bucket `i` counts syncs of at most `2^i` entries.
+    pub batch_entries_buckets: [u64; STATS_BUCKETS],
 }
 
 impl Shared {
@@ -245,6 +278,16 @@ impl fmt::Debug for Log {
 }
 
 impl Log {
+    /// Group-commit statistics since open.
+    pub fn stats(&self) -> LogStats {
+        let c = &self.shared.stats;
+        LogStats {
+            syncs: c.syncs.load(Ordering::Relaxed),
+            entries_synced: c.entries.load(Ordering::Relaxed),
+            batch_entries_buckets: std::array::from_fn(|i| c.buckets[i].load(Ordering::Relaxed)),
+        }
+    }
+
     /// Opens (or creates) the log in `dir` on the real file system.
     pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log> {
         Self::open_with(Arc::new(StdFs), dir, config)
@@ -273,6 +316,7 @@ impl Log {
             next_index: AtomicU64::new(next),
             durable_next: AtomicU64::new(next),
             poisoned: AtomicBool::new(false),
+            stats: StatsCounters::default(),
         });
         let (tx, rx) = flume::bounded(config.queue_depth_max);
         let writer = writer::Writer::new(

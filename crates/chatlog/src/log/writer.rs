@@ -294,6 +294,7 @@ impl Writer {
                 .file
                 .sync_data()
                 .map_err(|e| Error::io("fdatasync", &write_path, e))?;
+            self.shared.stats.record_sync(next - self.next_index);
         } else if self.dirty_since.is_none() {
             self.dirty_since = Some(Instant::now());
         }
@@ -429,6 +430,10 @@ impl Writer {
         match self.active.file.sync_data() {
             Ok(()) => {
                 self.dirty_since = None;
+                let durable = self.shared.durable_next.load(Ordering::Acquire);
+                self.shared
+                    .stats
+                    .record_sync(self.next_index.saturating_sub(durable));
                 self.shared
                     .durable_next
                     .store(self.next_index, Ordering::Release);
