@@ -1,16 +1,288 @@
-//! chatlog-server — not built yet.
+//! `chatlog-server`: the command line of PROTOCOL.md "Running".
 //!
-//! The server (WebSocket protocol of PROTOCOL.md, auth, fanout, CLI) is a later issue. Until
-//! then this binary says so and exits with a non-zero status instead of pretending to serve.
+//! With no arguments it serves one node on 127.0.0.1:8080 with data under `./chatlog-data`,
+//! creating a secret there if none is configured and printing a ready demo token.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use chatlog_server::auth::{self, Auth};
+use chatlog_server::config::{self, ServerConfig};
+use clap::{Args, Parser, Subcommand};
+
+const DATA_DIR_DEFAULT: &str = "./chatlog-data";
+const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "chatlog-server",
+    version,
+    about = "chatlog: a chat backend that owns its log",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Without a subcommand the serve flags apply.
+    #[command(flatten)]
+    serve: Box<ServeArgs>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve clients (the default).
+    Serve(Box<ServeArgs>),
+    /// Print a token signed with the configured secret.
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug, Default)]
+struct ServeArgs {
+    /// Data directory (log, indexes, files, generated secret).
+    #[arg(long, env = "CHATLOG_DATA_DIR", default_value = DATA_DIR_DEFAULT)]
+    data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "CHATLOG_LISTEN", default_value = LISTEN_DEFAULT)]
+    listen: String,
+    /// HS256 secret for tokens (default: <data-dir>/auth-secret, created if absent).
+    #[arg(long, env = "CHATLOG_AUTH_SECRET", hide_env_values = true)]
+    auth_secret: Option<String>,
+    /// Sends per user per minute; 0 turns the limit off.
+    #[arg(long, env = "CHATLOG_RATE_LIMIT", default_value_t = config::RATE_LIMIT_PER_MINUTE_DEFAULT)]
+    rate_limit: u32,
+    /// Largest WebSocket message parsed, in bytes.
+    #[arg(long, env = "CHATLOG_MAX_FRAME_BYTES", default_value_t = config::MAX_FRAME_BYTES_DEFAULT)]
+    max_frame_bytes: usize,
+    /// URL posted to when a member with no connected device gets a message (http:// only).
+    #[arg(long, env = "CHATLOG_PUSH_WEBHOOK")]
+    push_webhook: Option<String>,
+    /// At most one webhook post per user per this many ms.
+    #[arg(long, env = "CHATLOG_PUSH_INTERVAL_MS", default_value_t = config::PUSH_INTERVAL_MS_DEFAULT)]
+    push_interval_ms: u64,
+    /// Close connections with no inbound frame or pong for this long.
+    #[arg(long, env = "CHATLOG_IDLE_TIMEOUT_MS", default_value_t = config::IDLE_TIMEOUT_MS_DEFAULT)]
+    idle_timeout_ms: u64,
+    /// Ping interval.
+    #[arg(long, env = "CHATLOG_PING_INTERVAL_MS", default_value_t = config::PING_INTERVAL_MS_DEFAULT)]
+    ping_interval_ms: u64,
+    /// Largest uploaded file, in bytes.
+    #[arg(long, env = "CHATLOG_MAX_FILE_BYTES", default_value_t = config::MAX_FILE_BYTES_DEFAULT)]
+    max_file_bytes: u64,
+    /// Frames queued per connection before it is closed as too slow (4001).
+    #[arg(long, env = "CHATLOG_OUTBOUND_QUEUE", default_value_t = config::OUTBOUND_QUEUE_DEFAULT)]
+    outbound_queue: usize,
+    /// Connection cap of the server.
+    #[arg(long, env = "CHATLOG_MAX_CONNECTIONS", default_value_t = config::MAX_CONNECTIONS_DEFAULT)]
+    max_connections: usize,
+    /// Connection cap per client IP address; 0 = off.
+    #[arg(long, env = "CHATLOG_MAX_CONNECTIONS_PER_IP", default_value_t = config::MAX_CONNECTIONS_PER_IP_DEFAULT)]
+    max_connections_per_ip: usize,
+    /// Presence TTL of a connection without inbound traffic, in ms.
+    #[arg(long, env = "CHATLOG_PRESENCE_TTL_MS", default_value_t = chatlog::presence::TTL_MS_DEFAULT)]
+    presence_ttl_ms: u64,
+    /// Members per chat, creator included.
+    #[arg(long, env = "CHATLOG_MAX_MEMBERS", default_value_t = 256)]
+    max_members: usize,
+    /// Largest message body in bytes of UTF-8.
+    #[arg(long, env = "CHATLOG_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    max_body_bytes: usize,
+    /// This node's id in a cluster (clustering is not built yet).
+    #[arg(long, env = "CHATLOG_NODE_ID")]
+    node_id: Option<u64>,
+    /// Cluster peers `1=HOST:PORT,2=...` (clustering is not built yet).
+    #[arg(long, env = "CHATLOG_PEERS")]
+    peers: Option<String>,
+    /// Replication listen address (clustering is not built yet).
+    #[arg(long, env = "CHATLOG_PEER_LISTEN")]
+    peer_listen: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// User id (`sub`).
+    #[arg(long)]
+    user: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = auth::TOKEN_TTL_SECS_DEFAULT)]
+    ttl: u64,
+    /// Secret (default: the one in --data-dir).
+    #[arg(long, env = "CHATLOG_AUTH_SECRET", hide_env_values = true)]
+    auth_secret: Option<String>,
+    /// Data directory holding the generated secret.
+    #[arg(long, env = "CHATLOG_DATA_DIR", default_value = DATA_DIR_DEFAULT)]
+    data_dir: PathBuf,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 fn main() -> ExitCode {
-    eprintln!(
-        "chatlog-server {}: the WebSocket server is not built yet.\n\
-         What exists today is the storage engine (crate `chatlog`): its durable segment log.\n\
-         See README.md and docs/ARCHITECTURE.md for the current state.",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Token(args)) => token(args),
+        Some(Command::Serve(args)) => serve(*args),
+        None => serve(*cli.serve),
+    }
+}
+
+fn token(args: TokenArgs) -> ExitCode {
+    if let Err(e) = chatlog::engine::types::check_user(&args.user) {
+        eprintln!("error: --user: {e}");
+        return ExitCode::from(2);
+    }
+    let secret = match args.auth_secret {
+        Some(s) => s,
+        None => match std::fs::read_to_string(args.data_dir.join(auth::SECRET_FILE)) {
+            Ok(s) => s.trim().to_owned(),
+            Err(e) => {
+                eprintln!(
+                    "error: no --auth-secret given and cannot read {}: {e}\n\
+                     (start the server once to create it, or pass --auth-secret)",
+                    args.data_dir.join(auth::SECRET_FILE).display()
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if let Err(e) = auth::check_secret(&secret) {
+        eprintln!("error: --auth-secret: {e}");
+        return ExitCode::from(2);
+    }
+    match Auth::new(secret.as_bytes()) {
+        Ok(auth) => {
+            println!("{}", auth.sign(&args.user, now_secs() + args.ttl));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: --auth-secret: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if args.node_id.is_some() || args.peers.is_some() || args.peer_listen.is_some() {
+        eprintln!(
+            "error: --node-id/--peers/--peer-listen: cluster mode is not built yet \
+             (this build serves a single node)"
+        );
+        return ExitCode::from(2);
+    }
+    let (secret, created) = match &args.auth_secret {
+        Some(s) => (s.clone(), false),
+        None => match auth::load_or_create_secret(&args.data_dir) {
+            Ok(pair) => pair,
+            Err(e) => {
+                eprintln!("error: --data-dir {}: {e}", args.data_dir.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let mut config = ServerConfig::new(&args.data_dir, secret.clone());
+    config.rate_limit_per_minute = args.rate_limit;
+    config.max_frame_bytes = args.max_frame_bytes;
+    config.push_webhook = args.push_webhook.clone();
+    config.push_interval_ms = args.push_interval_ms;
+    config.idle_timeout_ms = args.idle_timeout_ms;
+    config.ping_interval_ms = args.ping_interval_ms;
+    config.max_file_bytes = args.max_file_bytes;
+    config.outbound_queue = args.outbound_queue;
+    config.max_connections = args.max_connections;
+    config.max_connections_per_ip = args.max_connections_per_ip;
+    config.presence_ttl_ms = args.presence_ttl_ms;
+    config.engine.members_max = args.max_members;
+    config.engine.body_bytes_max = args.max_body_bytes;
+    if let Err(e) = config.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: --listen {}: {e}", args.listen);
+                return ExitCode::from(2);
+            }
+        };
+        let addr = listener
+            .local_addr()
+            .map_or(args.listen.clone(), |a| a.to_string());
+        if args.auth_secret.is_none() {
+            let token = match Auth::new(secret.as_bytes()) {
+                Ok(auth) => auth.sign("demo", now_secs() + 24 * 3600),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let origin = if created { "created" } else { "from" };
+            println!(
+                "chatlog-server listening on ws://{addr}/v1/ws (data in {}, secret {origin} {})",
+                args.data_dir.display(),
+                args.data_dir.join(auth::SECRET_FILE).display()
+            );
+            println!("demo token (user \"demo\", valid 24 h):\n{token}");
+            println!(
+                "try: cargo run -p chat-cli -- --url ws://{addr}/v1/ws --token {token}\n\
+                 more users: cargo run --release -p chatlog-server -- token --user bob --data-dir {}",
+                args.data_dir.display()
+            );
+        } else {
+            println!("chatlog-server listening on ws://{addr}/v1/ws");
+        }
+        match chatlog_server::serve(listener, config, shutdown_signal()).await {
+            Ok(()) => {
+                eprintln!("chatlog-server: stopped cleanly");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
 }

@@ -1,0 +1,145 @@
+//! Server configuration: every limit and timeout is named here with its default.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default largest WebSocket message parsed (PROTOCOL.md: 64 KiB).
+pub const MAX_FRAME_BYTES_DEFAULT: usize = 64 * 1024;
+/// Messages larger than `max_frame_bytes` are answered `too_large` and discarded up to this
+/// multiple of it; anything larger (or larger than [`HARD_FRAME_BYTES_MIN`] if that is more)
+/// closes the connection with 1009, so one client cannot make the server buffer without bound.
+pub const HARD_FRAME_FACTOR: usize = 16;
+/// Lower bound of the hard frame limit.
+pub const HARD_FRAME_BYTES_MIN: usize = 1024 * 1024;
+/// Default sends per user per minute (`0` = off).
+pub const RATE_LIMIT_PER_MINUTE_DEFAULT: u32 = 600;
+/// Default ping interval.
+pub const PING_INTERVAL_MS_DEFAULT: u64 = 30_000;
+/// Default idle timeout.
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+/// A connection must send `hello` within this long.
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default file size limit.
+pub const MAX_FILE_BYTES_DEFAULT: u64 = 25 * 1024 * 1024;
+/// Default push webhook interval per user.
+pub const PUSH_INTERVAL_MS_DEFAULT: u64 = 30_000;
+/// Frames queued for one connection before it is closed as too slow (4001).
+pub const OUTBOUND_QUEUE_DEFAULT: usize = 4096;
+/// Requests of one connection in flight (awaiting durability) before the server stops
+/// reading from it.
+pub const INFLIGHT_PER_CONNECTION_MAX: usize = 256;
+/// Default connection cap of the whole server.
+pub const MAX_CONNECTIONS_DEFAULT: usize = 100_000;
+/// Default connection cap per client IP address (`0` = off).
+pub const MAX_CONNECTIONS_PER_IP_DEFAULT: usize = 0;
+/// Users one connection may watch with `subscribe_presence`.
+pub const PRESENCE_WATCHES_PER_CONNECTION_MAX: usize = 1024;
+/// WebSocket read buffer per connection. Small on purpose: idle connections dominate memory,
+/// and tungstenite grows the buffer for a larger message when it arrives.
+pub const WS_READ_BUFFER_BYTES: usize = 1024;
+
+/// Everything `chatlog-server serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Data directory (engine log, indexes, files, generated secret).
+    pub data_dir: PathBuf,
+    /// The HS256 secret.
+    pub auth_secret: String,
+    /// Sends per user per minute; `0` turns the limit off.
+    pub rate_limit_per_minute: u32,
+    /// Largest WebSocket message parsed.
+    pub max_frame_bytes: usize,
+    /// Push webhook URL (`http://` only).
+    pub push_webhook: Option<String>,
+    /// At most one webhook post per user per this interval.
+    pub push_interval_ms: u64,
+    /// Close connections silent for this long (4000).
+    pub idle_timeout_ms: u64,
+    /// Ping interval.
+    pub ping_interval_ms: u64,
+    /// Time allowed for `hello`.
+    pub handshake_timeout_ms: u64,
+    /// Largest uploaded file.
+    pub max_file_bytes: u64,
+    /// Frames queued per connection before 4001.
+    pub outbound_queue: usize,
+    /// Connection cap.
+    pub max_connections: usize,
+    /// Connection cap per client IP; `0` = off.
+    pub max_connections_per_ip: usize,
+    /// Presence TTL of a connection without inbound traffic.
+    pub presence_ttl_ms: u64,
+    /// Engine settings (limits, durability).
+    pub engine: chatlog::engine::EngineConfig,
+}
+
+impl ServerConfig {
+    /// Defaults for a data directory and secret.
+    pub fn new(data_dir: impl Into<PathBuf>, auth_secret: impl Into<String>) -> ServerConfig {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            auth_secret: auth_secret.into(),
+            rate_limit_per_minute: RATE_LIMIT_PER_MINUTE_DEFAULT,
+            max_frame_bytes: MAX_FRAME_BYTES_DEFAULT,
+            push_webhook: None,
+            push_interval_ms: PUSH_INTERVAL_MS_DEFAULT,
+            idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
+            ping_interval_ms: PING_INTERVAL_MS_DEFAULT,
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
+            max_file_bytes: MAX_FILE_BYTES_DEFAULT,
+            outbound_queue: OUTBOUND_QUEUE_DEFAULT,
+            max_connections: MAX_CONNECTIONS_DEFAULT,
+            max_connections_per_ip: MAX_CONNECTIONS_PER_IP_DEFAULT,
+            presence_ttl_ms: chatlog::presence::TTL_MS_DEFAULT,
+            engine: chatlog::engine::EngineConfig::default(),
+        }
+    }
+
+    /// The size above which a message closes the connection instead of being answered.
+    pub fn hard_frame_bytes(&self) -> usize {
+        (self.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR)).max(HARD_FRAME_BYTES_MIN)
+    }
+
+    /// Checks relations between settings; the message names the offending flag.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::auth::check_secret(&self.auth_secret).map_err(|e| format!("--auth-secret: {e}"))?;
+        if self.max_frame_bytes < 1024 {
+            return Err("--max-frame-bytes: must be at least 1024".into());
+        }
+        if self.idle_timeout_ms == 0 || self.ping_interval_ms == 0 {
+            return Err("--idle-timeout-ms and --ping-interval-ms must be positive".into());
+        }
+        if self.ping_interval_ms >= self.idle_timeout_ms {
+            return Err(format!(
+                "--ping-interval-ms ({}) must be below --idle-timeout-ms ({})",
+                self.ping_interval_ms, self.idle_timeout_ms
+            ));
+        }
+        if self.outbound_queue == 0 {
+            return Err("--outbound-queue: must be positive".into());
+        }
+        if self.push_interval_ms == 0 {
+            return Err("--push-interval-ms: must be positive".into());
+        }
+        if let Some(url) = &self.push_webhook {
+            if !url.starts_with("http://") {
+                return Err(format!(
+                    "--push-webhook: {url:?} must be an http:// URL (terminate TLS in a local proxy)"
+                ));
+            }
+            url.parse::<reqwest::Url>()
+                .map_err(|e| format!("--push-webhook: {url:?} is not a URL: {e}"))?;
+        }
+        if self.presence_ttl_ms == 0 || self.presence_ttl_ms > chatlog::presence::TTL_MS_MAX {
+            return Err("--presence-ttl-ms: out of range".into());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+}
+
+const _: () = assert!(WS_READ_BUFFER_BYTES >= 14, "a frame header must fit");
+const _: () = assert!(HARD_FRAME_BYTES_MIN >= MAX_FRAME_BYTES_DEFAULT);

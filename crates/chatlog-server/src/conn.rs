@@ -1,0 +1,616 @@
+//! One WebSocket connection: handshake, resume, then a single task that reads requests,
+//! writes replies in request order, drains the connection's [`Outbox`], pings, and enforces
+//! the idle timeout and token expiry.
+//!
+//! Writes are pipelined: a request's engine ticket is submitted as soon as the frame is read
+//! (so a connection's sends are sequenced in the order it sent them), and its reply is
+//! written once durable. At most [`INFLIGHT_PER_CONNECTION_MAX`] requests wait at once; past
+//! that the connection is not read, which pushes back on the client through TCP.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use chatlog::engine::{Answer, ChatError, HISTORY_LIMIT_MAX, Ticket};
+use futures_util::stream::FuturesOrdered;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::config::{INFLIGHT_PER_CONNECTION_MAX, PRESENCE_WATCHES_PER_CONNECTION_MAX};
+use crate::hub::{Outbox, Push};
+use crate::metrics as m;
+use crate::protocol::{self, Code, Failure, Request, RequestId};
+
+/// Close codes of PROTOCOL.md, plus 1009 and 1013 (see docs/protocol.md).
+pub mod close {
+    /// Server shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Authentication failed (or the token expired).
+    pub const POLICY: u16 = 1008;
+    /// A message above the hard size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The user has too many live connections.
+    pub const TRY_LATER: u16 = 1013;
+    /// No inbound frame or pong for the idle timeout.
+    pub const IDLE: u16 = 4000;
+    /// The outbound queue overflowed.
+    pub const TOO_SLOW: u16 = 4001;
+}
+
+type ReplyFuture = Pin<Box<dyn Future<Output = String> + Send>>;
+
+/// Inbound traffic refreshes presence at most this often per connection.
+const PRESENCE_REFRESH_MS: u64 = 5_000;
+
+struct Session {
+    user: Arc<str>,
+    device: String,
+    outbox: Arc<Outbox>,
+    /// Per chat, the last seq written to this connection (drops duplicates between resume and
+    /// live pushes).
+    last_sent: HashMap<Arc<str>, u64>,
+    watching: Vec<String>,
+    token_expires: Instant,
+}
+
+/// Serves an upgraded socket until it closes.
+pub async fn serve(app: Arc<App>, mut socket: WebSocket) {
+    let Some(session) = handshake(&app, &mut socket).await else {
+        return;
+    };
+    metrics::gauge!(m::CONNECTIONS).increment(1.0);
+    let session = run(&app, socket, session).await;
+    app.hub.unregister(&session.outbox);
+    app.presence.unwatch(&session.outbox, &session.watching);
+    app.presence.disconnect(&session.user, session.outbox.id);
+    metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+}
+
+async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.to_owned()),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+async fn send_text(socket: &mut WebSocket, text: String) -> bool {
+    socket
+        .send(Message::Text(Utf8Bytes::from(text)))
+        .await
+        .is_ok()
+}
+
+/// Waits for `hello`, authenticates, registers the connection, resumes. `None` if the
+/// connection ended.
+async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
+    let timeout = Duration::from_millis(app.config.handshake_timeout_ms);
+    let first = tokio::select! {
+        r = tokio::time::timeout(timeout, socket.recv()) => r,
+        () = app.cancel.cancelled() => {
+            close_with(socket, close::GOING_AWAY, "server shutting down").await;
+            return None;
+        }
+    };
+    let refuse = |message: &str| {
+        protocol::error(None, &Failure::new(Code::Unauthorized, message.to_owned()))
+    };
+    let text = match first {
+        Err(_) => {
+            let _ = send_text(socket, refuse("no hello within the handshake timeout")).await;
+            close_with(socket, close::POLICY, "handshake timeout").await;
+            return None;
+        }
+        Ok(None | Some(Err(_))) => return None,
+        Ok(Some(Ok(Message::Text(t)))) if t.len() <= app.config.max_frame_bytes => t,
+        Ok(Some(Ok(_))) => {
+            let _ = send_text(socket, refuse("the first frame must be a hello text frame")).await;
+            close_with(socket, close::POLICY, "authentication failed").await;
+            return None;
+        }
+    };
+    let (id, token, device, since) = match protocol::parse(text.as_str()) {
+        Ok((
+            id,
+            Request::Hello {
+                token,
+                device,
+                since,
+            },
+        )) => (id, token, device, since),
+        Ok((id, _)) => {
+            let f = Failure::new(Code::Unauthorized, "the first frame must be hello");
+            let _ = send_text(socket, protocol::error(Some(&id), &f)).await;
+            close_with(socket, close::POLICY, "authentication failed").await;
+            return None;
+        }
+        Err((id, f)) => {
+            let f = Failure::new(Code::Unauthorized, format!("bad hello: {}", f.message));
+            let _ = send_text(socket, protocol::error(id.as_ref(), &f)).await;
+            close_with(socket, close::POLICY, "authentication failed").await;
+            return None;
+        }
+    };
+    let now_ms = app.now_ms();
+    let claims = match app.auth.verify(&token, crate::auth::secs(now_ms)) {
+        Ok(c) => c,
+        Err(e) => {
+            let f = Failure::new(Code::Unauthorized, e.to_string());
+            let _ = send_text(socket, protocol::error(Some(&id), &f)).await;
+            close_with(socket, close::POLICY, "authentication failed").await;
+            return None;
+        }
+    };
+    let device = device.unwrap_or_else(|| "default".to_owned());
+    if let Err(e) = chatlog::engine::types::check_device(&device) {
+        let f = Failure::new(Code::Unauthorized, format!("bad hello: {e}"));
+        let _ = send_text(socket, protocol::error(Some(&id), &f)).await;
+        close_with(socket, close::POLICY, "authentication failed").await;
+        return None;
+    }
+    let user: Arc<str> = Arc::from(claims.sub.as_str());
+    let outbox = Arc::new(Outbox::new(
+        app.hub.next_id(),
+        user.clone(),
+        app.config.outbound_queue,
+    ));
+    if app.presence.connect(&user, outbox.id).is_err() {
+        let f = Failure {
+            code: Code::RateLimited,
+            message: format!("{user} has too many live connections"),
+            retry_after_ms: Some(1000),
+        };
+        let _ = send_text(socket, protocol::error(Some(&id), &f)).await;
+        close_with(
+            socket,
+            close::TRY_LATER,
+            "too many connections for this user",
+        )
+        .await;
+        return None;
+    }
+    // Registered before the resume scan: every event committed after the scan reaches the
+    // outbox, and duplicates of scanned events are dropped by `last_sent`.
+    app.hub.register(outbox.clone());
+    let expires_in_ms = (claims.exp.saturating_mul(1000)).saturating_sub(now_ms);
+    let mut session = Session {
+        user,
+        device,
+        outbox,
+        last_sent: HashMap::new(),
+        watching: Vec::new(),
+        token_expires: Instant::now() + Duration::from_millis(expires_in_ms),
+    };
+    let ok = send_text(socket, protocol::welcome(&session.user, &session.device)).await
+        && resume(app, socket, &mut session, since).await;
+    if !ok {
+        app.hub.unregister(&session.outbox);
+        app.presence.disconnect(&session.user, session.outbox.id);
+        return None;
+    }
+    Some(session)
+}
+
+/// Pushes every event after the device's cursors (or `since`), chat by chat, then `synced`.
+async fn resume(
+    app: &Arc<App>,
+    socket: &mut WebSocket,
+    session: &mut Session,
+    since: HashMap<String, u64>,
+) -> bool {
+    let engine = app.engine.clone();
+    let (user, device) = (session.user.to_string(), session.device.clone());
+    let points =
+        tokio::task::spawn_blocking(move || engine.resume_points(&user, &device, &since)).await;
+    let points = match points {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            let _ = send_text(socket, protocol::error(None, &Failure::from(e))).await;
+            close_with(socket, close::GOING_AWAY, "storage unavailable").await;
+            return false;
+        }
+        Err(_) => return false,
+    };
+    for point in points {
+        let chat: Arc<str> = Arc::from(point.chat.as_str());
+        let mut after = point.after;
+        while after < point.last_seq {
+            let engine = app.engine.clone();
+            let (user, chat_id) = (session.user.to_string(), point.chat.clone());
+            let limit = ((point.last_seq - after) as usize).min(HISTORY_LIMIT_MAX);
+            let page = tokio::task::spawn_blocking(move || {
+                engine.history(&user, &chat_id, None, Some(after), Some(limit))
+            })
+            .await;
+            let page = match page {
+                Ok(Ok(page)) => page,
+                // Removed while resuming: nothing more of this chat is theirs.
+                Ok(Err(ChatError::Forbidden(_) | ChatError::NotFound(_))) => break,
+                Ok(Err(e)) => {
+                    let _ = send_text(socket, protocol::error(None, &Failure::from(e))).await;
+                    close_with(socket, close::GOING_AWAY, "storage unavailable").await;
+                    return false;
+                }
+                Err(_) => return false,
+            };
+            let Some(last) = page.events.last() else {
+                break;
+            };
+            after = last.event.seq;
+            for event in page.events.iter().filter(|e| e.event.seq <= point.last_seq) {
+                let frame = Utf8Bytes::from(protocol::resume_push(event));
+                if socket.feed(Message::Text(frame)).await.is_err() {
+                    return false;
+                }
+            }
+        }
+        session.last_sent.insert(chat, point.last_seq);
+    }
+    socket
+        .feed(Message::Text(Utf8Bytes::from_static(protocol::SYNCED)))
+        .await
+        .is_ok()
+        && socket.flush().await.is_ok()
+}
+
+/// The main loop; returns the session for cleanup.
+async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Session {
+    let mut inflight: FuturesOrdered<ReplyFuture> = FuturesOrdered::new();
+    let idle = Duration::from_millis(app.config.idle_timeout_ms);
+    let ping_every = app.config.ping_interval();
+    let mut last_inbound = Instant::now();
+    let mut last_presence = Instant::now();
+    let mut next_ping = last_inbound + ping_every;
+    loop {
+        if session.outbox.overflowed() {
+            close_with(
+                &mut socket,
+                close::TOO_SLOW,
+                "too slow: reconnect and resume",
+            )
+            .await;
+            break;
+        }
+        let deadline = next_ping
+            .min(last_inbound + idle)
+            .min(session.token_expires);
+        tokio::select! {
+            biased;
+            () = app.cancel.cancelled() => {
+                // Finish what was accepted, then say goodbye.
+                while let Some(reply) = inflight.next().await {
+                    if !send_text(&mut socket, reply).await {
+                        break;
+                    }
+                }
+                drain(&mut socket, &mut session).await;
+                close_with(&mut socket, close::GOING_AWAY, "server shutting down").await;
+                break;
+            }
+            Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                if !send_text(&mut socket, reply).await {
+                    break;
+                }
+            }
+            () = session.outbox.notify.notified() => {
+                if !drain(&mut socket, &mut session).await {
+                    break;
+                }
+            }
+            message = socket.recv(), if inflight.len() < INFLIGHT_PER_CONNECTION_MAX => {
+                let Some(Ok(message)) = message else { break };
+                last_inbound = Instant::now();
+                if last_inbound.duration_since(last_presence).as_millis() as u64 >= PRESENCE_REFRESH_MS {
+                    last_presence = last_inbound;
+                    app.presence.heartbeat(&session.user, session.outbox.id);
+                }
+                match message {
+                    Message::Text(text) => {
+                        if text.len() > app.config.max_frame_bytes {
+                            let f = Failure::new(Code::TooLarge, format!(
+                                "message of {} bytes is above the limit of {}",
+                                text.len(), app.config.max_frame_bytes));
+                            inflight.push_back(ready(protocol::error(None, &f)));
+                        } else {
+                            inflight.push_back(handle(app, &mut session, text.as_str()));
+                        }
+                    }
+                    Message::Binary(bytes) => {
+                        let f = if bytes.len() > app.config.max_frame_bytes {
+                            Failure::new(Code::TooLarge, format!(
+                                "message of {} bytes is above the limit of {}",
+                                bytes.len(), app.config.max_frame_bytes))
+                        } else {
+                            Failure::bad_request("binary frames are not supported: send JSON text frames")
+                        };
+                        inflight.push_back(ready(protocol::error(None, &f)));
+                    }
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                let now = Instant::now();
+                if now >= session.token_expires {
+                    let f = Failure::new(Code::Unauthorized, "token expired");
+                    let _ = send_text(&mut socket, protocol::error(None, &f)).await;
+                    close_with(&mut socket, close::POLICY, "token expired").await;
+                    break;
+                }
+                if now >= last_inbound + idle {
+                    close_with(&mut socket, close::IDLE, "idle timeout").await;
+                    break;
+                }
+                if now >= next_ping {
+                    next_ping = now + ping_every;
+                    if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    session
+}
+
+/// Writes everything queued in the outbox; `false` if the socket failed.
+async fn drain(socket: &mut WebSocket, session: &mut Session) -> bool {
+    let queued = session.outbox.take();
+    if queued.is_empty() {
+        return true;
+    }
+    for push in queued {
+        let frame = match push {
+            Push::Event { chat, seq, frame } => {
+                match session.last_sent.get_mut(&chat) {
+                    Some(last) if seq <= *last => continue,
+                    Some(last) => *last = seq,
+                    None => {
+                        session.last_sent.insert(chat, seq);
+                    }
+                }
+                frame
+            }
+            Push::Frame(frame) => frame,
+        };
+        if socket.feed(Message::Text(frame)).await.is_err() {
+            return false;
+        }
+    }
+    socket.flush().await.is_ok()
+}
+
+fn ready(text: String) -> ReplyFuture {
+    Box::pin(std::future::ready(text))
+}
+
+fn reply(id: &RequestId, result: Result<Value, Failure>) -> String {
+    match result {
+        Ok(v) => protocol::reply(id, &v),
+        Err(f) => {
+            metrics::counter!(m::ERRORS, "code" => f.code.as_str()).increment(1);
+            protocol::error(Some(id), &f)
+        }
+    }
+}
+
+/// Awaits an engine ticket and shapes its answer.
+fn after_ticket(
+    id: RequestId,
+    ticket: Ticket,
+    shape: impl FnOnce(Answer) -> Value + Send + 'static,
+    started: Option<Instant>,
+) -> ReplyFuture {
+    Box::pin(async move {
+        let result = ticket.await.map(shape).map_err(Failure::from);
+        if let Some(started) = started
+            && result.is_ok()
+        {
+            metrics::histogram!(m::SEND_LATENCY).record(started.elapsed().as_secs_f64());
+        }
+        reply(&id, result)
+    })
+}
+
+fn seq_answer(answer: Answer) -> Value {
+    match answer {
+        Answer::Seq(seq) => json!({ "seq": seq }),
+        other => json!({ "unexpected": format!("{other:?}") }),
+    }
+}
+
+fn empty_answer(_: Answer) -> Value {
+    json!({})
+}
+
+/// Turns one text frame into its reply future.
+fn handle(app: &Arc<App>, session: &mut Session, text: &str) -> ReplyFuture {
+    let (id, request) = match protocol::parse(text) {
+        Ok(parsed) => parsed,
+        Err((id, f)) => {
+            metrics::counter!(m::ERRORS, "code" => f.code.as_str()).increment(1);
+            return ready(protocol::error(id.as_ref(), &f));
+        }
+    };
+    let engine = &app.engine;
+    let user = &*session.user;
+    match request {
+        Request::Hello { .. } => ready(reply(
+            &id,
+            Err(Failure::bad_request(
+                "already authenticated on this connection",
+            )),
+        )),
+        Request::CreateChat {
+            members,
+            title,
+            direct,
+        } => after_ticket(
+            id,
+            engine.create_chat_ticket(user, &members, title, direct),
+            |a| match a {
+                Answer::Chat(chat) => json!({ "chat": chat }),
+                other => json!({ "unexpected": format!("{other:?}") }),
+            },
+            None,
+        ),
+        Request::AddMembers { chat, users } => after_ticket(
+            id,
+            engine.add_members_ticket(user, &chat, &users),
+            seq_answer,
+            None,
+        ),
+        Request::RemoveMembers { chat, users } => after_ticket(
+            id,
+            engine.remove_members_ticket(user, &chat, &users),
+            seq_answer,
+            None,
+        ),
+        Request::Send {
+            chat,
+            cmid,
+            body,
+            file,
+        } => {
+            if let Some(limiter) = &app.limiter
+                && let Err(not_until) = limiter.check_key(&session.user)
+            {
+                metrics::counter!(m::RATE_LIMITED).increment(1);
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::QuantaClock::default(),
+                ));
+                let f = Failure {
+                    code: Code::RateLimited,
+                    message: format!(
+                        "more than {} sends per minute",
+                        app.config.rate_limit_per_minute
+                    ),
+                    retry_after_ms: Some((wait.as_millis() as u64).max(1)),
+                };
+                return ready(reply(&id, Err(f)));
+            }
+            after_ticket(
+                id,
+                engine.send_ticket(user, &chat, &cmid, body, file),
+                move |a| match a {
+                    Answer::Sent(s) => json!({ "chat": chat, "seq": s.seq, "ts": s.ts }),
+                    other => json!({ "unexpected": format!("{other:?}") }),
+                },
+                Some(Instant::now()),
+            )
+        }
+        Request::Edit { chat, target, body } => after_ticket(
+            id,
+            engine.edit_ticket(user, &chat, target, body),
+            seq_answer,
+            None,
+        ),
+        Request::Delete { chat, target } => after_ticket(
+            id,
+            engine.delete_ticket(user, &chat, target),
+            seq_answer,
+            None,
+        ),
+        Request::Mark { chat, seq, read } => after_ticket(
+            id,
+            engine.mark_ticket(user, &session.device, &chat, seq, read),
+            empty_answer,
+            None,
+        ),
+        Request::History {
+            chat,
+            before,
+            after,
+            limit,
+        } => {
+            let limit = limit.map(|l| l.min(HISTORY_LIMIT_MAX as u64) as usize);
+            let result = engine
+                .history(user, &chat, before, after, limit)
+                .map(|h| {
+                    serde_json::to_value(protocol::history_result(&h.events, h.last_seq, h.horizon))
+                        .expect("history serializes")
+                })
+                .map_err(Failure::from);
+            ready(reply(&id, result))
+        }
+        Request::ListChats => {
+            let result = engine
+                .list_chats(user)
+                .map(|c| protocol::chats_result(&c))
+                .map_err(Failure::from);
+            ready(reply(&id, result))
+        }
+        Request::Receipts { chat } => {
+            let result = engine
+                .receipts(user, &chat)
+                .map(|r| protocol::receipts_result(&r))
+                .map_err(Failure::from);
+            ready(reply(&id, result))
+        }
+        Request::Presence { users } => {
+            let result = check_users(&users).map(|()| {
+                let list: Vec<Value> = users
+                    .iter()
+                    .map(|u| {
+                        let s = app.presence.get(u);
+                        json!({"user": u, "online": s.online, "last_seen": s.last_seen_ms})
+                    })
+                    .collect();
+                json!({ "presence": list })
+            });
+            ready(reply(&id, result))
+        }
+        Request::SubscribePresence { users } => {
+            let result = check_users(&users).and_then(|()| {
+                let mut added: Vec<String> = users
+                    .into_iter()
+                    .filter(|u| !session.watching.contains(u))
+                    .collect();
+                added.sort();
+                added.dedup();
+                if session.watching.len() + added.len() > PRESENCE_WATCHES_PER_CONNECTION_MAX {
+                    return Err(Failure::bad_request(format!(
+                        "a connection may watch at most {PRESENCE_WATCHES_PER_CONNECTION_MAX} users"
+                    )));
+                }
+                app.presence.watch(&session.outbox, &added);
+                session.watching.extend(added);
+                Ok(json!({}))
+            });
+            ready(reply(&id, result))
+        }
+        Request::UnsubscribePresence { users } => {
+            app.presence.unwatch(&session.outbox, &users);
+            session.watching.retain(|u| !users.contains(u));
+            ready(reply(&id, Ok(json!({}))))
+        }
+        Request::Typing { chat } => {
+            let result = match engine.members(&chat) {
+                Ok(members) if members.iter().any(|m| m == user) => {
+                    let push = Push::Frame(Utf8Bytes::from(protocol::typing_push(&chat, user)));
+                    app.hub
+                        .send_to(members.iter().map(String::as_str), Some(user), &push);
+                    Ok(json!({}))
+                }
+                Ok(_) => Err(Failure::new(
+                    Code::Forbidden,
+                    format!("{user} is not a member of {chat}"),
+                )),
+                Err(e) => Err(Failure::from(e)),
+            };
+            ready(reply(&id, result))
+        }
+        Request::Ping => ready(reply(&id, Ok(json!({ "ts": app.now_ms() })))),
+    }
+}
+
+fn check_users(users: &[String]) -> Result<(), Failure> {
+    for u in users {
+        chatlog::engine::types::check_user(u).map_err(Failure::from)?;
+    }
+    Ok(())
+}

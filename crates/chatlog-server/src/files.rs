@@ -1,0 +1,288 @@
+//! Files over HTTP (PROTOCOL.md "Files"): uploads are streamed to a temporary file under the
+//! data directory while their SHA-256 is computed, then renamed into a content-addressed blob
+//! store (`files/<sha[0..2]>/<sha>`; the same bytes are stored once). The file id is derived
+//! from the uploader and the content hash (`f` + 32 hex digits of SHA-256(uploader, 0, sha)):
+//! stable for a re-upload by the same user, distinct per uploader (so each upload keeps its
+//! own access rule), and not guessable without the bytes. Metadata goes through the engine's
+//! log like everything durable; access is checked by the engine (uploader, or a member of a
+//! chat with a message referencing the file), and anyone else gets 404.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chatlog::engine::FileMeta;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::App;
+
+/// Hex digits of a file id after the `f`.
+const ID_HEX_DIGITS: usize = 32;
+/// Longest stored content type.
+const CONTENT_TYPE_BYTES_MAX: usize = 255;
+
+/// The blob store's directory.
+pub fn files_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("files")
+}
+
+fn blob_path(dir: &Path, sha: &str) -> PathBuf {
+    dir.join(&sha[..2]).join(sha)
+}
+
+/// The id of `sha` uploaded by `user`.
+pub fn file_id(user: &str, sha: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(user.as_bytes());
+    h.update([0]);
+    h.update(sha.as_bytes());
+    let digest = hex::encode(h.finalize());
+    format!("f{}", &digest[..ID_HEX_DIGITS])
+}
+
+/// Whether `id` has the shape of a file id (checked before any lookup: no path traversal).
+pub fn valid_id(id: &str) -> bool {
+    id.len() == ID_HEX_DIGITS + 1
+        && id.starts_with('f')
+        && id[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+fn bearer_user(app: &App, headers: &HeaderMap) -> Result<String, Box<Response>> {
+    let unauthorized = |m: &str| Box::new(json_error(StatusCode::UNAUTHORIZED, "unauthorized", m));
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?
+        .to_str()
+        .map_err(|_| unauthorized("Authorization header is not text"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| unauthorized("Authorization must be `Bearer <token>`"))?;
+    app.auth
+        .verify(token.trim(), crate::auth::secs(app.now_ms()))
+        .map(|c| c.sub)
+        .map_err(|e| unauthorized(&e.to_string()))
+}
+
+/// `POST /v1/files`.
+pub async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let user = match bearer_user(&app, &headers) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= CONTENT_TYPE_BYTES_MAX)
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let limit = app.config.max_file_bytes;
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit
+    {
+        return json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("file of {len} bytes is above the limit of {limit}"),
+        );
+    }
+    let dir = files_dir(&app.config.data_dir);
+    match store_upload(&dir, body, limit).await {
+        Ok(Stored::TooLarge) => json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("file is above the limit of {limit} bytes"),
+        ),
+        Ok(Stored::Done { sha, size }) => {
+            let meta = FileMeta {
+                id: file_id(&user, &sha),
+                uploader: user,
+                size,
+                sha256: sha,
+                content_type,
+            };
+            match app.engine.register_file_ticket(meta.clone()).await {
+                Ok(_) => (
+                    StatusCode::CREATED,
+                    axum::Json(serde_json::json!({
+                        "file": meta.id,
+                        "size": meta.size,
+                        "sha256": meta.sha256,
+                        "content_type": meta.content_type,
+                    })),
+                )
+                    .into_response(),
+                Err(e) => {
+                    let code = crate::protocol::Code::of(&e);
+                    json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        code.as_str(),
+                        &e.to_string(),
+                    )
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "upload failed");
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &format!("storing the upload failed: {e}"),
+            )
+        }
+    }
+}
+
+enum Stored {
+    Done { sha: String, size: u64 },
+    TooLarge,
+}
+
+async fn store_upload(dir: &Path, body: Body, limit: u64) -> std::io::Result<Stored> {
+    let tmp_dir = dir.join("tmp");
+    tokio::fs::create_dir_all(&tmp_dir).await?;
+    let tmp = tmp_dir.join(format!("upload-{:032x}", rand::random::<u128>()));
+    let result = write_stream(&tmp, body, limit).await;
+    let (sha, size) = match result {
+        Ok(Some(done)) => done,
+        Ok(None) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Ok(Stored::TooLarge);
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
+    let target = blob_path(dir, &sha);
+    let parent = target
+        .parent()
+        .expect("blob paths have a parent")
+        .to_owned();
+    tokio::fs::create_dir_all(&parent).await?;
+    if tokio::fs::try_exists(&target).await? {
+        tokio::fs::remove_file(&tmp).await?;
+    } else {
+        tokio::fs::rename(&tmp, &target).await?;
+        tokio::task::spawn_blocking(move || std::fs::File::open(&parent)?.sync_all())
+            .await
+            .map_err(std::io::Error::other)??;
+    }
+    Ok(Stored::Done { sha, size })
+}
+
+/// Streams `body` into `path`, fsyncs it; `None` if it exceeded `limit`.
+async fn write_stream(
+    path: &Path,
+    body: Body,
+    limit: u64,
+) -> std::io::Result<Option<(String, u64)>> {
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Ok(None);
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).await?;
+    }
+    file.sync_all().await?;
+    Ok(Some((hex::encode(hasher.finalize()), size)))
+}
+
+/// `GET /v1/files/{id}`.
+pub async fn download(
+    State(app): State<Arc<App>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let user = match bearer_user(&app, &headers) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let not_found = || json_error(StatusCode::NOT_FOUND, "not_found", "no such file");
+    if !valid_id(&id) {
+        return not_found();
+    }
+    let engine = app.engine.clone();
+    let lookup = tokio::task::spawn_blocking(move || engine.file(&user, &id)).await;
+    let meta = match lookup {
+        Ok(Ok(meta)) => meta,
+        Ok(Err(chatlog::engine::ChatError::NotFound(_))) => return not_found(),
+        Ok(Err(e)) => {
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            );
+        }
+        Err(e) => {
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            );
+        }
+    };
+    let path = blob_path(&files_dir(&app.config.data_dir), &meta.sha256);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, path = %path.display(), "file metadata without blob");
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "file content missing",
+            );
+        }
+    };
+    let stream = tokio_util::io::ReaderStream::new(file);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, meta.content_type)
+        .header(header::CONTENT_LENGTH, meta.size)
+        .header("x-content-type-options", "nosniff")
+        // Uploaded content is never run as a page of this origin.
+        .header("content-security-policy", "sandbox")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "response"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_per_uploader_and_checked_strictly() {
+        let sha = "ab".repeat(32);
+        let a = file_id("alice", &sha);
+        assert_eq!(a, file_id("alice", &sha));
+        assert_ne!(a, file_id("bob", &sha));
+        assert!(valid_id(&a));
+        assert!(!valid_id("f../../etc/passwd"));
+        assert!(!valid_id(&a.to_uppercase()));
+        assert!(!valid_id(&a[..ID_HEX_DIGITS]));
+        assert!(!valid_id(""));
+    }
+}

@@ -1,0 +1,276 @@
+//! Fanout: who is connected, and the one task that turns committed records into pushes.
+//!
+//! The hub subscribes to the engine's committed records (in log order, never dropped: a
+//! lagging subscription resumes from the log). For each chat event it encodes the push
+//! **once** and queues the same bytes on every connected device of every member. Each
+//! connection has a bounded [`Outbox`]; the hub never waits for a connection: a full outbox
+//! marks the connection as too slow and the connection closes itself with 4001, to resume
+//! from its cursor on reconnect. One slow client therefore never delays the others.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::extract::ws::Utf8Bytes;
+use chatlog::engine::{Committed, Engine, EventKind, Record, SubscriptionError};
+use tokio::sync::Notify;
+
+use crate::metrics as m;
+use crate::protocol;
+use crate::webhook::Webhook;
+
+/// One queued frame for a connection.
+#[derive(Debug, Clone)]
+pub enum Push {
+    /// A chat event: the connection drops it if it already sent this seq of the chat.
+    Event {
+        /// Chat id (shared by all recipients).
+        chat: Arc<str>,
+        /// Seq.
+        seq: u64,
+        /// The encoded frame (shared by all recipients).
+        frame: Utf8Bytes,
+    },
+    /// Any other push (receipt, presence, typing).
+    Frame(Utf8Bytes),
+}
+
+/// The outbound queue of one connection, filled by the hub and drained by the connection's
+/// task. Empty queues hold no allocation, so idle connections stay small.
+#[derive(Debug)]
+pub struct Outbox {
+    /// Connection id (also the presence session id).
+    pub id: u64,
+    /// Authenticated user.
+    pub user: Arc<str>,
+    queue: Mutex<VecDeque<Push>>,
+    capacity: usize,
+    overflowed: AtomicBool,
+    /// Woken when something was queued or the queue overflowed.
+    pub notify: Notify,
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub fn new(id: u64, user: Arc<str>, capacity: usize) -> Outbox {
+        Outbox {
+            id,
+            user,
+            queue: Mutex::new(VecDeque::new()),
+            capacity,
+            overflowed: AtomicBool::new(false),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Queues a push; on overflow marks the connection too slow instead (it will close).
+    pub fn push(&self, push: Push) {
+        if self.overflowed.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.len() >= self.capacity {
+            drop(queue);
+            if !self.overflowed.swap(true, Ordering::Relaxed) {
+                metrics::counter!(m::OUTBOUND_DROPS).increment(1);
+            }
+        } else {
+            queue.push_back(push);
+            drop(queue);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Takes everything queued (the queue's allocation goes with it).
+    pub fn take(&self) -> VecDeque<Push> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The queue overflowed: the connection must close with 4001.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
+    }
+}
+
+/// Connected devices by user, and the fanout's view of chat membership.
+#[derive(Debug, Default)]
+pub struct Hub {
+    connections: RwLock<HashMap<Arc<str>, Vec<Arc<Outbox>>>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    /// A new connection id.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers a connection so it receives pushes from now on.
+    pub fn register(&self, outbox: Arc<Outbox>) {
+        let mut map = self.connections.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(outbox.user.clone()).or_default().push(outbox);
+    }
+
+    /// Removes a connection.
+    pub fn unregister(&self, outbox: &Outbox) {
+        let mut map = self.connections.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = map.get_mut(&outbox.user) {
+            list.retain(|o| o.id != outbox.id);
+            if list.is_empty() {
+                map.remove(&outbox.user);
+            }
+        }
+    }
+
+    /// Whether `user` has a connected device here.
+    pub fn is_connected(&self, user: &str) -> bool {
+        self.connections
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(user)
+    }
+
+    /// Queues `push` on every connection of every user in `users` (except connections of
+    /// `skip_user`); returns how many connections got it.
+    pub fn send_to<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a str>,
+        skip_user: Option<&str>,
+        push: &Push,
+    ) -> u64 {
+        let map = self.connections.read().unwrap_or_else(|e| e.into_inner());
+        let mut delivered = 0;
+        for user in users {
+            if Some(user) == skip_user {
+                continue;
+            }
+            if let Some(list) = map.get(user) {
+                for outbox in list {
+                    outbox.push(push.clone());
+                    delivered += 1;
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Connected users among `users`' complement: those with no device here.
+    fn offline<'a>(&self, users: &'a [Arc<str>]) -> Vec<&'a Arc<str>> {
+        let map = self.connections.read().unwrap_or_else(|e| e.into_inner());
+        users.iter().filter(|u| !map.contains_key(&***u)).collect()
+    }
+}
+
+/// The fanout task's cache of chat members, kept current by the `members` events it sees.
+#[derive(Debug, Default)]
+struct Members {
+    chats: HashMap<String, Vec<Arc<str>>>,
+}
+
+impl Members {
+    /// Members of `chat` (loaded from the engine on first sight).
+    fn get(&mut self, engine: &Engine, chat: &str) -> &mut Vec<Arc<str>> {
+        if !self.chats.contains_key(chat) {
+            let members = engine
+                .members(chat)
+                .unwrap_or_default()
+                .into_iter()
+                .map(Arc::from)
+                .collect();
+            self.chats.insert(chat.to_owned(), members);
+        }
+        self.chats.get_mut(chat).expect("inserted above")
+    }
+}
+
+/// Runs the fanout until the engine closes.
+pub async fn run_fanout(engine: Arc<Engine>, hub: Arc<Hub>, webhook: Option<Webhook>) {
+    let mut subscription = engine.subscribe();
+    let mut members = Members::default();
+    loop {
+        let committed = match subscription.recv().await {
+            Ok(c) => c,
+            Err(SubscriptionError::Lagged { resume_from }) => {
+                tracing::warn!(resume_from, "fanout lagged; catching up from the log");
+                continue;
+            }
+            Err(SubscriptionError::Closed) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "fanout cannot read the log; stopping fanout");
+                return;
+            }
+        };
+        fan_out(&engine, &hub, webhook.as_ref(), &mut members, &committed);
+    }
+}
+
+fn fan_out(
+    engine: &Engine,
+    hub: &Hub,
+    webhook: Option<&Webhook>,
+    members: &mut Members,
+    committed: &Committed,
+) {
+    match &committed.record {
+        Record::Event { event, created } => {
+            let chat: Arc<str> = Arc::from(event.chat.as_str());
+            let push = Push::Event {
+                chat,
+                seq: event.seq,
+                frame: Utf8Bytes::from(protocol::event_push(event)),
+            };
+            let recipients: Vec<Arc<str>> = match &event.kind {
+                EventKind::Members { added, removed, .. } => {
+                    let list = if created.is_some() {
+                        // A new chat: the event names everyone.
+                        let list = members.chats.entry(event.chat.clone()).or_default();
+                        list.clear();
+                        list
+                    } else {
+                        members.get(engine, &event.chat)
+                    };
+                    // Removed users see the event that removes them.
+                    let before: Vec<Arc<str>> = list.clone();
+                    let gone: HashSet<&str> = removed.iter().map(String::as_str).collect();
+                    list.retain(|m| !gone.contains(&**m));
+                    for user in added {
+                        if !list.iter().any(|m| &**m == user) {
+                            list.push(Arc::from(user.as_str()));
+                        }
+                    }
+                    let mut all = before;
+                    for m in list.iter() {
+                        if !all.contains(m) {
+                            all.push(m.clone());
+                        }
+                    }
+                    all
+                }
+                _ => members.get(engine, &event.chat).clone(),
+            };
+            let delivered = hub.send_to(recipients.iter().map(|u| &**u), None, &push);
+            metrics::counter!(m::EVENTS_DELIVERED).increment(delivered);
+            if let EventKind::Message { .. } = event.kind {
+                metrics::counter!(m::MESSAGES_APPENDED).increment(1);
+                if let Some(webhook) = webhook {
+                    for user in hub.offline(&recipients) {
+                        if **user != *event.sender {
+                            webhook.notify(user, &event.chat, event.seq, &event.sender);
+                        }
+                    }
+                }
+            }
+        }
+        Record::Cursor(moved) => {
+            let push = Push::Frame(Utf8Bytes::from(protocol::receipt_push(
+                &moved.chat,
+                &moved.user,
+                moved.user_delivered,
+                moved.user_read,
+            )));
+            let recipients = members.get(engine, &moved.chat).clone();
+            hub.send_to(recipients.iter().map(|u| &**u), None, &push);
+        }
+        _ => {}
+    }
+}

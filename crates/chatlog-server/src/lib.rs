@@ -1,0 +1,312 @@
+//! # chatlog-server
+//!
+//! A thin tokio/axum front for the [`chatlog`] engine speaking the protocol of PROTOCOL.md
+//! (documented in full in `docs/protocol.md`): WebSocket at `/v1/ws`, files at `/v1/files`,
+//! `/healthz` and `/metrics`. No storage rules live here: every write is an engine ticket,
+//! every read an engine query; the server adds authentication, fanout, presence, typing,
+//! rate limits and the push webhook.
+//!
+//! - [`protocol`]: pure parsing and encoding of frames.
+//! - [`auth`]: HS256 tokens.
+//! - [`conn`]: one connection's task (handshake, resume, pipelined requests, pushes).
+//! - [`hub`]: connected devices and the fanout of committed records.
+//! - [`presence`]: presence tracking, subscriptions and lazy `last_seen`.
+//! - [`files`]: uploads and downloads.
+//! - [`webhook`]: the offline push webhook.
+//! - [`metrics`]: Prometheus names and rendering.
+//!
+//! The entry point is [`serve`]: give it a bound listener (port 0 in tests), a configuration
+//! and a shutdown future; it returns once every connection has been closed and the engine has
+//! finished its queued work.
+
+pub mod auth;
+pub mod config;
+pub mod conn;
+pub mod files;
+pub mod hub;
+pub mod metrics;
+pub mod presence;
+pub mod protocol;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chatlog::engine::Engine;
+use governor::{Quota, RateLimiter};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::ServerConfig;
+
+/// Per-user send limiter.
+pub type Limiter = RateLimiter<
+    Arc<str>,
+    governor::state::keyed::HashMapStateStore<Arc<str>>,
+    governor::clock::QuantaClock,
+    governor::middleware::NoOpMiddleware<governor::clock::QuantaInstant>,
+>;
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A setting is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The engine could not open.
+    #[error("cannot open the data directory: {0}")]
+    Engine(#[from] chatlog::engine::ChatError),
+    /// Serving failed.
+    #[error("server I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// State shared by every handler and connection.
+pub struct App {
+    /// Configuration.
+    pub config: ServerConfig,
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Token checks.
+    pub auth: auth::Auth,
+    /// Connected devices.
+    pub hub: Arc<hub::Hub>,
+    /// Presence.
+    pub presence: Arc<presence::PresenceHub>,
+    /// Send limiter (`None` = off).
+    pub limiter: Option<Limiter>,
+    /// Metrics handle.
+    pub metrics: PrometheusHandle,
+    /// Cancelled when the server shuts down.
+    pub cancel: CancellationToken,
+    connections: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Now, from the engine's clock (ms since the epoch).
+    pub fn now_ms(&self) -> u64 {
+        (self.engine.config().clock)()
+    }
+}
+
+/// Counts a connection against the caps until dropped.
+struct ConnectionSlot {
+    app: Arc<App>,
+    ip: IpAddr,
+}
+
+impl ConnectionSlot {
+    fn acquire(app: &Arc<App>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let total = app.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        let slot = ConnectionSlot {
+            app: app.clone(),
+            ip,
+        };
+        if total > app.config.max_connections {
+            return None;
+        }
+        if app.config.max_connections_per_ip > 0 {
+            let mut per_ip = app.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = per_ip.entry(ip).or_default();
+            *n += 1;
+            if *n > app.config.max_connections_per_ip {
+                return None;
+            }
+        }
+        Some(slot)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.app.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.app.config.max_connections_per_ip > 0 {
+            let mut per_ip = self.app.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+async fn ws_handler(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if app.cancel.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let Some(slot) = ConnectionSlot::acquire(&app, peer.ip()) else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached; retry later",
+        )
+            .into_response();
+    };
+    let hard = app.config.hard_frame_bytes();
+    let tracker = app.tracker.clone();
+    upgrade
+        .read_buffer_size(config::WS_READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(hard.saturating_mul(4))
+        .max_message_size(hard)
+        .max_frame_size(hard)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                let app = slot.app.clone();
+                conn::serve(app, socket).await;
+                drop(slot);
+            })
+        })
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    match app.engine.failure() {
+        None if !app.cancel.is_cancelled() => (StatusCode::OK, "ok\n").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage failed; writes are refused: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics::render(&app.metrics, &app.engine),
+    )
+        .into_response()
+}
+
+/// The HTTP routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/ws", get(ws_handler))
+        .route("/v1/files", post(files::upload))
+        .route("/v1/files/{id}", get(files::download))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(app)
+}
+
+/// Opens the engine under `config.data_dir` and serves on `listener` until `shutdown`
+/// completes; then stops accepting, lets in-flight writes finish, closes clients with 1001
+/// and closes the engine.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    config.validate().map_err(ServerError::Config)?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let engine_dir = config.data_dir.join("engine");
+    let engine_config = config.engine.clone();
+    let engine = tokio::task::spawn_blocking(move || Engine::open(engine_dir, engine_config))
+        .await
+        .map_err(std::io::Error::other)??;
+    let engine = Arc::new(engine);
+    let hub = Arc::new(hub::Hub::default());
+    let presence = Arc::new(presence::PresenceHub::new(
+        engine.clone(),
+        config.presence_ttl_ms,
+    ));
+    let limiter = NonZeroU32::new(config.rate_limit_per_minute)
+        .map(|n| RateLimiter::hashmap_with_clock(Quota::per_minute(n), Default::default()));
+    let webhook = config.push_webhook.clone().map(|url| {
+        webhook::Webhook::start(url, config.push_interval_ms, engine.config().clock.clone())
+    });
+    let cancel = CancellationToken::new();
+    let auth = auth::Auth::new(config.auth_secret.as_bytes()).map_err(ServerError::Config)?;
+    let app = Arc::new(App {
+        auth,
+        config,
+        engine: engine.clone(),
+        hub: hub.clone(),
+        presence: presence.clone(),
+        limiter,
+        metrics: metrics::install(),
+        cancel: cancel.clone(),
+        connections: AtomicUsize::new(0),
+        per_ip: Mutex::new(HashMap::new()),
+        tracker: TaskTracker::new(),
+    });
+    let fanout = tokio::spawn(hub::run_fanout(engine.clone(), hub, webhook));
+    let presence_task = tokio::spawn(presence.clone().run());
+    let limiter_app = app.clone();
+    let limiter_task = tokio::spawn(async move {
+        // Forget users whose buckets are full again (bounded memory).
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            if let Some(l) = &limiter_app.limiter {
+                l.retain_recent();
+            }
+        }
+    });
+    tracing::info!(addr = %listener.local_addr()?, "serving");
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop.cancel();
+    });
+    let served = axum::serve(
+        listener,
+        router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(cancel.clone().cancelled_owned())
+    .await;
+    // Stop accepting happened above; now every connection finishes its in-flight requests
+    // and closes with 1001.
+    cancel.cancel();
+    app.tracker.close();
+    app.tracker.wait().await;
+    limiter_task.abort();
+    presence_task.abort();
+    let _ = presence_task.await;
+    presence.flush_last_seen().await;
+    fanout.abort();
+    let _ = fanout.await;
+    drop(presence);
+    drop(app);
+    // Whoever holds the engine last closes it (joining its threads after queued work).
+    tokio::task::spawn_blocking(move || match Arc::try_unwrap(engine) {
+        Ok(engine) => engine.close(),
+        Err(shared) => drop(shared),
+    })
+    .await
+    .map_err(std::io::Error::other)?;
+    served?;
+    Ok(())
+}
