@@ -1,0 +1,329 @@
+//! Test harness: an in-process server on 127.0.0.1:0 and a WebSocket client that speaks the
+//! protocol from PROTOCOL.md only.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chatlog_server::ServerConfig;
+use chatlog_server::auth::Auth;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-0123456789";
+/// How long a test waits for something that must happen.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn token(user: &str) -> String {
+    Auth::new(SECRET.as_bytes())
+        .unwrap()
+        .sign(user, now_secs() + 3600)
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), chatlog_server::ServerError>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, tweak).await
+    }
+
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> TestServer {
+        let mut config = ServerConfig::new(dir.path(), SECRET);
+        config.rate_limit_per_minute = 0;
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(chatlog_server::serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        // Ready once /healthz answers.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if http(addr, "GET", "/healthz", None, &[]).await.map(|r| r.0) == Some(200) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        TestServer {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// Graceful stop; returns the data directory for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.stop.take().unwrap().send(());
+        let result = tokio::time::timeout(WAIT, self.task.take().unwrap())
+            .await
+            .expect("server stops in time")
+            .unwrap();
+        result.unwrap();
+        let TestServer { dir, .. } = self;
+        dir
+    }
+
+    pub async fn connect(&self, user: &str) -> Client {
+        Client::connect(&self.url(), &token(user), "default", None).await
+    }
+
+    pub async fn connect_device(&self, user: &str, device: &str) -> Client {
+        Client::connect(&self.url(), &token(user), device, None).await
+    }
+}
+
+/// A minimal HTTP/1.1 request over a raw socket: (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &[u8],
+) -> Option<(u16, Vec<u8>, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(t) = bearer {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    head.push_str("Content-Type: image/png\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.ok()?;
+    stream.write_all(body).await.ok()?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.ok()?;
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&out[..split]).to_string();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let mut body = out[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Some((status, body, head))
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
+        data = &data[line_end + 2 + size + 2..];
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    /// Pushes received while waiting for replies.
+    pub pushes: VecDeque<Value>,
+    pub welcome: Value,
+}
+
+impl Client {
+    pub async fn raw(url: &str) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws
+    }
+
+    pub async fn connect(url: &str, token: &str, device: &str, since: Option<Value>) -> Client {
+        let mut ws = Self::raw(url).await;
+        let mut hello = json!({"op": "hello", "token": token, "device": device});
+        if let Some(since) = since {
+            hello["since"] = since;
+        }
+        ws.send(Message::text(hello.to_string())).await.unwrap();
+        let mut client = Client {
+            ws,
+            next_id: 0,
+            pushes: VecDeque::new(),
+            welcome: Value::Null,
+        };
+        let welcome = client.recv().await.expect("welcome");
+        assert_eq!(welcome["ev"], "welcome", "{welcome}");
+        client.welcome = welcome;
+        client
+    }
+
+    /// Connects and collects the resume stream up to `synced`.
+    pub async fn connect_resume(
+        url: &str,
+        token: &str,
+        device: &str,
+        since: Option<Value>,
+    ) -> (Client, Vec<Value>) {
+        let mut c = Self::connect(url, token, device, since).await;
+        let mut events = Vec::new();
+        loop {
+            let v = c.recv().await.expect("resume stream");
+            if v["ev"] == "synced" {
+                break;
+            }
+            assert_eq!(v["ev"], "event", "{v}");
+            events.push(v["event"].clone());
+        }
+        (c, events)
+    }
+
+    /// Next JSON frame from the socket (skipping pings), or `None` at close.
+    pub async fn recv(&mut self) -> Option<Value> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("server answered in time")?;
+            match msg.ok()? {
+                Message::Text(t) => return Some(serde_json::from_str(t.as_str()).unwrap()),
+                Message::Close(_) => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// Next frame, or the close frame's code.
+    pub async fn recv_or_close(&mut self) -> Result<Value, Option<u16>> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("server answered in time");
+            match msg {
+                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(t.as_str()).unwrap()),
+                Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| f.code.into())),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(None),
+            }
+        }
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::text(text.to_owned())).await.unwrap();
+    }
+
+    /// Sends a request and returns the whole reply frame (`result` or `error`).
+    pub async fn call(&mut self, mut request: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        request["id"] = json!(id);
+        self.send_raw(&request.to_string()).await;
+        loop {
+            let v = self.recv().await.expect("reply before close");
+            if v.get("id") == Some(&json!(id)) {
+                return v;
+            }
+            self.pushes.push_back(v);
+        }
+    }
+
+    /// `call` expecting success; returns `result`.
+    pub async fn ok(&mut self, request: Value) -> Value {
+        let reply = self.call(request.clone()).await;
+        assert!(reply.get("result").is_some(), "{request} failed: {reply}");
+        reply["result"].clone()
+    }
+
+    /// `call` expecting an error; returns its code.
+    pub async fn err(&mut self, request: Value) -> String {
+        let reply = self.call(request.clone()).await;
+        reply["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{request} should fail: {reply}"))
+            .to_owned()
+    }
+
+    /// The next push with `ev == kind` (earlier other pushes are kept).
+    pub async fn push(&mut self, kind: &str) -> Value {
+        if let Some(i) = self.pushes.iter().position(|p| p["ev"] == kind) {
+            return self.pushes.remove(i).unwrap();
+        }
+        loop {
+            let v = self.recv().await.expect("push before close");
+            if v["ev"] == kind {
+                return v;
+            }
+            self.pushes.push_back(v);
+        }
+    }
+
+    /// Waits for `synced`.
+    pub async fn synced(&mut self) {
+        self.push("synced").await;
+    }
+
+    /// Asserts that no push of `kind` arrives within `wait`.
+    pub async fn no_push(&mut self, kind: &str, wait: Duration) {
+        assert!(
+            !self.pushes.iter().any(|p| p["ev"] == kind),
+            "unexpected {kind} push: {:?}",
+            self.pushes
+        );
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(msg) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    assert_ne!(v["ev"], kind, "unexpected push {v}");
+                    self.pushes.push_back(v);
+                }
+                Some(Ok(_)) => {}
+                _ => return,
+            }
+        }
+    }
+
+    pub async fn send_msg(&mut self, chat: &str, cmid: &str, body: &str) -> Value {
+        self.ok(json!({"op": "send", "chat": chat, "cmid": cmid, "body": body}))
+            .await
+    }
+
+    pub async fn create(&mut self, members: &[&str], title: &str) -> String {
+        let r = self
+            .ok(json!({"op": "create_chat", "members": members, "title": title}))
+            .await;
+        r["chat"].as_str().unwrap().to_owned()
+    }
+}
