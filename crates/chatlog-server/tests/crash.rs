@@ -113,7 +113,8 @@ async fn acknowledged_sends_survive_kill_9() {
             t.await.unwrap();
         }
         server = start(dir.path());
-        verify(&server.url, &chat, &acked.lock().unwrap().clone()).await;
+        let snapshot = acked.lock().unwrap().clone();
+        verify(&server.url, &chat, &snapshot).await;
         eprintln!(
             "cycle {cycle}: {} acknowledged sends verified",
             acked.lock().unwrap().len()
