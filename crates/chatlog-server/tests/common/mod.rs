@@ -114,20 +114,73 @@ pub async fn http(
     bearer: Option<&str>,
     body: &[u8],
 ) -> Option<(u16, Vec<u8>, String)> {
+    let mut headers = Vec::new();
+    let authorization;
+    if let Some(t) = bearer {
+        authorization = format!("Bearer {t}");
+        headers.push(("Authorization", authorization.as_str()));
+    }
+    headers.push(("Content-Type", "image/png"));
+    http_with(addr, method, path, &headers, Body::Sized(body)).await
+}
+
+/// How [`http_with`] sends a request body.
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    /// With `Content-Length`.
+    Sized(&'a [u8]),
+    /// With `Transfer-Encoding: chunked`, in chunks of at most this many bytes.
+    Chunked(&'a [u8], usize),
+}
+
+/// A minimal HTTP/1.1 request with arbitrary headers: (status, body, head).
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Body<'_>,
+) -> Option<(u16, Vec<u8>, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(addr).await.ok()?;
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(t) = bearer {
-        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    match body {
+        Body::Sized(b) => head.push_str(&format!("Content-Length: {}\r\n", b.len())),
+        Body::Chunked(..) => head.push_str("Transfer-Encoding: chunked\r\n"),
     }
-    head.push_str("Content-Type: image/png\r\n\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await.ok()?;
-    stream.write_all(body).await.ok()?;
+    // A server may answer (and close) before reading the whole body: write errors are not
+    // failures of the request, the answer is what counts.
+    match body {
+        Body::Sized(b) => {
+            let _ = stream.write_all(b).await;
+        }
+        Body::Chunked(b, size) => {
+            for chunk in b.chunks(size.max(1)) {
+                let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+                framed.extend_from_slice(chunk);
+                framed.extend_from_slice(b"\r\n");
+                if stream.write_all(&framed).await.is_err() {
+                    break;
+                }
+            }
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+        }
+    }
     let mut out = Vec::new();
-    stream.read_to_end(&mut out).await.ok()?;
+    // Keep what arrived even if the connection is reset afterwards (a server that answers
+    // before reading the whole body may reset it).
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
     let split = out.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&out[..split]).to_string();
     let status = head.split(' ').nth(1)?.parse().ok()?;
@@ -325,5 +378,137 @@ impl Client {
             .ok(json!({"op": "create_chat", "members": members, "title": title}))
             .await;
         r["chat"].as_str().unwrap().to_owned()
+    }
+}
+
+/// A token for `user` expiring at `exp` (seconds since the epoch), signed with `secret`.
+pub fn token_signed(user: &str, exp: u64, secret: &str) -> String {
+    Auth::new(secret.as_bytes()).unwrap().sign(user, exp)
+}
+
+/// Opens a WebSocket, sends `first` as its first text frame, and returns the frames received
+/// until the server closed, with the close code (`None` if the socket ended without one).
+pub async fn refused(url: &str, first: &str) -> (Vec<Value>, Option<u16>) {
+    let mut ws = Client::raw(url).await;
+    ws.send(Message::text(first.to_owned())).await.unwrap();
+    frames_until_close(&mut ws).await
+}
+
+/// Reads a raw socket until the server closes it: (text frames, close code).
+pub async fn frames_until_close(
+    ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>,
+) -> (Vec<Value>, Option<u16>) {
+    let mut frames = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("server closed in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(t.as_str()).unwrap()),
+            Some(Ok(Message::Close(frame))) => return (frames, frame.map(|f| f.code.into())),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (frames, None),
+        }
+    }
+}
+
+/// `GET /metrics` as text.
+pub async fn metrics_text(addr: SocketAddr) -> String {
+    let (status, body, _) = http(addr, "GET", "/metrics", None, &[])
+        .await
+        .expect("metrics answer");
+    assert_eq!(status, 200);
+    String::from_utf8(body).unwrap()
+}
+
+/// The sum of every sample of metric `name` (any labels) in a Prometheus text body; `None`
+/// if the metric has no sample.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value: f64 = rest.rsplit(' ').next().unwrap().parse().unwrap();
+        *found.get_or_insert(0.0) += value;
+    }
+    found
+}
+
+/// Polls `check` until it returns `Some`, for at most [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn seqs(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+}
+
+impl Client {
+    /// The chat's `last_seq` as `history` reports it.
+    pub async fn last_seq(&mut self, chat: &str) -> u64 {
+        let h = self
+            .ok(json!({"op": "history", "chat": chat, "limit": 1}))
+            .await;
+        h["last_seq"].as_u64().unwrap()
+    }
+
+    /// Every event of the chat, through `history` pages.
+    pub async fn all_events(&mut self, chat: &str) -> Vec<Value> {
+        let mut out: Vec<Value> = Vec::new();
+        loop {
+            let after = out.last().map_or(0, |e| e["seq"].as_u64().unwrap());
+            let h = self
+                .ok(json!({"op": "history", "chat": chat, "after": after, "limit": 500}))
+                .await;
+            let page = h["events"].as_array().unwrap().clone();
+            if page.is_empty() {
+                return out;
+            }
+            out.extend(page);
+        }
+    }
+
+    /// Every frame (stashed pushes first) up to and including the first one matching
+    /// `until`.
+    pub async fn frames_until(&mut self, until: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Some(v) = self.pushes.pop_front() {
+            let done = until(&v);
+            out.push(v);
+            if done {
+                return out;
+            }
+        }
+        loop {
+            let v = self.recv().await.expect("frame before close");
+            let done = until(&v);
+            out.push(v);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// The pushed event of `chat` with `seq`, with every frame before it.
+    pub async fn until_event(&mut self, chat: &str, seq: u64) -> Vec<Value> {
+        self.frames_until(|v| {
+            v["ev"] == "event" && v["event"]["chat"] == chat && v["event"]["seq"] == seq
+        })
+        .await
     }
 }
