@@ -27,6 +27,9 @@ const SILENCE_PING_MS: u64 = 45_000;
 /// milliseconds (a ping went out and nothing came back).
 const SILENCE_DEAD_MS: u64 = 75_000;
 
+/// How long opening a connection (TCP and the WebSocket handshake) may take, in milliseconds.
+const CONNECT_TIMEOUT_MS: u64 = 10_000;
+
 /// How long `/quit` or the end of input waits for outstanding replies, in milliseconds.
 const QUIT_GRACE_MS: u64 = 5_000;
 
@@ -124,8 +127,14 @@ impl Driver {
     async fn connect(&mut self, url: &str) -> Result<Option<Socket>, ConnectError> {
         let connecting = connect_async(url);
         tokio::pin!(connecting);
+        let give_up = Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS);
         loop {
             tokio::select! {
+                () = sleep_until(give_up) => {
+                    return Err(ConnectError::Retry(format!(
+                        "no handshake within {CONNECT_TIMEOUT_MS} ms"
+                    )));
+                }
                 result = &mut connecting => {
                     return match result {
                         Ok((socket, _response)) => Ok(Some(socket)),

@@ -161,6 +161,11 @@ fn members_text(sender: &str, event: &Value) -> String {
             user_list(added)
         );
     }
+    let first = event.get("seq").and_then(Value::as_u64) == Some(1);
+    if first && non_empty_list(added) && !non_empty_list(removed) {
+        // A chat's first event adds everyone; direct chats have no title.
+        return format!("{sender} created the chat with {}", user_list(added));
+    }
     let mut parts = Vec::new();
     if non_empty_list(added) {
         parts.push(format!("added {}", user_list(added)));
@@ -176,10 +181,6 @@ fn members_text(sender: &str, event: &Value) -> String {
         }
     }
     if parts.is_empty() {
-        // The first event of a chat created without a title adds everyone and names nobody else.
-        if event.get("seq").and_then(Value::as_u64) == Some(1) {
-            return format!("{sender} created the chat");
-        }
         return format!("{sender} changed nothing in the members");
     }
     format!("{sender} {}", parts.join(" and "))
@@ -370,7 +371,10 @@ mod tests {
         );
         let untitled = json!({"chat":"d:a:b","seq":1,"kind":"members","sender":"a","ts":0,
             "added":["a","b"],"removed":[],"title":null});
-        assert_eq!(event(&untitled), "[d:a:b #1 00:00:00] a added a, b");
+        assert_eq!(
+            event(&untitled),
+            "[d:a:b #1 00:00:00] a created the chat with a, b"
+        );
         let removed = json!({"chat":"g1","seq":6,"kind":"members","sender":"a","ts":0,
             "added":["c"],"removed":["b"]});
         assert_eq!(event(&removed), "[g1 #6 00:00:00] a added c and removed b");

@@ -7,7 +7,7 @@
 //! ## Try it
 //!
 //! Start the server on its defaults (`127.0.0.1:8080`, data under `./chatlog-data`). On a
-//! first run it creates a secret and prints a ready-to-use token for a demo user:
+//! first run it creates a secret there and prints a ready-to-use token for the user `demo`:
 //!
 //! ```sh
 //! cargo run --release -p chatlog-server
@@ -19,16 +19,18 @@
 //! cargo run -p chat-cli -- --token <token>
 //! ```
 //!
-//! For a second user, mint a token signed with the same secret and connect in a third terminal:
+//! For a second user, mint a token signed with the same secret (run it from the same directory,
+//! so it finds `./chatlog-data`) and connect in a third terminal:
 //!
 //! ```sh
 //! cargo run --release -p chatlog-server -- token --user bob
 //! cargo run -p chat-cli -- --token <bob's token>
 //! ```
 //!
-//! Then, as the demo user: `/direct bob` (or `/create Team bob`), type a line to send it,
-//! and `/receipts` to see what bob's client has received; bob sees the chat in `/chats` and
-//! joins the conversation with `/open <chat>`. `/help` lists every command.
+//! Then, as `demo`: `/direct bob` (or `/create Team bob`) and type a line to send it; bob
+//! sees the message arrive, finds the chat in `/chats` and answers after `/open <chat>`.
+//! `/receipts` shows what each member's clients have received and read, `/watch bob` reports
+//! when bob comes and goes, and `/help` lists every command.
 //!
 //! ## Options
 //!
@@ -45,11 +47,15 @@
 //!   (UTC): `[g1 #5 12:34:56] bob: hello`.
 //! - Events of the open chat are acknowledged with `delivered` automatically, so `/receipts`
 //!   and other members' receipt lines show what this client has received. `/read` marks the
-//!   open chat read up to its last event. Receipts about yourself are not printed.
+//!   open chat read up to its last event. Receipts about yourself are not printed. Events of
+//!   other chats are printed but not acknowledged, so the next start of the same device shows
+//!   them again, as the server resumes from the device's cursor.
 //! - When the connection drops the client reconnects with exponential backoff (0.25 s doubling
 //!   to 30 s) under the same device id, so the server resumes from its cursor. Messages whose
 //!   reply was lost are sent again with the same cmid, which the server stores only once;
 //!   edits, deletions, new chats and removals are not repeated but reported as uncertain.
+//!   A connection silent for 45 s gets a ping; one silent for 75 s is taken as dead and
+//!   reopened.
 //! - Input can be piped: at the end of input the client waits (up to 5 s) for the replies it
 //!   still expects, then exits. For example:
 //!   `printf '/chats\n' | cargo run -p chat-cli -- --token <token>`.

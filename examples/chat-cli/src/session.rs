@@ -16,11 +16,20 @@ use crate::request::{self, AfterDrop, ChatId, PRESENCE_USERS_MAX, Request};
 /// Most requests awaiting a reply at once; beyond it commands are refused until replies come.
 pub const PENDING_REQUESTS_MAX: usize = 1024;
 
+/// Most users whose presence one client follows; they are subscribed again, in requests of
+/// at most [`PRESENCE_USERS_MAX`], on every new connection.
+pub const WATCHED_USERS_MAX: usize = 4 * PRESENCE_USERS_MAX;
+
 /// Longest cmid prefix, in bytes. With `-` and a decimal `u64` counter a cmid stays within the
 /// protocol's 64 bytes.
 pub const CMID_PREFIX_BYTES_MAX: usize = 40;
 
 const _: () = assert!(CMID_PREFIX_BYTES_MAX + 1 + 20 <= 64);
+
+/// Largest frame the client sends, in bytes: the server's default message limit. The server
+/// answers a larger message with a `too_large` error that carries no request id (it does not
+/// parse it), so the client could not tell which request failed; it refuses to send it instead.
+pub const FRAME_BYTES_MAX: usize = 64 * 1024;
 
 /// Something the driver must do.
 #[derive(Debug, Clone, PartialEq)]
@@ -238,14 +247,23 @@ impl Session {
             ))];
         }
         let id = self.next_request_id;
+        let frame = request.to_frame(id);
+        let frame_bytes = frame.to_string().len();
+        if frame_bytes > FRAME_BYTES_MAX {
+            return vec![Effect::Print(format!(
+                "not sent: the {} request would be {frame_bytes} bytes, above the server's \
+                 default limit of {FRAME_BYTES_MAX}",
+                request.op()
+            ))];
+        }
         self.next_request_id += 1;
         let ready = self.ready();
         let mut effects = Vec::new();
         if ready {
-            effects.push(Effect::Frame(request.to_frame(id)));
+            effects.push(Effect::Frame(frame));
         } else if !quiet {
             effects.push(Effect::Print(format!(
-                "(not connected: {} will be sent when the connection is back)",
+                "(not connected yet: {} will be sent once connected)",
                 request.op()
             )));
         }
@@ -414,6 +432,12 @@ impl Session {
             }
             Command::Watch { users } => {
                 check_user_count(&users)?;
+                let new = users.iter().filter(|u| !self.watched.contains(*u)).count();
+                if self.watched.len() + new > WATCHED_USERS_MAX {
+                    return Err(vec![Effect::Print(format!(
+                        "at most {WATCHED_USERS_MAX} watched users in all"
+                    ))]);
+                }
                 self.issue(Request::SubscribePresence { users }, false)
             }
             Command::Typing => {
@@ -859,6 +883,18 @@ mod tests {
             json!({"id":first[0]["id"],"result":{"chat":"g1","seq":4,"ts":1}}),
         ));
         assert_eq!(prints(&effects), ["sent as #4"]);
+    }
+
+    #[test]
+    fn frames_above_the_server_limit_are_not_sent() {
+        let mut s = with_open_chat();
+        let effects = s.on_line(&"x".repeat(FRAME_BYTES_MAX));
+        assert!(frames(&effects).is_empty());
+        assert!(prints(&effects)[0].starts_with("not sent: the send request would be"));
+        assert_eq!(s.pending_count(), 0);
+        // Below the frame limit the server decides (its body limit is 16 KiB by default).
+        let effects = s.on_line(&"x".repeat(20_000));
+        assert_eq!(frames(&effects).len(), 1);
     }
 
     #[test]
