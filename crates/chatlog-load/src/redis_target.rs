@@ -1,0 +1,331 @@
+//! The same workload on Redis Streams, for comparison.
+//!
+//! Chat `c` is the stream `chat:{c}`. A send is `XADD chat:{c} * ts <µs> sender <user> body
+//! <body>`, acknowledged once Redis replies (with `appendfsync always`, after the AOF fsync). Each
+//! connection is two TCP connections: one sends, the other loops on `XREAD BLOCK 0 COUNT n
+//! STREAMS <its chats> <last ids>`, the counterpart of chatlog's pushes. Stream ids must grow on
+//! each reader, as seqs must on a chatlog connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands as _, AsyncConnectionConfig, RedisConnectionInfo, RedisResult};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::stats::Recorder;
+use crate::worker::{Phase, ReadyReport, Shared};
+use crate::workload;
+
+/// Entries one `XREAD` returns at most per stream.
+const XREAD_COUNT_MAX: usize = 1024;
+/// Longest wait for a reply to anything but `XREAD BLOCK`.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a TCP connection.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The stream key of every chat.
+pub fn chat_keys(chats: usize) -> Vec<String> {
+    (0..chats).map(|chat| format!("chat:{chat}")).collect()
+}
+
+/// A stream entry id `<ms>-<seq>` as a pair that orders like Redis orders ids.
+fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Opens one Redis connection from this worker's source address. `response_timeout` is `None`
+/// for the reader, whose `XREAD BLOCK 0` waits as long as it takes.
+async fn connect(
+    shared: &Shared,
+    response_timeout: Option<Duration>,
+) -> Result<MultiplexedConnection, String> {
+    let stream = tokio::time::timeout(
+        CONNECTION_TIMEOUT,
+        crate::worker::open_socket(shared.server_addr, shared.source_ip),
+    )
+    .await
+    .map_err(|_| "connect:timeout".to_owned())?
+    .map_err(|e| format!("connect:{:?}", e.kind()))?;
+    let config = AsyncConnectionConfig::new().set_response_timeout(response_timeout);
+    let (connection, driver) =
+        MultiplexedConnection::new_with_config(&RedisConnectionInfo::default(), stream, config)
+            .await
+            .map_err(|e| format!("redis_connect:{:?}", e.kind()))?;
+    // The driver ends when every handle to the connection is dropped.
+    tokio::spawn(driver);
+    Ok(connection)
+}
+
+/// Both connections of one simulated client, and where its reader starts.
+struct Opened {
+    writer: MultiplexedConnection,
+    reader: MultiplexedConnection,
+    last_ids: Vec<String>,
+}
+
+/// Opens both connections and reads the current last id of each chat stream, so that the reader
+/// starts exactly after what exists now (`$` would race with sends issued before its first
+/// `XREAD` is registered).
+async fn set_up(shared: &Shared, keys: &[String]) -> Result<Opened, String> {
+    let mut writer = connect(shared, Some(RESPONSE_TIMEOUT)).await?;
+    let reader = connect(shared, None).await?;
+    let mut last_ids = Vec::with_capacity(keys.len());
+    for key in keys {
+        let newest: StreamRangeReply = writer
+            .xrevrange_count(key, "+", "-", 1)
+            .await
+            .map_err(|e| format!("setup:{:?}", e.kind()))?;
+        let last = newest
+            .ids
+            .first()
+            .map_or_else(|| "0-0".to_owned(), |entry| entry.id.clone());
+        last_ids.push(last);
+    }
+    Ok(Opened {
+        writer,
+        reader,
+        last_ids,
+    })
+}
+
+/// Runs connection `index` of the layout until the worker reaches [`Phase::Done`].
+pub async fn run_connection(shared: Arc<Shared>, index: usize, mut ready: ReadyReport) {
+    let mut recorder = Recorder::default();
+    let keys: Vec<String> = shared
+        .chats_of_connection(index)
+        .iter()
+        .map(|&chat| shared.plan.chat_ids[chat].clone())
+        .collect();
+    let opened = {
+        let permit = shared.connect_permits.acquire().await;
+        match permit {
+            Ok(_permit) => set_up(&shared, &keys).await,
+            Err(_) => Err("setup:cancelled".to_owned()),
+        }
+    };
+    let opened = match opened {
+        Ok(opened) => opened,
+        Err(kind) => {
+            recorder.error(&kind);
+            recorder.flush(&shared.stats);
+            ready.report(false);
+            return;
+        }
+    };
+    ready.report(true);
+    let user = workload::user_name(
+        &shared.args.user_prefix,
+        shared.layout.user_of_connection(index),
+    );
+    let reader = tokio::spawn(read_loop(
+        Arc::clone(&shared),
+        opened.reader,
+        keys.clone(),
+        opened.last_ids,
+        user.clone(),
+    ));
+    send_loop(&shared, index, opened.writer, &keys, &user, &mut recorder).await;
+    recorder.flush(&shared.stats);
+    if reader.await.is_err() {
+        recorder.error("reader_panicked");
+        recorder.flush(&shared.stats);
+    }
+}
+
+/// Waits until the worker is done (or gone).
+async fn until_done(phase: &mut watch::Receiver<Phase>) {
+    let _ = phase.wait_for(|&p| p == Phase::Done).await;
+}
+
+/// Reads the connection's chat streams until the worker is done, recording deliveries.
+async fn read_loop(
+    shared: Arc<Shared>,
+    mut reader: MultiplexedConnection,
+    keys: Vec<String>,
+    mut last_ids: Vec<String>,
+    user: String,
+) {
+    let mut recorder = Recorder::default();
+    let mut phase_rx = shared.phase.clone();
+    let slot_by_key: HashMap<String, usize> = keys
+        .iter()
+        .enumerate()
+        .map(|(slot, key)| (key.clone(), slot))
+        .collect();
+    let mut last_parsed: Vec<Option<(u64, u64)>> =
+        last_ids.iter().map(|id| parse_stream_id(id)).collect();
+    let options = StreamReadOptions::default().block(0).count(XREAD_COUNT_MAX);
+    while !keys.is_empty() {
+        let read = reader.xread_options(&keys, &last_ids, &options);
+        let reply: RedisResult<Option<StreamReadReply>> = tokio::select! {
+            reply = read => reply,
+            () = until_done(&mut phase_rx) => break,
+        };
+        let reply = match reply {
+            Ok(reply) => reply.unwrap_or_default(),
+            Err(e) => {
+                recorder.error(&format!("xread:{:?}", e.kind()));
+                break;
+            }
+        };
+        let measuring = *phase_rx.borrow() == Phase::Measure;
+        for stream in reply.keys {
+            let Some(&slot) = slot_by_key.get(&stream.key) else {
+                recorder.error("xread:unknown_stream");
+                continue;
+            };
+            for entry in stream.ids {
+                let id = parse_stream_id(&entry.id);
+                if id.is_none() || id <= last_parsed[slot] {
+                    recorder.counts().order_violations += 1;
+                }
+                last_parsed[slot] = id.max(last_parsed[slot]);
+                if measuring {
+                    match entry.get::<u64>("ts") {
+                        Some(sent_us) => {
+                            let latency_us = workload::now_us().saturating_sub(sent_us);
+                            let sender = entry.get::<String>("sender");
+                            let to_other_user = sender.as_deref() != Some(user.as_str());
+                            recorder.delivery(latency_us, to_other_user, &shared.stats);
+                        }
+                        None => recorder.error("message_without_timestamp"),
+                    }
+                }
+                last_ids[slot] = entry.id;
+            }
+        }
+    }
+    if keys.is_empty() {
+        until_done(&mut phase_rx).await;
+    }
+    recorder.flush(&shared.stats);
+}
+
+/// An `XADD` in flight: when it was sent, and its reply.
+type PendingAdd = BoxFuture<'static, (Instant, RedisResult<String>)>;
+
+/// Sends `XADD`s at the worker's pace until the window ends, then waits for the outstanding ones
+/// until the worker is done.
+async fn send_loop(
+    shared: &Shared,
+    index: usize,
+    writer: MultiplexedConnection,
+    keys: &[String],
+    user: &str,
+    recorder: &mut Recorder,
+) {
+    let mut phase_rx = shared.phase.clone();
+    let mut phase = *phase_rx.borrow_and_update();
+    let mut pending: FuturesUnordered<PendingAdd> = FuturesUnordered::new();
+    let mut ticker = None;
+    let mut started = false;
+    let mut next_slot = 0usize;
+    let as_fast_as_possible = shared.send_period.is_none();
+    let inflight_max = shared.args.inflight;
+    let mut add =
+        |phase: Phase, recorder: &mut Recorder, pending: &mut FuturesUnordered<PendingAdd>| {
+            if keys.is_empty() {
+                return;
+            }
+            let key = keys[next_slot].clone();
+            next_slot = (next_slot + 1) % keys.len();
+            let sent_us = workload::now_us();
+            let body = workload::encode_body(sent_us, shared.args.body_bytes);
+            let mut command = redis::cmd("XADD");
+            command
+                .arg(key)
+                .arg("*")
+                .arg("ts")
+                .arg(sent_us)
+                .arg("sender")
+                .arg(user)
+                .arg("body")
+                .arg(body);
+            let mut writer = writer.clone();
+            let sent_at = Instant::now();
+            shared.inflight.fetch_add(1, Ordering::Relaxed);
+            if phase == Phase::Measure {
+                recorder.counts().sent += 1;
+            }
+            pending.push(Box::pin(async move {
+                let reply = command.query_async::<String>(&mut writer).await;
+                (sent_at, reply)
+            }));
+        };
+    loop {
+        if phase == Phase::Done {
+            break;
+        }
+        if phase.sending() && !started {
+            started = true;
+            ticker = shared.send_ticker(index);
+            while as_fast_as_possible && !keys.is_empty() && pending.len() < inflight_max {
+                add(phase, recorder, &mut pending);
+            }
+        }
+        if !phase.sending() {
+            ticker = None;
+        }
+        tokio::select! {
+            Some((sent_at, reply)) = pending.next(), if !pending.is_empty() => {
+                shared.inflight.fetch_sub(1, Ordering::Relaxed);
+                match reply {
+                    Ok(_) if phase == Phase::Measure => {
+                        let latency_us = u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        recorder.ack(latency_us, &shared.stats);
+                    }
+                    Ok(_) => {}
+                    Err(e) => recorder.error(&format!("xadd:{:?}", e.kind())),
+                }
+                while as_fast_as_possible && phase.sending() && !keys.is_empty() && pending.len() < inflight_max {
+                    add(phase, recorder, &mut pending);
+                }
+            }
+            () = crate::worker::next_tick(&mut ticker) => {
+                if pending.len() < inflight_max {
+                    add(phase, recorder, &mut pending);
+                } else if phase == Phase::Measure {
+                    recorder.counts().send_slots_skipped += 1;
+                }
+            }
+            changed = phase_rx.changed() => {
+                phase = if changed.is_ok() { *phase_rx.borrow_and_update() } else { Phase::Done };
+            }
+        }
+    }
+    let unacked = pending.len() as u64;
+    shared.inflight.fetch_sub(unacked, Ordering::Relaxed);
+    recorder.counts().unacked_at_end += unacked;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_order_like_redis() {
+        assert_eq!(parse_stream_id("0-0"), Some((0, 0)));
+        assert_eq!(
+            parse_stream_id("1712345678901-3"),
+            Some((1_712_345_678_901, 3))
+        );
+        assert!(parse_stream_id("5-10") > parse_stream_id("5-9"));
+        assert!(parse_stream_id("6-0") > parse_stream_id("5-99"));
+        assert_eq!(parse_stream_id("5"), None);
+        assert_eq!(parse_stream_id("a-1"), None);
+    }
+
+    #[test]
+    fn chats_are_streams() {
+        assert_eq!(chat_keys(2), vec!["chat:0", "chat:1"]);
+    }
+}
