@@ -71,9 +71,21 @@ impl Auth {
     /// Checks a token at `now_secs` and returns its claims.
     pub fn verify(&self, token: &str, now_secs: u64) -> Result<Claims, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                AuthError::Invalid(match e.kind() {
+                    K::ExpiredSignature => return AuthError::Expired,
+                    K::InvalidSignature => "signature does not match".into(),
+                    K::InvalidAlgorithm | K::InvalidAlgorithmName => {
+                        "the algorithm must be HS256".into()
+                    }
+                    K::MissingRequiredClaim(claim) => format!("missing claim `{claim}`"),
+                    K::Json(_) => "claims are not valid JSON of the expected shape".into(),
+                    K::Base64(_) | K::Utf8(_) | K::InvalidToken => {
+                        "not a JWT (header.payload.signature in base64url)".into()
+                    }
+                    _ => e.to_string(),
+                })
             })?;
         // jsonwebtoken reads the system clock; the injected clock decides too, so tests
         // that move time see expiry.

@@ -238,7 +238,13 @@ impl Failure {
 
 impl From<chatlog::engine::ChatError> for Failure {
     fn from(e: chatlog::engine::ChatError) -> Failure {
-        Failure::new(Code::of(&e), e.to_string())
+        let code = Code::of(&e);
+        // The engine's messages start with the code in words ("forbidden: ..."); the error
+        // object carries the code already.
+        let text = e.to_string();
+        let prefix = format!("{}: ", e.code().replace('_', " "));
+        let message = text.strip_prefix(&prefix).unwrap_or(&text).to_owned();
+        Failure::new(code, message)
     }
 }
 
@@ -790,6 +796,19 @@ mod tests {
         assert_eq!(v["event"]["removed"], serde_json::json!([]));
         assert_eq!(v["event"]["title"], "t");
         assert!(v["event"].get("cmid").is_none());
+    }
+
+    #[test]
+    fn engine_messages_do_not_repeat_the_code() {
+        let f = Failure::from(chatlog::engine::ChatError::Forbidden(
+            "only the sender".into(),
+        ));
+        assert_eq!(
+            (f.code, f.message.as_str()),
+            (Code::Forbidden, "only the sender")
+        );
+        let f = Failure::from(chatlog::engine::ChatError::NotFound("chat g9".into()));
+        assert_eq!((f.code, f.message.as_str()), (Code::NotFound, "chat g9"));
     }
 
     #[test]
