@@ -512,3 +512,208 @@ impl Client {
         .await
     }
 }
+
+impl Client {
+    /// Like [`Client::connect`], over a socket whose kernel receive buffer is asked to be
+    /// `recv_buffer_bytes` (so a client that stops reading backs up sooner).
+    pub async fn connect_small_buffer(
+        url: &str,
+        token: &str,
+        device: &str,
+        recv_buffer_bytes: u32,
+    ) -> Client {
+        let addr: SocketAddr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(recv_buffer_bytes).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+        let hello = json!({"op": "hello", "token": token, "device": device});
+        ws.send(Message::text(hello.to_string())).await.unwrap();
+        let mut client = Client {
+            ws,
+            next_id: 0,
+            pushes: VecDeque::new(),
+            welcome: Value::Null,
+        };
+        let welcome = client.recv().await.expect("welcome");
+        assert_eq!(welcome["ev"], "welcome", "{welcome}");
+        client.welcome = welcome;
+        client
+    }
+}
+
+impl Client {
+    /// Turns off Nagle's algorithm on this client's socket.
+    pub fn set_nodelay(&self) {
+        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            s.set_nodelay(true).unwrap();
+        }
+    }
+}
+
+/// A WebSocket client written by hand over TCP: it does only what the test tells it (in
+/// particular it never answers pings, unlike tungstenite, which answers them while reading).
+pub struct RawWs {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One frame as received by [`RawWs`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawFrame {
+    Text(Value),
+    Ping,
+    Pong,
+    Close(Option<u16>),
+    Other(u8),
+}
+
+impl RawWs {
+    /// TCP connect and the upgrade handshake.
+    pub async fn connect(addr: SocketAddr) -> RawWs {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut ws = RawWs {
+            stream,
+            buf: Vec::new(),
+        };
+        let end = loop {
+            if let Some(i) = ws.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            assert!(ws.fill().await, "connection closed during the handshake");
+        };
+        let head = String::from_utf8_lossy(&ws.buf[..end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        ws.buf.drain(..end + 4);
+        ws
+    }
+
+    async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+            .await
+            .expect("server sent something in time")
+        {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// Sends one masked text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        use tokio::io::AsyncWriteExt;
+        let payload = text.as_bytes();
+        let mut frame = vec![0x81u8];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= u16::MAX as usize => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    /// The next frame, or `None` once the server closed the TCP connection.
+    pub async fn frame(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some((frame, used)) = Self::parse(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    fn parse(buf: &[u8]) -> Option<(RawFrame, usize)> {
+        if buf.len() < 2 {
+            return None;
+        }
+        let opcode = buf[0] & 0x0f;
+        let masked = buf[1] & 0x80 != 0;
+        let (len, mut at) = match buf[1] & 0x7f {
+            126 => (
+                u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+                4,
+            ),
+            127 => (
+                u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        let mask = if masked {
+            let m: [u8; 4] = buf.get(at..at + 4)?.try_into().ok()?;
+            at += 4;
+            Some(m)
+        } else {
+            None
+        };
+        let mut payload = buf.get(at..at + len)?.to_vec();
+        if let Some(m) = mask {
+            payload
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b ^= m[i % 4]);
+        }
+        let frame = match opcode {
+            0x1 => RawFrame::Text(serde_json::from_slice(&payload).unwrap()),
+            0x8 => RawFrame::Close(
+                (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
+            ),
+            0x9 => RawFrame::Ping,
+            0xa => RawFrame::Pong,
+            other => RawFrame::Other(other),
+        };
+        Some((frame, at + len))
+    }
+
+    /// Sends `hello` and reads up to `synced`.
+    pub async fn hello(&mut self, user: &str, device: &str) {
+        let hello = json!({"op": "hello", "token": token(user), "device": device});
+        self.send_text(&hello.to_string()).await;
+        loop {
+            match self.frame().await.expect("hello answered") {
+                RawFrame::Text(v) if v["ev"] == "synced" => return,
+                RawFrame::Text(v) => assert!(v.get("error").is_none(), "{v}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Every frame until the server ends the TCP connection.
+    pub async fn until_eof(&mut self) -> Vec<RawFrame> {
+        let mut frames = Vec::new();
+        while let Some(f) = self.frame().await {
+            frames.push(f);
+        }
+        frames
+    }
+}
