@@ -59,11 +59,13 @@ struct Session {
 
 /// Serves an upgraded socket until it closes.
 pub async fn serve(app: Arc<App>, mut socket: WebSocket) {
-    let Some(session) = handshake(&app, &mut socket).await else {
+    // Boxed: the handshake's state is large and needed only once; the connection's task keeps
+    // only the main loop's state for its lifetime (idle memory per connection).
+    let Some(session) = Box::pin(handshake(&app, &mut socket)).await else {
         return;
     };
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
-    let session = run(&app, socket, session).await;
+    let session = Box::pin(run(&app, socket, session)).await;
     app.hub.unregister(&session.outbox);
     app.presence.unwatch(&session.outbox, &session.watching);
     app.presence.disconnect(&session.user, session.outbox.id);
@@ -202,40 +204,41 @@ async fn resume(
     session: &mut Session,
     since: HashMap<String, u64>,
 ) -> bool {
-    let engine = app.engine.clone();
-    let (user, device) = (session.user.to_string(), session.device.clone());
-    let points =
-        tokio::task::spawn_blocking(move || engine.resume_points(&user, &device, &since)).await;
+    // Registering a new device is a durable write: await it without holding a thread.
+    let registered = app
+        .engine
+        .register_device_ticket(&session.user, &session.device)
+        .await;
+    let points = registered.and_then(|_| {
+        app.engine
+            .resume_points_registered(&session.user, &session.device, &since)
+    });
     let points = match points {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
+        Ok(p) => p,
+        Err(e) => {
             let _ = send_text(socket, protocol::error(None, &Failure::from(e))).await;
             close_with(socket, close::GOING_AWAY, "storage unavailable").await;
             return false;
         }
-        Err(_) => return false,
     };
     for point in points {
         let chat: Arc<str> = Arc::from(point.chat.as_str());
         let mut after = point.after;
         while after < point.last_seq {
-            let engine = app.engine.clone();
-            let (user, chat_id) = (session.user.to_string(), point.chat.clone());
             let limit = ((point.last_seq - after) as usize).min(HISTORY_LIMIT_MAX);
-            let page = tokio::task::spawn_blocking(move || {
-                engine.history(&user, &chat_id, None, Some(after), Some(limit))
-            })
-            .await;
+            // Index + mmap reads: microseconds per page, done inline.
+            let page =
+                app.engine
+                    .history(&session.user, &point.chat, None, Some(after), Some(limit));
             let page = match page {
-                Ok(Ok(page)) => page,
+                Ok(page) => page,
                 // Removed while resuming: nothing more of this chat is theirs.
-                Ok(Err(ChatError::Forbidden(_) | ChatError::NotFound(_))) => break,
-                Ok(Err(e)) => {
+                Err(ChatError::Forbidden(_) | ChatError::NotFound(_)) => break,
+                Err(e) => {
                     let _ = send_text(socket, protocol::error(None, &Failure::from(e))).await;
                     close_with(socket, close::GOING_AWAY, "storage unavailable").await;
                     return false;
                 }
-                Err(_) => return false,
             };
             let Some(last) = page.events.last() else {
                 break;
@@ -267,87 +270,110 @@ async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Ses
     let mut next_ping = last_inbound + ping_every;
     loop {
         if session.outbox.overflowed() {
-            close_with(
-                &mut socket,
-                close::TOO_SLOW,
-                "too slow: reconnect and resume",
-            )
-            .await;
+            let reason = "too slow: reconnect and resume";
+            Box::pin(close_with(&mut socket, close::TOO_SLOW, reason)).await;
             break;
         }
         let deadline = next_ping
             .min(last_inbound + idle)
             .min(session.token_expires);
-        tokio::select! {
+        // The select only decides what happens next; the work is done below, with the rarely
+        // taken, larger futures boxed so that they do not grow every connection's task.
+        let step = tokio::select! {
             biased;
-            () = app.cancel.cancelled() => {
-                // Finish what was accepted, then say goodbye.
-                while let Some(reply) = inflight.next().await {
-                    if !send_text(&mut socket, reply).await {
-                        break;
-                    }
-                }
-                drain(&mut socket, &mut session).await;
-                close_with(&mut socket, close::GOING_AWAY, "server shutting down").await;
+            () = app.cancel.cancelled() => Step::Shutdown,
+            Some(reply) = inflight.next(), if !inflight.is_empty() => Step::Reply(reply),
+            () = session.outbox.notify.notified() => Step::Outbox,
+            message = socket.recv(), if inflight.len() < INFLIGHT_PER_CONNECTION_MAX => {
+                Step::Inbound(message)
+            }
+            () = tokio::time::sleep_until(deadline.into()) => Step::Timer,
+        };
+        match step {
+            Step::Shutdown => {
+                Box::pin(shut_down(&mut socket, &mut session, &mut inflight)).await;
                 break;
             }
-            Some(reply) = inflight.next(), if !inflight.is_empty() => {
+            Step::Reply(reply) => {
                 if !send_text(&mut socket, reply).await {
                     break;
                 }
             }
-            () = session.outbox.notify.notified() => {
-                if !drain(&mut socket, &mut session).await {
+            Step::Outbox => {
+                if !Box::pin(drain(&mut socket, &mut session)).await {
                     break;
                 }
             }
-            message = socket.recv(), if inflight.len() < INFLIGHT_PER_CONNECTION_MAX => {
-                let Some(Ok(message)) = message else { break };
+            Step::Inbound(message) => {
+                let message = match message {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => {
+                        Box::pin(read_failed(&mut socket, e)).await;
+                        break;
+                    }
+                    None => break,
+                };
                 last_inbound = Instant::now();
-                if last_inbound.duration_since(last_presence).as_millis() as u64 >= PRESENCE_REFRESH_MS {
+                if last_inbound.duration_since(last_presence).as_millis() as u64
+                    >= PRESENCE_REFRESH_MS
+                {
                     last_presence = last_inbound;
                     app.presence.heartbeat(&session.user, session.outbox.id);
                 }
                 match message {
                     Message::Text(text) => {
                         if text.len() > app.config.max_frame_bytes {
-                            let f = Failure::new(Code::TooLarge, format!(
-                                "message of {} bytes is above the limit of {}",
-                                text.len(), app.config.max_frame_bytes));
-                            inflight.push_back(ready(protocol::error(None, &f)));
+                            inflight.push_back(ready(too_large(text.len(), app)));
                         } else {
                             inflight.push_back(handle(app, &mut session, text.as_str()));
                         }
                     }
                     Message::Binary(bytes) => {
-                        let f = if bytes.len() > app.config.max_frame_bytes {
-                            Failure::new(Code::TooLarge, format!(
-                                "message of {} bytes is above the limit of {}",
-                                bytes.len(), app.config.max_frame_bytes))
+                        let text = if bytes.len() > app.config.max_frame_bytes {
+                            too_large(bytes.len(), app)
                         } else {
-                            Failure::bad_request("binary frames are not supported: send JSON text frames")
+                            protocol::error(
+                                None,
+                                &Failure::bad_request(
+                                    "binary frames are not supported: send JSON text frames",
+                                ),
+                            )
                         };
-                        inflight.push_back(ready(protocol::error(None, &f)));
+                        inflight.push_back(ready(text));
                     }
-                    Message::Close(_) => break,
+                    Message::Close(_) => {
+                        // tungstenite queued the close reply; send it.
+                        let _ = socket.flush().await;
+                        break;
+                    }
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
-            () = tokio::time::sleep_until(deadline.into()) => {
+            Step::Timer => {
                 let now = Instant::now();
                 if now >= session.token_expires {
                     let f = Failure::new(Code::Unauthorized, "token expired");
-                    let _ = send_text(&mut socket, protocol::error(None, &f)).await;
-                    close_with(&mut socket, close::POLICY, "token expired").await;
+                    let text = protocol::error(None, &f);
+                    Box::pin(close_after(
+                        &mut socket,
+                        text,
+                        close::POLICY,
+                        "token expired",
+                    ))
+                    .await;
                     break;
                 }
                 if now >= last_inbound + idle {
-                    close_with(&mut socket, close::IDLE, "idle timeout").await;
+                    Box::pin(close_with(&mut socket, close::IDLE, "idle timeout")).await;
                     break;
                 }
                 if now >= next_ping {
                     next_ping = now + ping_every;
-                    if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    if socket
+                        .send(Message::Ping(bytes::Bytes::new()))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -355,6 +381,56 @@ async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Ses
         }
     }
     session
+}
+
+/// What the main loop does next.
+enum Step {
+    Shutdown,
+    Reply(String),
+    Outbox,
+    Inbound(Option<Result<Message, axum::Error>>),
+    Timer,
+}
+
+fn too_large(len: usize, app: &App) -> String {
+    let f = Failure::new(
+        Code::TooLarge,
+        format!(
+            "message of {len} bytes is above the limit of {}",
+            app.config.max_frame_bytes
+        ),
+    );
+    protocol::error(None, &f)
+}
+
+/// Finishes what was accepted, then says goodbye with 1001.
+async fn shut_down(
+    socket: &mut WebSocket,
+    session: &mut Session,
+    inflight: &mut FuturesOrdered<ReplyFuture>,
+) {
+    while let Some(reply) = inflight.next().await {
+        if !send_text(socket, reply).await {
+            return;
+        }
+    }
+    drain(socket, session).await;
+    close_with(socket, close::GOING_AWAY, "server shutting down").await;
+}
+
+async fn close_after(socket: &mut WebSocket, text: String, code: u16, reason: &str) {
+    let _ = send_text(socket, text).await;
+    close_with(socket, code, reason).await;
+}
+
+/// Reading failed: a message above the hard limit gets 1009; anything else just ends.
+async fn read_failed(socket: &mut WebSocket, error: axum::Error) {
+    let too_big = std::error::Error::source(&error)
+        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
+    if too_big {
+        close_with(socket, close::TOO_BIG, "message too big").await;
+    }
 }
 
 /// Writes everything queued in the outbox; `false` if the socket failed.

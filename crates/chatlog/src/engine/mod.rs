@@ -712,6 +712,17 @@ impl Engine {
         since: &HashMap<String, u64>,
     ) -> Result<Vec<ResumePoint>, ChatError> {
         self.register_device(user, device)?;
+        self.resume_points_registered(user, device, since)
+    }
+
+    /// [`Engine::resume_points`] for a device already registered (with
+    /// [`Engine::register_device_ticket`], awaited): reads only, never waits for the log.
+    pub fn resume_points_registered(
+        &self,
+        user: &str,
+        device: &str,
+        since: &HashMap<String, u64>,
+    ) -> Result<Vec<ResumePoint>, ChatError> {
         let mut out = Vec::new();
         for (chat, joined) in self.store.scan_prefix::<u64>(CF_USER_CHATS, user)? {
             let last_seq = self.store.last_seq(&chat)?;
