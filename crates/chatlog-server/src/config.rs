@@ -36,7 +36,7 @@ pub const MAX_CONNECTIONS_PER_IP_DEFAULT: usize = 0;
 pub const PRESENCE_WATCHES_PER_CONNECTION_MAX: usize = 1024;
 /// WebSocket read buffer per connection. Small on purpose: idle connections dominate memory,
 /// and tungstenite grows the buffer for a larger message when it arrives.
-pub const WS_READ_BUFFER_BYTES: usize = 512;
+pub const WS_READ_BUFFER_BYTES: usize = 256;
 
 /// Everything `chatlog-server serve` can be told.
 #[derive(Debug, Clone)]

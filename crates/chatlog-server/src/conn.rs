@@ -65,7 +65,8 @@ pub async fn serve(app: Arc<App>, mut socket: WebSocket) {
         return;
     };
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
-    let session = Box::pin(run(&app, socket, session)).await;
+    // Not boxed and not moved: one copy of the socket lives in this task for its lifetime.
+    let session = run(&app, &mut socket, session).await;
     app.hub.unregister(&session.outbox);
     app.presence.unwatch(&session.outbox, &session.watching);
     app.presence.disconnect(&session.user, session.outbox.id);
@@ -261,7 +262,7 @@ async fn resume(
 }
 
 /// The main loop; returns the session for cleanup.
-async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Session {
+async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Session {
     let mut inflight: FuturesOrdered<ReplyFuture> = FuturesOrdered::new();
     let idle = Duration::from_millis(app.config.idle_timeout_ms);
     let ping_every = app.config.ping_interval();
@@ -269,9 +270,13 @@ async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Ses
     let mut last_presence = Instant::now();
     let mut next_ping = last_inbound + ping_every;
     loop {
+        if app.cancel.is_cancelled() {
+            Box::pin(shut_down(socket, &mut session, &mut inflight)).await;
+            break;
+        }
         if session.outbox.overflowed() {
             let reason = "too slow: reconnect and resume";
-            Box::pin(close_with(&mut socket, close::TOO_SLOW, reason)).await;
+            Box::pin(close_with(socket, close::TOO_SLOW, reason)).await;
             break;
         }
         let deadline = next_ping
@@ -281,7 +286,6 @@ async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Ses
         // taken, larger futures boxed so that they do not grow every connection's task.
         let step = tokio::select! {
             biased;
-            () = app.cancel.cancelled() => Step::Shutdown,
             Some(reply) = inflight.next(), if !inflight.is_empty() => Step::Reply(reply),
             () = session.outbox.notify.notified() => Step::Outbox,
             message = socket.recv(), if inflight.len() < INFLIGHT_PER_CONNECTION_MAX => {
@@ -290,17 +294,13 @@ async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Ses
             () = tokio::time::sleep_until(deadline.into()) => Step::Timer,
         };
         match step {
-            Step::Shutdown => {
-                Box::pin(shut_down(&mut socket, &mut session, &mut inflight)).await;
-                break;
-            }
             Step::Reply(reply) => {
-                if !send_text(&mut socket, reply).await {
+                if !send_text(socket, reply).await {
                     break;
                 }
             }
             Step::Outbox => {
-                if !Box::pin(drain(&mut socket, &mut session)).await {
+                if !Box::pin(drain(socket, &mut session)).await {
                     break;
                 }
             }
@@ -308,7 +308,7 @@ async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Ses
                 let message = match message {
                     Some(Ok(message)) => message,
                     Some(Err(e)) => {
-                        Box::pin(read_failed(&mut socket, e)).await;
+                        Box::pin(read_failed(socket, e)).await;
                         break;
                     }
                     None => break,
@@ -354,17 +354,11 @@ async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Ses
                 if now >= session.token_expires {
                     let f = Failure::new(Code::Unauthorized, "token expired");
                     let text = protocol::error(None, &f);
-                    Box::pin(close_after(
-                        &mut socket,
-                        text,
-                        close::POLICY,
-                        "token expired",
-                    ))
-                    .await;
+                    Box::pin(close_after(socket, text, close::POLICY, "token expired")).await;
                     break;
                 }
                 if now >= last_inbound + idle {
-                    Box::pin(close_with(&mut socket, close::IDLE, "idle timeout")).await;
+                    Box::pin(close_with(socket, close::IDLE, "idle timeout")).await;
                     break;
                 }
                 if now >= next_ping {
@@ -385,7 +379,6 @@ async fn run(app: &Arc<App>, mut socket: WebSocket, mut session: Session) -> Ses
 
 /// What the main loop does next.
 enum Step {
-    Shutdown,
     Reply(String),
     Outbox,
     Inbound(Option<Result<Message, axum::Error>>),

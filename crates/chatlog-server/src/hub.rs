@@ -122,6 +122,14 @@ impl Hub {
         }
     }
 
+    /// Wakes every connection (shutdown: they see the cancelled flag).
+    pub fn wake_all(&self) {
+        let map = self.connections.read().unwrap_or_else(|e| e.into_inner());
+        for outbox in map.values().flatten() {
+            outbox.notify.notify_one();
+        }
+    }
+
     /// Whether `user` has a connected device here.
     pub fn is_connected(&self, user: &str) -> bool {
         self.connections

@@ -180,11 +180,15 @@ async fn ws_handler(
         .max_frame_size(hard)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                let app = slot.app.clone();
-                conn::serve(app, socket).await;
-                drop(slot);
-            })
+            // Boxed here so axum's upgrade task holds a pointer, not a second copy of the
+            // connection's state (idle memory per connection).
+            let connection: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> =
+                Box::pin(async move {
+                    let app = slot.app.clone();
+                    conn::serve(app, socket).await;
+                    drop(slot);
+                });
+            tracker.track_future(connection)
         })
 }
 
@@ -288,8 +292,9 @@ pub async fn serve(
     .with_graceful_shutdown(cancel.clone().cancelled_owned())
     .await;
     // Stop accepting happened above; now every connection finishes its in-flight requests
-    // and closes with 1001.
+    // and closes with 1001 (connections notice the flag when woken).
     cancel.cancel();
+    app.hub.wake_all();
     app.tracker.close();
     app.tracker.wait().await;
     limiter_task.abort();
