@@ -249,6 +249,14 @@ async fn the_creator_may_remove_anyone_and_members_only_themselves() {
     let ev = dave.until_event(&chat, 6).await.pop().unwrap();
     assert_eq!(ev["event"]["added"], json!(["erin"]));
     assert_eq!(ev["event"]["sender"], "dave");
+    // A member added late reads the whole history.
+    let mut erin = server.connect("erin").await;
+    erin.synced().await;
+    let h = erin.ok(json!({"op": "history", "chat": chat})).await;
+    assert_eq!(
+        common::seqs(h["events"].as_array().unwrap()),
+        [1, 2, 3, 4, 5, 6]
+    );
     let members = alice.ok(json!({"op": "list_chats"})).await["chats"][0]["members"].clone();
     assert_eq!(member_names(&members), ["alice", "dave", "erin"]);
     // The creator may remove itself too; then it is refused like anyone else.

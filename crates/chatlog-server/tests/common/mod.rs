@@ -619,6 +619,11 @@ impl RawWs {
 
     /// Sends one masked text frame.
     pub async fn send_text(&mut self, text: &str) {
+        assert!(self.try_send_text(text).await, "sending a frame failed");
+    }
+
+    /// Sends one masked text frame; `false` if the connection failed.
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
         use tokio::io::AsyncWriteExt;
         let payload = text.as_bytes();
         let mut frame = vec![0x81u8];
@@ -636,7 +641,7 @@ impl RawWs {
         let mask = [0x12u8, 0x34, 0x56, 0x78];
         frame.extend_from_slice(&mask);
         frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&frame).await.unwrap();
+        self.stream.write_all(&frame).await.is_ok()
     }
 
     /// The next frame, or `None` once the server closed the TCP connection.
