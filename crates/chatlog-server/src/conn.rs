@@ -43,8 +43,13 @@ pub mod close {
 
 type ReplyFuture = Pin<Box<dyn Future<Output = String> + Send>>;
 
-/// Inbound traffic refreshes presence at most this often per connection.
-const PRESENCE_REFRESH_MS: u64 = 5_000;
+/// Inbound traffic refreshes presence at most this often per connection (and at least four
+/// times per presence TTL, so a busy connection never expires).
+const PRESENCE_REFRESH_MS_MAX: u64 = 5_000;
+/// After sending a Close frame, read (and discard) until the peer's Close, end of stream or
+/// this long, so the close frame and the replies before it are not lost to a TCP reset caused
+/// by unread client data.
+const CLOSE_LINGER_MS: u64 = 2_000;
 
 struct Session {
     user: Arc<str>,
@@ -78,7 +83,20 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
         code,
         reason: Utf8Bytes::from(reason.to_owned()),
     };
-    let _ = socket.send(Message::Close(Some(frame))).await;
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let linger = tokio::time::sleep(Duration::from_millis(CLOSE_LINGER_MS));
+    tokio::pin!(linger);
+    loop {
+        tokio::select! {
+            () = &mut linger => return,
+            next = socket.recv() => match next {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
 }
 
 async fn send_text(socket: &mut WebSocket, text: String) -> bool {
@@ -268,6 +286,7 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
     let ping_every = app.config.ping_interval();
     let mut last_inbound = Instant::now();
     let mut last_presence = Instant::now();
+    let presence_refresh_ms = (app.config.presence_ttl_ms / 4).min(PRESENCE_REFRESH_MS_MAX);
     let mut next_ping = last_inbound + ping_every;
     loop {
         if app.cancel.is_cancelled() {
@@ -315,7 +334,7 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
                 };
                 last_inbound = Instant::now();
                 if last_inbound.duration_since(last_presence).as_millis() as u64
-                    >= PRESENCE_REFRESH_MS
+                    >= presence_refresh_ms
                 {
                     last_presence = last_inbound;
                     app.presence.heartbeat(&session.user, session.outbox.id);

@@ -279,11 +279,16 @@ pub async fn serve(
             }
         }
     });
-    tracing::info!(addr = %listener.local_addr()?, "serving");
+    tracing::info!(addr = %tokio::net::TcpListener::local_addr(&listener)?, "serving");
     let stop = cancel.clone();
     tokio::spawn(async move {
         shutdown.await;
         stop.cancel();
+    });
+    // TCP_NODELAY: a send produces two small writes on the sender's socket (its own event
+    // push, then the reply); with Nagle the second waits for the client's delayed ACK (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        let _ = stream.set_nodelay(true);
     });
     let served = axum::serve(
         listener,
