@@ -99,6 +99,16 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
     }
 }
 
+/// The first frame that is not a WebSocket ping or pong.
+async fn first_data_frame(socket: &mut WebSocket) -> Option<Result<Message, axum::Error>> {
+    loop {
+        match socket.recv().await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => return other,
+        }
+    }
+}
+
 async fn send_text(socket: &mut WebSocket, text: String) -> bool {
     socket
         .send(Message::Text(Utf8Bytes::from(text)))
@@ -110,8 +120,9 @@ async fn send_text(socket: &mut WebSocket, text: String) -> bool {
 /// connection ended.
 async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
     let timeout = Duration::from_millis(app.config.handshake_timeout_ms);
+    let deadline = tokio::time::Instant::now() + timeout;
     let first = tokio::select! {
-        r = tokio::time::timeout(timeout, socket.recv()) => r,
+        r = tokio::time::timeout_at(deadline, first_data_frame(socket)) => r,
         () = app.cancel.cancelled() => {
             close_with(socket, close::GOING_AWAY, "server shutting down").await;
             return None;

@@ -469,9 +469,12 @@ fn parse_op(op: &str, map: Map<String, Value>) -> Result<Request, Failure> {
 pub fn reply(id: &RequestId, result: &impl Serialize) -> String {
     #[derive(Serialize)]
     struct Reply<'a, T> {
-        id: &'a RequestId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
         result: &'a T,
     }
+    // A request without `id` gets a reply without one, as errors do.
+    let id = Some(id).filter(|v| !v.is_null());
     serde_json::to_string(&Reply { id, result }).expect("replies serialize")
 }
 
