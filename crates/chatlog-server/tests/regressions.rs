@@ -196,3 +196,42 @@ async fn reconnecting_while_others_send_never_leaves_a_gap() {
     sender.await.unwrap();
     server.stop().await;
 }
+
+/// A message above the hard size limit closes the connection with 1009 (not a bare drop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_above_the_hard_limit_closes_with_1009() {
+    let server = TestServer::start_with(|c| c.max_frame_bytes = 1024).await;
+    let mut c = server.connect("alice").await;
+    c.synced().await;
+    // Hard limit: max(16 × 1024, 1 MiB) = 1 MiB.
+    let big = "x".repeat(1024 * 1024 + 1);
+    c.send_raw(&big).await;
+    let end = loop {
+        match c.recv_or_close().await {
+            Ok(_) => continue,
+            Err(code) => break code,
+        }
+    };
+    assert_eq!(end, Some(1009));
+    server.stop().await;
+}
+
+/// A client-initiated close is answered with a close frame (a clean close, not 1006).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered() {
+    use futures_util::StreamExt;
+    let server = TestServer::start().await;
+    let mut c = server.connect("alice").await;
+    c.synced().await;
+    c.ws.close(None).await.unwrap();
+    let mut answered = false;
+    while let Some(frame) = c.ws.next().await {
+        match frame {
+            Ok(tokio_tungstenite::tungstenite::Message::Close(_)) => answered = true,
+            Ok(_) => {}
+            Err(e) => panic!("connection ended abnormally: {e}"),
+        }
+    }
+    assert!(answered, "the server did not answer the close frame");
+    server.stop().await;
+}
