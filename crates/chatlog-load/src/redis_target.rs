@@ -15,8 +15,8 @@ use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands as _, AsyncConnectionConfig, RedisConnectionInfo, RedisResult};
+use redis::streams::StreamRangeReply;
+use redis::{AsyncCommands as _, AsyncConnectionConfig, RedisConnectionInfo, RedisResult, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -146,6 +146,84 @@ async fn until_done(phase: &mut watch::Receiver<Phase>) {
     let _ = phase.wait_for(|&p| p == Phase::Done).await;
 }
 
+/// One stream entry as the reader needs it, borrowed from the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EntryRef<'a> {
+    /// The entry id, `<ms>-<seq>`.
+    id: &'a str,
+    /// The `ts` field: send time in µs, if present and numeric.
+    sent_us: Option<u64>,
+    /// The `sender` field, if present.
+    sender: Option<&'a [u8]>,
+}
+
+/// The bytes of a string reply.
+fn value_bytes(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+/// The elements of an array reply (`XREAD`'s RESP2 shape).
+fn value_array(value: &Value) -> Option<&[Value]> {
+    match value {
+        Value::Array(items) => Some(items),
+        _ => None,
+    }
+}
+
+/// Calls `on_entry(stream key, entry)` for every entry of an `XREAD` reply, in order, without
+/// building the `HashMap` per entry that the crate's typed `StreamReadReply` builds (the reader
+/// handles one entry per delivered event, so this is the load generator's hot path). `Nil` (a
+/// timeout) has no entries. The error names the first part of the reply that has the wrong shape.
+fn for_each_xread_entry<'a>(
+    reply: &'a Value,
+    mut on_entry: impl FnMut(&'a str, EntryRef<'a>),
+) -> Result<(), &'static str> {
+    let streams = match reply {
+        Value::Nil => return Ok(()),
+        Value::Array(streams) => streams,
+        _ => return Err("reply"),
+    };
+    for stream in streams {
+        let [key, entries] = value_array(stream).ok_or("stream")? else {
+            return Err("stream");
+        };
+        let key = value_bytes(key)
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .ok_or("key")?;
+        for entry in value_array(entries).ok_or("entries")? {
+            let [id, fields] = value_array(entry).ok_or("entry")? else {
+                return Err("entry");
+            };
+            let id = value_bytes(id)
+                .and_then(|i| std::str::from_utf8(i).ok())
+                .ok_or("id")?;
+            let fields = value_array(fields).ok_or("fields")?;
+            let mut parsed = EntryRef {
+                id,
+                sent_us: None,
+                sender: None,
+            };
+            for pair in fields.chunks_exact(2) {
+                match value_bytes(&pair[0]) {
+                    Some(b"ts") => {
+                        parsed.sent_us = value_bytes(&pair[1])
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(|v| v.parse().ok());
+                    }
+                    Some(b"sender") => parsed.sender = value_bytes(&pair[1]),
+                    _ => {}
+                }
+            }
+            on_entry(key, parsed);
+        }
+    }
+    Ok(())
+}
+
 /// Reads the connection's chat streams until the worker is done, recording deliveries.
 async fn read_loop(
     shared: Arc<Shared>,
@@ -163,45 +241,57 @@ async fn read_loop(
         .collect();
     let mut last_parsed: Vec<Option<(u64, u64)>> =
         last_ids.iter().map(|id| parse_stream_id(id)).collect();
-    let options = StreamReadOptions::default().block(0).count(XREAD_COUNT_MAX);
     while !keys.is_empty() {
-        let read = reader.xread_options(&keys, &last_ids, &options);
-        let reply: RedisResult<Option<StreamReadReply>> = tokio::select! {
+        let mut command = redis::cmd("XREAD");
+        command
+            .arg("COUNT")
+            .arg(XREAD_COUNT_MAX)
+            .arg("BLOCK")
+            .arg(0)
+            .arg("STREAMS")
+            .arg(&keys)
+            .arg(&last_ids);
+        let read = command.query_async::<Value>(&mut reader);
+        let reply = tokio::select! {
             reply = read => reply,
             () = until_done(&mut phase_rx) => break,
         };
         let reply = match reply {
-            Ok(reply) => reply.unwrap_or_default(),
+            Ok(reply) => reply,
             Err(e) => {
                 recorder.error(&format!("xread:{:?}", e.kind()));
                 break;
             }
         };
         let measuring = *phase_rx.borrow() == Phase::Measure;
-        for stream in reply.keys {
-            let Some(&slot) = slot_by_key.get(&stream.key) else {
+        let walked = for_each_xread_entry(&reply, |key, entry| {
+            let Some(&slot) = slot_by_key.get(key) else {
                 recorder.error("xread:unknown_stream");
-                continue;
+                return;
             };
-            for entry in stream.ids {
-                let id = parse_stream_id(&entry.id);
-                if id.is_none() || id <= last_parsed[slot] {
-                    recorder.counts().order_violations += 1;
-                }
-                last_parsed[slot] = id.max(last_parsed[slot]);
-                if measuring {
-                    match entry.get::<u64>("ts") {
-                        Some(sent_us) => {
-                            let latency_us = workload::now_us().saturating_sub(sent_us);
-                            let sender = entry.get::<String>("sender");
-                            let to_other_user = sender.as_deref() != Some(user.as_str());
-                            recorder.delivery(latency_us, to_other_user, &shared.stats);
-                        }
-                        None => recorder.error("message_without_timestamp"),
-                    }
-                }
-                last_ids[slot] = entry.id;
+            let id = parse_stream_id(entry.id);
+            if id.is_none() || id <= last_parsed[slot] {
+                recorder.counts().order_violations += 1;
             }
+            if id > last_parsed[slot] {
+                last_parsed[slot] = id;
+                entry.id.clone_into(&mut last_ids[slot]);
+            }
+            if !measuring {
+                return;
+            }
+            match entry.sent_us {
+                Some(sent_us) => {
+                    let latency_us = workload::now_us().saturating_sub(sent_us);
+                    let to_other_user = entry.sender != Some(user.as_bytes());
+                    recorder.delivery(latency_us, to_other_user, &shared.stats);
+                }
+                None => recorder.error("message_without_timestamp"),
+            }
+        });
+        if let Err(part) = walked {
+            recorder.error(&format!("xread:bad_{part}"));
+            break;
         }
     }
     if keys.is_empty() {
@@ -322,6 +412,65 @@ mod tests {
         assert!(parse_stream_id("6-0") > parse_stream_id("5-99"));
         assert_eq!(parse_stream_id("5"), None);
         assert_eq!(parse_stream_id("a-1"), None);
+    }
+
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[&str]) -> Value {
+        Value::Array(vec![
+            bulk(id),
+            Value::Array(fields.iter().map(|f| bulk(f)).collect()),
+        ])
+    }
+
+    #[test]
+    fn walks_an_xread_reply() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("chat:1"),
+                Value::Array(vec![
+                    entry("5-0", &["ts", "123", "sender", "u1", "body", "x"]),
+                    entry("5-1", &["body", "no timestamp"]),
+                ]),
+            ]),
+            Value::Array(vec![
+                bulk("chat:2"),
+                Value::Array(vec![entry("6-0", &["ts", "7", "sender", "u2"])]),
+            ]),
+        ]);
+        let mut seen = Vec::new();
+        for_each_xread_entry(&reply, |key, entry| seen.push((key, entry))).unwrap();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].0, "chat:1");
+        assert_eq!(
+            seen[0].1,
+            EntryRef {
+                id: "5-0",
+                sent_us: Some(123),
+                sender: Some(b"u1"),
+            }
+        );
+        assert_eq!(seen[1].1.sent_us, None);
+        assert_eq!(seen[2].0, "chat:2");
+        assert_eq!(seen[2].1.sender, Some(&b"u2"[..]));
+    }
+
+    #[test]
+    fn nil_xread_reply_has_no_entries_and_bad_shapes_are_errors() {
+        assert_eq!(for_each_xread_entry(&Value::Nil, |_, _| panic!()), Ok(()));
+        assert_eq!(
+            for_each_xread_entry(&Value::Int(1), |_, _| {}),
+            Err("reply")
+        );
+        let no_entries = Value::Array(vec![Value::Array(vec![bulk("chat:1")])]);
+        assert_eq!(for_each_xread_entry(&no_entries, |_, _| {}), Err("stream"));
+        let bad_entry = Value::Array(vec![Value::Array(vec![
+            bulk("chat:1"),
+            Value::Array(vec![Value::Int(3)]),
+        ])]);
+        assert_eq!(for_each_xread_entry(&bad_entry, |_, _| {}), Err("entry"));
     }
 
     #[test]

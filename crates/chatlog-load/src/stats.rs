@@ -294,7 +294,8 @@ pub struct Summary {
     pub server_rss_before_bytes: Option<u64>,
     /// Server VmRSS at the end of the window (bytes).
     pub server_rss_after_bytes: Option<u64>,
-    /// (after − before) / connections set up (bytes): memory per idle connection in idle mode.
+    /// Idle mode only: (after − before) / connections set up (bytes), the server's memory per
+    /// idle authenticated connection.
     pub server_rss_bytes_per_connection: Option<f64>,
 }
 
@@ -314,8 +315,12 @@ impl Summary {
                 0.0
             }
         };
+        // Only idle connections make the difference a per-connection cost: in send mode it
+        // also holds the messages, queues and caches the traffic grew.
         let per_connection = match (rss_before_bytes, rss_after_bytes) {
-            (Some(before), Some(after)) if stats.counts.connections_ready > 0 => {
+            (Some(before), Some(after))
+                if args.mode == crate::cli::Mode::Idle && stats.counts.connections_ready > 0 =>
+            {
                 Some((after as f64 - before as f64) / stats.counts.connections_ready as f64)
             }
             _ => None,
@@ -362,15 +367,10 @@ impl Summary {
             crate::cli::Mode::Send => "send",
             crate::cli::Mode::Idle => "idle",
         };
-        let rate = if self.rate_target > 0.0 {
-            format!("{} msg/s", self.rate_target)
-        } else {
-            "as fast as possible".to_owned()
-        };
-        let _ = writeln!(
+        let _ = write!(
             out,
             "target {target}, mode {mode}: {} connections ({} ready, {} failed) in {} processes; \
-             {} chats of {}, {} device(s) per user; rate {rate}, inflight {}, body {} B",
+             {} chats of {}, {} device(s) per user",
             self.connections,
             self.connections_ready,
             self.connections_failed,
@@ -378,9 +378,20 @@ impl Summary {
             self.chats,
             self.group,
             self.devices_per_user,
-            self.inflight,
-            self.body_bytes,
         );
+        if self.mode == crate::cli::Mode::Send {
+            let rate = if self.rate_target > 0.0 {
+                format!("{} msg/s", self.rate_target)
+            } else {
+                "as fast as possible".to_owned()
+            };
+            let _ = write!(
+                out,
+                "; rate {rate}, inflight {}, body {} B",
+                self.inflight, self.body_bytes
+            );
+        }
+        out.push('\n');
         if self.mode == crate::cli::Mode::Send {
             let _ = writeln!(
                 out,
@@ -607,6 +618,63 @@ mod tests {
         assert_eq!(stats.ack_latency_us.percentiles().count, 1);
         assert_eq!(stats.counts.sent, 1);
         assert_eq!(stats.counts.errors["error:internal"], 1);
+    }
+
+    fn args(extra: &[&str]) -> crate::cli::Args {
+        use clap::Parser as _;
+        let mut argv = vec!["chatlog-load", "--secret", "s"];
+        argv.extend_from_slice(extra);
+        crate::cli::Args::parse_from(argv)
+    }
+
+    #[test]
+    fn idle_summary_reports_memory_per_connection() {
+        let stats = Stats {
+            counts: Counters {
+                connections_ready: 1000,
+                ..Counters::default()
+            },
+            ..Stats::default()
+        };
+        let idle = Summary::new(
+            &args(&["--mode", "idle"]),
+            1,
+            &stats,
+            Some(1 << 20),
+            Some(5 << 20),
+        );
+        assert_eq!(idle.server_rss_bytes_per_connection, Some(4194.304));
+        assert!(
+            idle.to_text().contains("(4194 B per connection)"),
+            "{}",
+            idle.to_text()
+        );
+        // In send mode the growth is not a per-connection cost.
+        let send = Summary::new(&args(&[]), 1, &stats, Some(1 << 20), Some(5 << 20));
+        assert_eq!(send.server_rss_bytes_per_connection, None);
+    }
+
+    #[test]
+    fn summary_rates_and_comparison() {
+        let mut stats = Stats {
+            counts: Counters {
+                acked: 1000,
+                delivered: 8000,
+                ..Counters::default()
+            },
+            window_secs: 10.0,
+            ..Stats::default()
+        };
+        stats.ack_latency_us.record(2000);
+        let summary = Summary::new(&args(&[]), 1, &stats, None, None);
+        assert_eq!(summary.acked_per_sec, 100.0);
+        assert_eq!(summary.delivered_per_sec, 800.0);
+        let json = serde_json::to_string(&summary).unwrap();
+        let mut baseline: Summary = serde_json::from_str(&json).unwrap();
+        baseline.delivered_per_sec = 1600.0;
+        let text = summary.compare_text(&baseline);
+        assert!(text.contains("delivered events/s"), "{text}");
+        assert!(text.contains("ratio 2.00"), "{text}");
     }
 
     #[test]
