@@ -20,6 +20,8 @@ pub const INFLIGHT_MAX: usize = 1024;
 /// Largest `--procs`: worker `k` binds its sockets to 127.0.0.(k+1), and 127.0.0.255 is the
 /// loopback broadcast address.
 pub const PROCS_MAX: usize = 254;
+/// Largest `--worker-threads`.
+pub const WORKER_THREADS_MAX: usize = 64;
 /// Largest `--connections`.
 pub const CONNECTIONS_MAX: usize = 1_000_000;
 
@@ -92,6 +94,10 @@ pub struct Args {
     /// Worker processes; 0 = enough to stay under the open-files limit.
     #[arg(long, default_value_t = 0)]
     pub procs: usize,
+    /// Runtime threads per worker process; 0 = the machine's cores divided among the workers.
+    /// On a machine shared with the server, fewer threads leave it more CPU.
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
     /// Server process whose VmRSS is reported before and after.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -162,6 +168,11 @@ impl Args {
         }
         if self.mode == Mode::Send && self.duration_secs == 0 {
             return Err("--duration-secs must be at least 1 in send mode".into());
+        }
+        if self.worker_threads > WORKER_THREADS_MAX {
+            return Err(format!(
+                "--worker-threads must be at most {WORKER_THREADS_MAX}"
+            ));
         }
         if self.connect_concurrency == 0 {
             return Err("--connect-concurrency must be at least 1".into());

@@ -65,8 +65,12 @@ fn main() -> ExitCode {
 /// Worker process: a multi-threaded runtime sized to its share of the cores.
 fn run_worker(args: Args, index: usize, workers: usize) -> anyhow::Result<ExitCode> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = match args.worker_threads {
+        0 => (cores / workers).max(1),
+        threads => threads,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads((cores / workers).max(1))
+        .worker_threads(threads)
         .enable_all()
         .build()?;
     runtime.block_on(worker::run(args, index, workers))?;
