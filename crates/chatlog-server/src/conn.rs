@@ -13,11 +13,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chatlog::engine::{Answer, ChatError, HISTORY_LIMIT_MAX, Ticket};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::App;
 use crate::config::{INFLIGHT_PER_CONNECTION_MAX, PRESENCE_WATCHES_PER_CONNECTION_MAX};
@@ -41,6 +46,9 @@ pub mod close {
     pub const TOO_SLOW: u16 = 4001;
 }
 
+/// The upgraded connection.
+type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
+
 type ReplyFuture = Pin<Box<dyn Future<Output = String> + Send>>;
 
 /// Inbound traffic refreshes presence at most this often per connection (and at least four
@@ -62,16 +70,27 @@ struct Session {
     token_expires: Instant,
 }
 
-/// Serves an upgraded socket until it closes.
-pub async fn serve(app: Arc<App>, mut socket: WebSocket) {
+/// Completes the WebSocket upgrade and serves the connection until it closes. The socket is
+/// built here, inside the connection's own task, so the task holds the one copy of it.
+pub async fn serve(app: Arc<App>, on_upgrade: OnUpgrade, config: WebSocketConfig) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "WebSocket upgrade failed");
+            return;
+        }
+    };
+    let mut socket =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let socket = &mut socket;
     // Boxed: the handshake's state is large and needed only once; the connection's task keeps
     // only the main loop's state for its lifetime (idle memory per connection).
-    let Some(session) = Box::pin(handshake(&app, &mut socket)).await else {
+    let Some(session) = Box::pin(handshake(&app, socket)).await else {
         return;
     };
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
     // Not boxed and not moved: one copy of the socket lives in this task for its lifetime.
-    let session = run(&app, &mut socket, session).await;
+    let session = run(&app, socket, session).await;
     app.hub.unregister(&session.outbox);
     app.presence.unwatch(&session.outbox, &session.watching);
     app.presence.disconnect(&session.user, session.outbox.id);
@@ -80,7 +99,7 @@ pub async fn serve(app: Arc<App>, mut socket: WebSocket) {
 
 async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
     let frame = CloseFrame {
-        code,
+        code: CloseCode::from(code),
         reason: Utf8Bytes::from(reason.to_owned()),
     };
     if socket.send(Message::Close(Some(frame))).await.is_err() {
@@ -91,7 +110,7 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
     loop {
         tokio::select! {
             () = &mut linger => return,
-            next = socket.recv() => match next {
+            next = socket.next() => match next {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}
             },
@@ -100,9 +119,9 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
 }
 
 /// The first frame that is not a WebSocket ping or pong.
-async fn first_data_frame(socket: &mut WebSocket) -> Option<Result<Message, axum::Error>> {
+async fn first_data_frame(socket: &mut WebSocket) -> Option<Result<Message, tungstenite::Error>> {
     loop {
-        match socket.recv().await {
+        match socket.next().await {
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
             other => return other,
         }
@@ -318,7 +337,7 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
             biased;
             Some(reply) = inflight.next(), if !inflight.is_empty() => Step::Reply(reply),
             () = session.outbox.notify.notified() => Step::Outbox,
-            message = socket.recv(), if inflight.len() < INFLIGHT_PER_CONNECTION_MAX => {
+            message = socket.next(), if inflight.len() < INFLIGHT_PER_CONNECTION_MAX => {
                 Step::Inbound(message)
             }
             () = tokio::time::sleep_until(deadline.into()) => Step::Timer,
@@ -376,7 +395,7 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
                         let _ = socket.flush().await;
                         break;
                     }
-                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                 }
             }
             Step::Timer => {
@@ -411,7 +430,7 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
 enum Step {
     Reply(String),
     Outbox,
-    Inbound(Option<Result<Message, axum::Error>>),
+    Inbound(Option<Result<Message, tungstenite::Error>>),
     Timer,
 }
 
@@ -447,11 +466,8 @@ async fn close_after(socket: &mut WebSocket, text: String, code: u16, reason: &s
 }
 
 /// Reading failed: a message above the hard limit gets 1009; anything else just ends.
-async fn read_failed(socket: &mut WebSocket, error: axum::Error) {
-    let too_big = std::error::Error::source(&error)
-        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
-    if too_big {
+async fn read_failed(socket: &mut WebSocket, error: tungstenite::Error) {
+    if matches!(error, tungstenite::Error::Capacity(_)) {
         close_with(socket, close::TOO_BIG, "message too big").await;
     }
 }

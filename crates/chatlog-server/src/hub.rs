@@ -11,9 +11,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use axum::extract::ws::Utf8Bytes;
 use chatlog::engine::{Committed, Engine, EventKind, Record, SubscriptionError};
 use tokio::sync::Notify;
+use tungstenite::Utf8Bytes;
 
 use crate::metrics as m;
 use crate::protocol;

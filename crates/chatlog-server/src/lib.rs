@@ -37,9 +37,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::Request;
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chatlog::engine::Engine;
@@ -155,14 +155,61 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Checks the WebSocket upgrade request (RFC 6455 §4.2.1); returns the client's key.
+fn upgrade_key(headers: &HeaderMap) -> Result<&HeaderValue, &'static str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err("expected `Connection: upgrade`");
+    }
+    if !has_token(header::UPGRADE, "websocket") {
+        return Err("expected `Upgrade: websocket`");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err("expected `Sec-WebSocket-Version: 13`");
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or("missing `Sec-WebSocket-Key`")
+}
+
 async fn ws_handler(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    upgrade: WebSocketUpgrade,
+    mut request: Request,
 ) -> Response {
     if app.cancel.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
+    let accept = match upgrade_key(request.headers()) {
+        Ok(key) => tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        Err(why) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not a WebSocket upgrade: {why}"),
+            )
+                .into_response();
+        }
+    };
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded",
+        )
+            .into_response();
+    };
     let Some(slot) = ConnectionSlot::acquire(&app, peer.ip()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -171,25 +218,26 @@ async fn ws_handler(
             .into_response();
     };
     let hard = app.config.hard_frame_bytes();
-    let tracker = app.tracker.clone();
-    upgrade
+    let ws_config = tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(config::WS_READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_write_buffer_size(hard.saturating_mul(4))
-        .max_message_size(hard)
-        .max_frame_size(hard)
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
-        .on_upgrade(move |socket| {
-            // Boxed here so axum's upgrade task holds a pointer, not a second copy of the
-            // connection's state (idle memory per connection).
-            let connection: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> =
-                Box::pin(async move {
-                    let app = slot.app.clone();
-                    conn::serve(app, socket).await;
-                    drop(slot);
-                });
-            tracker.track_future(connection)
-        })
+        .max_message_size(Some(hard))
+        .max_frame_size(Some(hard));
+    // The connection's whole life is this one task: its future holds the socket, so there is
+    // no second copy in an upgrade wrapper (idle memory per connection).
+    app.tracker.spawn(async move {
+        let app = slot.app.clone();
+        conn::serve(app, on_upgrade, ws_config).await;
+        drop(slot);
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use chatlog::engine::{Clock, Engine};
 use chatlog::presence::{Presence, PresenceChange, PresenceConfig, PresenceState};
+use tungstenite::Utf8Bytes;
 
 use crate::hub::{Outbox, Push};
 use crate::protocol;
