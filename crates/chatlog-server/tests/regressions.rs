@@ -235,3 +235,19 @@ async fn a_client_close_is_answered() {
     assert!(answered, "the server did not answer the close frame");
     server.stop().await;
 }
+
+/// The server does the WebSocket upgrade itself: a plain GET is refused with 400 naming what
+/// is missing, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_is_not_an_upgrade_gets_400() {
+    let server = TestServer::start().await;
+    let (status, body, _) = common::http(server.addr, "GET", "/v1/ws", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("Connection: upgrade"), "{body}");
+    let mut c = server.connect("alice").await;
+    c.synced().await;
+    server.stop().await;
+}
