@@ -34,6 +34,9 @@ pub const MAX_CONNECTIONS_DEFAULT: usize = 100_000;
 pub const MAX_CONNECTIONS_PER_IP_DEFAULT: usize = 0;
 /// Users one connection may watch with `subscribe_presence`.
 pub const PRESENCE_WATCHES_PER_CONNECTION_MAX: usize = 1024;
+/// Frames written to one connection are buffered up to this many bytes before a write (the
+/// connection flushes after each batch of ready frames anyway).
+pub const WS_WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// WebSocket read buffer per connection. Small on purpose: idle connections dominate memory,
 /// and tungstenite grows the buffer for a larger message when it arrives.
 pub const WS_READ_BUFFER_BYTES: usize = 256;

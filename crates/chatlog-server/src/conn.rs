@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use chatlog::engine::{Answer, ChatError, HISTORY_LIMIT_MAX, Ticket};
 use futures_util::stream::FuturesOrdered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -344,12 +344,13 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
         };
         match step {
             Step::Reply(reply) => {
-                if !send_text(socket, reply).await {
+                let first = Some(reply);
+                if !Box::pin(write_ready(socket, &mut session, &mut inflight, first)).await {
                     break;
                 }
             }
             Step::Outbox => {
-                if !Box::pin(drain(socket, &mut session)).await {
+                if !Box::pin(write_ready(socket, &mut session, &mut inflight, None)).await {
                     break;
                 }
             }
@@ -473,11 +474,44 @@ async fn read_failed(socket: &mut WebSocket, error: tungstenite::Error) {
 }
 
 /// Writes everything queued in the outbox; `false` if the socket failed.
-async fn drain(socket: &mut WebSocket, session: &mut Session) -> bool {
-    let queued = session.outbox.take();
-    if queued.is_empty() {
-        return true;
+/// Writes `first`, every reply already complete and everything queued in the outbox, then
+/// flushes once: under load one `write` carries many frames. `false` if the socket failed.
+async fn write_ready(
+    socket: &mut WebSocket,
+    session: &mut Session,
+    inflight: &mut FuturesOrdered<ReplyFuture>,
+    first: Option<String>,
+) -> bool {
+    if let Some(text) = first
+        && socket
+            .feed(Message::Text(Utf8Bytes::from(text)))
+            .await
+            .is_err()
+    {
+        return false;
     }
+    // Replies that are already complete (polled without waiting: the main loop's select
+    // registers the real waker again right after).
+    while let Some(Some(text)) = inflight.next().now_or_never() {
+        if socket
+            .feed(Message::Text(Utf8Bytes::from(text)))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    feed_outbox(socket, session).await && socket.flush().await.is_ok()
+}
+
+/// Writes everything queued in the outbox and flushes; `false` if the socket failed.
+async fn drain(socket: &mut WebSocket, session: &mut Session) -> bool {
+    feed_outbox(socket, session).await && socket.flush().await.is_ok()
+}
+
+/// Feeds (without flushing) everything queued in the outbox.
+async fn feed_outbox(socket: &mut WebSocket, session: &mut Session) -> bool {
+    let queued = session.outbox.take();
     for push in queued {
         let frame = match push {
             Push::Event { chat, seq, frame } => {
@@ -496,7 +530,7 @@ async fn drain(socket: &mut WebSocket, session: &mut Session) -> bool {
             return false;
         }
     }
-    socket.flush().await.is_ok()
+    true
 }
 
 fn ready(text: String) -> ReplyFuture {

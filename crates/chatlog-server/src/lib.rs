@@ -220,7 +220,9 @@ async fn ws_handler(
     let hard = app.config.hard_frame_bytes();
     let ws_config = tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(config::WS_READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        // Frames fed between flushes are written together (one syscall for many frames);
+        // flushes happen after every batch of ready work, so nothing waits in the buffer.
+        .write_buffer_size(config::WS_WRITE_BUFFER_BYTES)
         .max_write_buffer_size(hard.saturating_mul(4))
         .max_message_size(Some(hard))
         .max_frame_size(Some(hard));
