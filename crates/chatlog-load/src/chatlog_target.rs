@@ -9,7 +9,6 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -488,7 +487,7 @@ impl Connection {
             }
         }
         let unacked = self.inflight.len() as u64;
-        self.shared.inflight.fetch_sub(unacked, Ordering::Relaxed);
+        self.shared.end_sends(unacked);
         self.recorder.counts().unacked_at_end += unacked;
         self.inflight.clear();
         if phase == Phase::Done {
@@ -497,17 +496,21 @@ impl Connection {
         self.recorder.flush(&self.shared.stats);
     }
 
-    /// Sends until `--inflight` sends are outstanding.
+    /// Sends until `--inflight` sends are outstanding (or sends are closed).
     async fn fill(&mut self, ws: &mut Ws, phase: Phase) -> Result<(), ()> {
         while self.inflight.len() < self.shared.args.inflight && !self.chat_ids.is_empty() {
+            let before = self.inflight.len();
             self.send_one(ws, phase).await?;
+            if self.inflight.len() == before {
+                break;
+            }
         }
         Ok(())
     }
 
     /// Sends one message to the next chat in turn (if the connection has chats).
     async fn send_one(&mut self, ws: &mut Ws, phase: Phase) -> Result<(), ()> {
-        if self.chat_ids.is_empty() {
+        if self.chat_ids.is_empty() || !self.shared.begin_send() {
             return Ok(());
         }
         let slot = self.next_slot;
@@ -523,7 +526,6 @@ impl Connection {
             self.chat_ids[slot]
         );
         self.inflight.insert(id, Instant::now());
-        self.shared.inflight.fetch_add(1, Ordering::Relaxed);
         if phase == Phase::Measure {
             self.recorder.counts().sent += 1;
         }
@@ -543,7 +545,7 @@ impl Connection {
                 self.recorder.error("reply_to_unknown_request");
                 return;
             };
-            self.shared.inflight.fetch_sub(1, Ordering::Relaxed);
+            self.shared.end_sends(1);
             if let Some(error) = incoming.error {
                 self.recorder.error(&format!("error:{}", error.code));
             } else if phase == Phase::Measure {

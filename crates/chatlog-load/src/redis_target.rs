@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -321,10 +320,12 @@ async fn send_loop(
     let mut next_slot = 0usize;
     let as_fast_as_possible = shared.send_period.is_none();
     let inflight_max = shared.args.inflight;
+    // Returns whether an XADD was issued (not when the connection has no chats or sends are
+    // closed).
     let mut add =
         |phase: Phase, recorder: &mut Recorder, pending: &mut FuturesUnordered<PendingAdd>| {
-            if keys.is_empty() {
-                return;
+            if keys.is_empty() || !shared.begin_send() {
+                return false;
             }
             let key = keys[next_slot].clone();
             next_slot = (next_slot + 1) % keys.len();
@@ -342,7 +343,6 @@ async fn send_loop(
                 .arg(body);
             let mut writer = writer.clone();
             let sent_at = Instant::now();
-            shared.inflight.fetch_add(1, Ordering::Relaxed);
             if phase == Phase::Measure {
                 recorder.counts().sent += 1;
             }
@@ -350,6 +350,7 @@ async fn send_loop(
                 let reply = command.query_async::<String>(&mut writer).await;
                 (sent_at, reply)
             }));
+            true
         };
     loop {
         if phase == Phase::Done {
@@ -358,16 +359,17 @@ async fn send_loop(
         if phase.sending() && !started {
             started = true;
             ticker = shared.send_ticker(index);
-            while as_fast_as_possible && !keys.is_empty() && pending.len() < inflight_max {
-                add(phase, recorder, &mut pending);
-            }
+            while as_fast_as_possible
+                && pending.len() < inflight_max
+                && add(phase, recorder, &mut pending)
+            {}
         }
         if !phase.sending() {
             ticker = None;
         }
         tokio::select! {
             Some((sent_at, reply)) = pending.next(), if !pending.is_empty() => {
-                shared.inflight.fetch_sub(1, Ordering::Relaxed);
+                shared.end_sends(1);
                 match reply {
                     Ok(_) if phase == Phase::Measure => {
                         let latency_us = u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -376,9 +378,11 @@ async fn send_loop(
                     Ok(_) => {}
                     Err(e) => recorder.error(&format!("xadd:{:?}", e.kind())),
                 }
-                while as_fast_as_possible && phase.sending() && !keys.is_empty() && pending.len() < inflight_max {
-                    add(phase, recorder, &mut pending);
-                }
+                while as_fast_as_possible
+                    && phase.sending()
+                    && pending.len() < inflight_max
+                    && add(phase, recorder, &mut pending)
+                {}
             }
             () = crate::worker::next_tick(&mut ticker) => {
                 if pending.len() < inflight_max {
@@ -393,7 +397,7 @@ async fn send_loop(
         }
     }
     let unacked = pending.len() as u64;
-    shared.inflight.fetch_sub(unacked, Ordering::Relaxed);
+    shared.end_sends(unacked);
     recorder.counts().unacked_at_end += unacked;
 }
 

@@ -14,7 +14,7 @@
 //! Anything a worker has to say to people goes to stderr.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,8 +107,12 @@ pub struct Shared {
     pub send_period: Option<Duration>,
     /// Measurements merged from the connections' recorders.
     pub stats: Mutex<Stats>,
-    /// Sends not yet acknowledged, over the worker's connections.
+    /// Sends not yet acknowledged, over the worker's connections. Moved only through
+    /// [`Shared::begin_send`] and [`Shared::end_sends`].
     pub inflight: AtomicU64,
+    /// Whether new sends may start: set before [`Phase::Warmup`] is published, cleared before
+    /// [`Phase::Drain`] is. Tasks see phase changes late; this flag is what the drain relies on.
+    pub sends_open: AtomicBool,
     /// Bounds the connections being set up at once.
     pub connect_permits: Semaphore,
     /// The current phase.
@@ -116,6 +120,25 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Claims one outstanding send, or returns `false` when sends are closed (the window is
+    /// over). The count is raised before the flag is read, and the worker clears the flag before
+    /// it reads the count (both sequentially consistent), so the drain never misses a send that
+    /// started: either the task sees the flag cleared, or the worker sees the count raised.
+    pub fn begin_send(&self) -> bool {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if self.sends_open.load(Ordering::SeqCst) {
+            true
+        } else {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            false
+        }
+    }
+
+    /// Releases `count` outstanding sends (acknowledged, failed or abandoned).
+    pub fn end_sends(&self, count: u64) {
+        self.inflight.fetch_sub(count, Ordering::SeqCst);
+    }
+
     /// The chats connection `connection` sends to and receives from.
     pub fn chats_of_connection(&self, connection: usize) -> &[usize] {
         &self.chats_by_user[self.layout.user_of_connection(connection)]
@@ -261,6 +284,7 @@ pub async fn run(args: Args, index: usize, workers: usize) -> anyhow::Result<()>
         connect_permits: Semaphore::new(args.connect_concurrency),
         stats: Mutex::new(Stats::default()),
         inflight: AtomicU64::new(0),
+        sends_open: AtomicBool::new(false),
         phase: phase_rx,
         server_addr,
         chats_by_user,
@@ -305,6 +329,7 @@ pub async fn run(args: Args, index: usize, workers: usize) -> anyhow::Result<()>
         tokio::select! {
             line = stdin.next_line() => match line?.as_deref().map(str::trim) {
                 Some(COMMAND_START) => {
+                    shared.sends_open.store(true, Ordering::SeqCst);
                     phase_tx.send_replace(Phase::Warmup);
                     measure_at = Some(Instant::now() + warmup);
                 }
@@ -319,9 +344,10 @@ pub async fn run(args: Args, index: usize, workers: usize) -> anyhow::Result<()>
         }
     }
     let window = measure_started.map_or(Duration::ZERO, |start| start.elapsed());
+    shared.sends_open.store(false, Ordering::SeqCst);
     phase_tx.send_replace(Phase::Drain);
     let drain_deadline = Instant::now() + Duration::from_millis(shared.args.drain_ms);
-    while shared.inflight.load(Ordering::Relaxed) > 0 && Instant::now() < drain_deadline {
+    while shared.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < drain_deadline {
         tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
     }
     phase_tx.send_replace(Phase::Done);
@@ -374,6 +400,45 @@ mod tests {
         assert_eq!(source_ip(server, 255, false), None);
         let remote: SocketAddr = "[::1]:8080".parse().unwrap();
         assert_eq!(source_ip(remote, 0, false), None);
+    }
+
+    fn test_shared() -> Shared {
+        use clap::Parser as _;
+        let args = Args::parse_from(["chatlog-load", "--secret", "s"]);
+        let layout = args.validate().unwrap();
+        let (_phase_tx, phase) = watch::channel(Phase::Setup);
+        Shared {
+            chats_by_user: layout.chats_by_user(),
+            plan: WorkerPlan {
+                run_id: "r".into(),
+                chat_ids: vec!["1".into(); layout.chats()],
+            },
+            server_addr: "127.0.0.1:1".parse().unwrap(),
+            source_ip: None,
+            send_period: None,
+            stats: Mutex::new(Stats::default()),
+            inflight: AtomicU64::new(0),
+            sends_open: AtomicBool::new(false),
+            connect_permits: Semaphore::new(1),
+            phase,
+            layout,
+            args,
+        }
+    }
+
+    #[test]
+    fn sends_start_only_while_open_and_are_counted_until_released() {
+        let shared = test_shared();
+        assert!(!shared.begin_send());
+        assert_eq!(shared.inflight.load(Ordering::SeqCst), 0);
+        shared.sends_open.store(true, Ordering::SeqCst);
+        assert!(shared.begin_send());
+        assert!(shared.begin_send());
+        assert_eq!(shared.inflight.load(Ordering::SeqCst), 2);
+        shared.sends_open.store(false, Ordering::SeqCst);
+        assert!(!shared.begin_send());
+        shared.end_sends(2);
+        assert_eq!(shared.inflight.load(Ordering::SeqCst), 0);
     }
 
     #[test]
