@@ -1,10 +1,10 @@
 //! The same workload on Redis Streams, for comparison.
 //!
-//! Chat `c` is the stream `chat:{c}`. A send is `XADD chat:{c} * ts <µs> sender <user> body
-//! <body>`, acknowledged once Redis replies (with `appendfsync always`, after the AOF fsync). Each
-//! connection is two TCP connections: one sends, the other loops on `XREAD BLOCK 0 COUNT n
-//! STREAMS <its chats> <last ids>`, the counterpart of chatlog's pushes. Stream ids must grow on
-//! each reader, as seqs must on a chatlog connection.
+//! Chat `c` is the stream `chat:{c}`. A send is
+//! `XADD chat:{c} * ts <µs> sender <user> body <body>`, acknowledged once Redis replies (with
+//! `appendfsync always`, after the AOF fsync). Each connection is two TCP connections: one sends,
+//! the other loops on `XREAD COUNT n BLOCK 0 STREAMS <its chats> <last ids>`, the counterpart of
+//! chatlog's pushes. Stream ids must grow on each reader, as seqs must on a chatlog connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
