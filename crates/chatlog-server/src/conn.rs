@@ -317,7 +317,11 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
     let mut last_inbound = Instant::now();
     let mut last_presence = Instant::now();
     let presence_refresh_ms = (app.config.presence_ttl_ms / 4).min(PRESENCE_REFRESH_MS_MAX);
+    // One timer for pings, the idle timeout and token expiry, moved only when it fires (it
+    // may fire early because traffic moved the idle deadline; it then re-arms).
     let mut next_ping = last_inbound + ping_every;
+    let timer = tokio::time::sleep_until(next_ping.min(session.token_expires).into());
+    tokio::pin!(timer);
     loop {
         if app.cancel.is_cancelled() {
             Box::pin(shut_down(socket, &mut session, &mut inflight)).await;
@@ -328,9 +332,6 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
             Box::pin(close_with(socket, close::TOO_SLOW, reason)).await;
             break;
         }
-        let deadline = next_ping
-            .min(last_inbound + idle)
-            .min(session.token_expires);
         // The select only decides what happens next; the work is done below, with the rarely
         // taken, larger futures boxed so that they do not grow every connection's task.
         let step = tokio::select! {
@@ -340,7 +341,7 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
             message = socket.next(), if inflight.len() < INFLIGHT_PER_CONNECTION_MAX => {
                 Step::Inbound(message)
             }
-            () = tokio::time::sleep_until(deadline.into()) => Step::Timer,
+            () = &mut timer => Step::Timer,
         };
         match step {
             Step::Reply(reply) => {
@@ -421,6 +422,10 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
                         break;
                     }
                 }
+                let deadline = next_ping
+                    .min(last_inbound + idle)
+                    .min(session.token_expires);
+                timer.as_mut().reset(deadline.into());
             }
         }
     }
@@ -552,14 +557,14 @@ fn after_ticket(
     id: RequestId,
     ticket: Ticket,
     shape: impl FnOnce(Answer) -> Value + Send + 'static,
-    started: Option<Instant>,
+    started: Option<(Instant, metrics::Histogram)>,
 ) -> ReplyFuture {
     Box::pin(async move {
         let result = ticket.await.map(shape).map_err(Failure::from);
-        if let Some(started) = started
+        if let Some((started, histogram)) = started
             && result.is_ok()
         {
-            metrics::histogram!(m::SEND_LATENCY).record(started.elapsed().as_secs_f64());
+            histogram.record(started.elapsed().as_secs_f64());
         }
         reply(&id, result)
     })
@@ -649,7 +654,7 @@ fn handle(app: &Arc<App>, session: &mut Session, text: &str) -> ReplyFuture {
                     Answer::Sent(s) => json!({ "chat": chat, "seq": s.seq, "ts": s.ts }),
                     other => json!({ "unexpected": format!("{other:?}") }),
                 },
-                Some(Instant::now()),
+                Some((Instant::now(), app.send_latency.clone())),
             )
         }
         Request::Edit { chat, target, body } => after_ticket(

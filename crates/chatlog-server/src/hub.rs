@@ -63,8 +63,15 @@ impl Outbox {
         }
     }
 
-    /// Queues a push; on overflow marks the connection too slow instead (it will close).
+    /// Queues a push and wakes the connection; on overflow marks the connection too slow
+    /// instead (it will close).
     pub fn push(&self, push: Push) {
+        self.push_quiet(push);
+        self.notify.notify_one();
+    }
+
+    /// Queues a push without waking the connection (the caller wakes it once for a batch).
+    pub fn push_quiet(&self, push: Push) {
         if self.overflowed.load(Ordering::Relaxed) {
             return;
         }
@@ -76,9 +83,7 @@ impl Outbox {
             }
         } else {
             queue.push_back(push);
-            drop(queue);
         }
-        self.notify.notify_one();
     }
 
     /// Takes everything queued (the queue's allocation goes with it).
@@ -139,12 +144,27 @@ impl Hub {
     }
 
     /// Queues `push` on every connection of every user in `users` (except connections of
-    /// `skip_user`); returns how many connections got it.
+    /// `skip_user`) and wakes them; returns how many connections got it.
     pub fn send_to<'a>(
         &self,
         users: impl IntoIterator<Item = &'a str>,
         skip_user: Option<&str>,
         push: &Push,
+    ) -> u64 {
+        let mut wake = Wakes::default();
+        let n = self.queue_to(users, skip_user, push, &mut wake);
+        wake.wake();
+        n
+    }
+
+    /// Like [`Hub::send_to`], but the connections are woken later by `wake`, once for a whole
+    /// batch of pushes.
+    pub fn queue_to<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a str>,
+        skip_user: Option<&str>,
+        push: &Push,
+        wake: &mut Wakes,
     ) -> u64 {
         let map = self.connections.read().unwrap_or_else(|e| e.into_inner());
         let mut delivered = 0;
@@ -154,7 +174,8 @@ impl Hub {
             }
             if let Some(list) = map.get(user) {
                 for outbox in list {
-                    outbox.push(push.clone());
+                    outbox.push_quiet(push.clone());
+                    wake.add(outbox);
                     delivered += 1;
                 }
             }
@@ -166,6 +187,29 @@ impl Hub {
     fn offline<'a>(&self, users: &'a [Arc<str>]) -> Vec<&'a Arc<str>> {
         let map = self.connections.read().unwrap_or_else(|e| e.into_inner());
         users.iter().filter(|u| !map.contains_key(&***u)).collect()
+    }
+}
+
+/// Connections to wake after a batch of pushes (each once).
+#[derive(Debug, Default)]
+pub struct Wakes {
+    ids: HashSet<u64>,
+    outboxes: Vec<Arc<Outbox>>,
+}
+
+impl Wakes {
+    fn add(&mut self, outbox: &Arc<Outbox>) {
+        if self.ids.insert(outbox.id) {
+            self.outboxes.push(outbox.clone());
+        }
+    }
+
+    /// Wakes every connection added since the last call.
+    pub fn wake(&mut self) {
+        for outbox in self.outboxes.drain(..) {
+            outbox.notify.notify_one();
+        }
+        self.ids.clear();
     }
 }
 
@@ -194,31 +238,61 @@ impl Members {
 /// Runs the fanout until the engine closes.
 pub async fn run_fanout(engine: Arc<Engine>, hub: Arc<Hub>, webhook: Option<Webhook>) {
     let mut subscription = engine.subscribe();
-    let mut members = Members::default();
+    let mut out = Fanout {
+        members: Members::default(),
+        wakes: Wakes::default(),
+        delivered: metrics::counter!(m::EVENTS_DELIVERED),
+        appended: metrics::counter!(m::MESSAGES_APPENDED),
+    };
     loop {
-        let committed = match subscription.recv().await {
-            Ok(c) => c,
-            Err(SubscriptionError::Lagged { resume_from }) => {
-                tracing::warn!(resume_from, "fanout lagged; catching up from the log");
-                continue;
+        let mut next = subscription.recv().await;
+        // Everything already committed goes out as one batch: each connection is woken once
+        // and writes all of its frames with one flush.
+        for _ in 0..FANOUT_BATCH_MAX {
+            match next {
+                Ok(committed) => {
+                    fan_out(&engine, &hub, webhook.as_ref(), &mut out, &committed);
+                }
+                Err(SubscriptionError::Lagged { resume_from }) => {
+                    tracing::warn!(resume_from, "fanout lagged; catching up from the log");
+                }
+                Err(SubscriptionError::Closed) => {
+                    out.wakes.wake();
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "fanout cannot read the log; stopping fanout");
+                    out.wakes.wake();
+                    return;
+                }
             }
-            Err(SubscriptionError::Closed) => return,
-            Err(e) => {
-                tracing::error!(error = %e, "fanout cannot read the log; stopping fanout");
-                return;
+            match subscription.try_recv() {
+                Some(n) => next = n,
+                None => break,
             }
-        };
-        fan_out(&engine, &hub, webhook.as_ref(), &mut members, &committed);
+        }
+        out.wakes.wake();
     }
+}
+
+/// Records handled before the fanout wakes the connections it queued frames for.
+const FANOUT_BATCH_MAX: usize = 1024;
+
+struct Fanout {
+    members: Members,
+    wakes: Wakes,
+    delivered: metrics::Counter,
+    appended: metrics::Counter,
 }
 
 fn fan_out(
     engine: &Engine,
     hub: &Hub,
     webhook: Option<&Webhook>,
-    members: &mut Members,
+    out: &mut Fanout,
     committed: &Committed,
 ) {
+    let members = &mut out.members;
     match &committed.record {
         Record::Event { event, created } => {
             let chat: Arc<str> = Arc::from(event.chat.as_str());
@@ -227,7 +301,8 @@ fn fan_out(
                 seq: event.seq,
                 frame: Utf8Bytes::from(protocol::event_push(event)),
             };
-            let recipients: Vec<Arc<str>> = match &event.kind {
+            let changed: Vec<Arc<str>>;
+            let recipients: &[Arc<str>] = match &event.kind {
                 EventKind::Members { added, removed, .. } => {
                     let list = if created.is_some() {
                         // A new chat: the event names everyone.
@@ -252,16 +327,18 @@ fn fan_out(
                             all.push(m.clone());
                         }
                     }
-                    all
+                    changed = all;
+                    &changed
                 }
-                _ => members.get(engine, &event.chat).clone(),
+                _ => members.get(engine, &event.chat),
             };
-            let delivered = hub.send_to(recipients.iter().map(|u| &**u), None, &push);
-            metrics::counter!(m::EVENTS_DELIVERED).increment(delivered);
+            let delivered =
+                hub.queue_to(recipients.iter().map(|u| &**u), None, &push, &mut out.wakes);
+            out.delivered.increment(delivered);
             if let EventKind::Message { .. } = event.kind {
-                metrics::counter!(m::MESSAGES_APPENDED).increment(1);
+                out.appended.increment(1);
                 if let Some(webhook) = webhook {
-                    for user in hub.offline(&recipients) {
+                    for user in hub.offline(recipients) {
                         if **user != *event.sender {
                             webhook.notify(user, &event.chat, event.seq, &event.sender);
                         }
@@ -276,8 +353,8 @@ fn fan_out(
                 moved.user_delivered,
                 moved.user_read,
             )));
-            let recipients = members.get(engine, &moved.chat).clone();
-            hub.send_to(recipients.iter().map(|u| &**u), None, &push);
+            let recipients = members.get(engine, &moved.chat);
+            hub.queue_to(recipients.iter().map(|u| &**u), None, &push, &mut out.wakes);
         }
         _ => {}
     }

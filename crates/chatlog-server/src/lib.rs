@@ -90,6 +90,8 @@ pub struct App {
     pub limiter: Option<Limiter>,
     /// Metrics handle.
     pub metrics: PrometheusHandle,
+    /// The send latency histogram (a handle: no registry lookup per send).
+    pub send_latency: ::metrics::Histogram,
     /// Cancelled when the server shuts down.
     pub cancel: CancellationToken,
     connections: AtomicUsize,
@@ -312,6 +314,7 @@ pub async fn serve(
         presence: presence.clone(),
         limiter,
         metrics: metrics::install(),
+        send_latency: ::metrics::histogram!(metrics::SEND_LATENCY),
         cancel: cancel.clone(),
         connections: AtomicUsize::new(0),
         per_ip: Mutex::new(HashMap::new()),

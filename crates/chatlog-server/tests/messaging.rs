@@ -103,13 +103,17 @@ async fn concurrent_senders_get_gapless_ordered_seqs_on_every_connection() {
     let others: Vec<&str> = users[1..].iter().map(String::as_str).collect();
     let chat = owner.create(&others, "busy").await;
     let per_sender = 40u64;
+    // Everyone is connected before anyone sends, so every connection must see every message.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(users.len()));
     let mut tasks = Vec::new();
     for user in users.clone() {
         let url = server.url();
         let chat = chat.clone();
+        let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&url, &token(&user), "d", None).await;
             c.synced().await;
+            barrier.wait().await;
             let mut seqs = Vec::new();
             for i in 0..per_sender {
                 // Pipelined: send without waiting, then collect replies.

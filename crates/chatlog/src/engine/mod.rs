@@ -1267,6 +1267,28 @@ impl Subscription {
         }
     }
 
+    /// The next committed record if one is available now (never waits).
+    pub fn try_recv(&mut self) -> Option<Result<Arc<Committed>, SubscriptionError>> {
+        loop {
+            if let Some(r) = self.next_from_log() {
+                return Some(r);
+            }
+            let item = match self.rx.try_recv() {
+                Ok(c) => Ok(c),
+                Err(broadcast::error::TryRecvError::Empty) => return None,
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    Err(broadcast::error::RecvError::Closed)
+                }
+            };
+            if let Some(r) = self.accept(item) {
+                return Some(r);
+            }
+        }
+    }
+
     /// The next committed record.
     pub async fn recv(&mut self) -> Result<Arc<Committed>, SubscriptionError> {
         loop {
