@@ -28,6 +28,8 @@ pub const OUTBOUND_QUEUE_DEFAULT: usize = 4096;
 /// Requests of one connection in flight (awaiting durability) before the server stops
 /// reading from it.
 pub const INFLIGHT_PER_CONNECTION_MAX: usize = 256;
+/// Committed records the fanout handles before waking the connections it queued frames for.
+pub const FANOUT_BATCH_MAX_DEFAULT: usize = 1024;
 /// Default connection cap of the whole server.
 pub const MAX_CONNECTIONS_DEFAULT: usize = 100_000;
 /// Default connection cap per client IP address (`0` = off).
@@ -72,6 +74,8 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// Presence TTL of a connection without inbound traffic.
     pub presence_ttl_ms: u64,
+    /// Records per fanout batch (each connection is woken once per batch).
+    pub fanout_batch_max: usize,
     /// Engine settings (limits, durability).
     pub engine: chatlog::engine::EngineConfig,
 }
@@ -94,6 +98,7 @@ impl ServerConfig {
             max_connections: MAX_CONNECTIONS_DEFAULT,
             max_connections_per_ip: MAX_CONNECTIONS_PER_IP_DEFAULT,
             presence_ttl_ms: chatlog::presence::TTL_MS_DEFAULT,
+            fanout_batch_max: FANOUT_BATCH_MAX_DEFAULT,
             engine: chatlog::engine::EngineConfig::default(),
         }
     }

@@ -236,7 +236,12 @@ impl Members {
 }
 
 /// Runs the fanout until the engine closes.
-pub async fn run_fanout(engine: Arc<Engine>, hub: Arc<Hub>, webhook: Option<Webhook>) {
+pub async fn run_fanout(
+    engine: Arc<Engine>,
+    hub: Arc<Hub>,
+    webhook: Option<Webhook>,
+    batch_max: usize,
+) {
     let mut subscription = engine.subscribe();
     let mut out = Fanout {
         members: Members::default(),
@@ -248,7 +253,9 @@ pub async fn run_fanout(engine: Arc<Engine>, hub: Arc<Hub>, webhook: Option<Webh
         let mut next = subscription.recv().await;
         // Everything already committed goes out as one batch: each connection is woken once
         // and writes all of its frames with one flush.
-        for _ in 0..FANOUT_BATCH_MAX {
+        let mut handled = 0;
+        loop {
+            handled += 1;
             match next {
                 Ok(committed) => {
                     fan_out(&engine, &hub, webhook.as_ref(), &mut out, &committed);
@@ -266,6 +273,10 @@ pub async fn run_fanout(engine: Arc<Engine>, hub: Arc<Hub>, webhook: Option<Webh
                     return;
                 }
             }
+            // Take the next record only if this batch has room: a record taken is handled.
+            if handled >= batch_max {
+                break;
+            }
             match subscription.try_recv() {
                 Some(n) => next = n,
                 None => break,
@@ -274,9 +285,6 @@ pub async fn run_fanout(engine: Arc<Engine>, hub: Arc<Hub>, webhook: Option<Webh
         out.wakes.wake();
     }
 }
-
-/// Records handled before the fanout wakes the connections it queued frames for.
-const FANOUT_BATCH_MAX: usize = 1024;
 
 struct Fanout {
     members: Members,

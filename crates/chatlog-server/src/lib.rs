@@ -320,7 +320,12 @@ pub async fn serve(
         per_ip: Mutex::new(HashMap::new()),
         tracker: TaskTracker::new(),
     });
-    let fanout = tokio::spawn(hub::run_fanout(engine.clone(), hub, webhook));
+    let fanout = tokio::spawn(hub::run_fanout(
+        engine.clone(),
+        hub,
+        webhook,
+        app.config.fanout_batch_max.max(1),
+    ));
     let presence_task = tokio::spawn(presence.clone().run());
     let limiter_app = app.clone();
     let limiter_task = tokio::spawn(async move {
