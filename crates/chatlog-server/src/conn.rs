@@ -65,7 +65,7 @@ struct Session {
     outbox: Arc<Outbox>,
     /// Per chat, the last seq written to this connection (drops duplicates between resume and
     /// live pushes).
-    last_sent: HashMap<Arc<str>, u64>,
+    last_sent: LastSent,
     watching: Vec<String>,
     token_expires: Instant,
 }
@@ -232,7 +232,7 @@ async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
         user,
         device,
         outbox,
-        last_sent: HashMap::new(),
+        last_sent: LastSent::default(),
         watching: Vec::new(),
         token_expires: Instant::now() + Duration::from_millis(expires_in_ms),
     };
@@ -300,7 +300,7 @@ async fn resume(
                 }
             }
         }
-        session.last_sent.insert(chat, point.last_seq);
+        session.last_sent.accept(chat, point.last_seq);
     }
     socket
         .feed(Message::Text(Utf8Bytes::from_static(protocol::SYNCED)))
@@ -432,6 +432,33 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
     session
 }
 
+/// Per chat, the last seq written to a connection: a vector sorted by chat id (smaller than a
+/// hash map for the few chats most users have; idle memory per connection).
+#[derive(Debug, Default)]
+struct LastSent(Vec<(Arc<str>, u64)>);
+
+impl LastSent {
+    /// Records that `seq` of `chat` is being written; `false` if it (or a later seq) already
+    /// was, so the frame must be dropped.
+    fn accept(&mut self, chat: Arc<str>, seq: u64) -> bool {
+        match self.0.binary_search_by(|(c, _)| (**c).cmp(&*chat)) {
+            Ok(i) if self.0[i].1 >= seq => false,
+            Ok(i) => {
+                self.0[i].1 = seq;
+                true
+            }
+            Err(i) => {
+                // Most users are in a few chats: grow one entry at a time while small.
+                if self.0.len() < 4 {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(i, (chat, seq));
+                true
+            }
+        }
+    }
+}
+
 /// What the main loop does next.
 enum Step {
     Reply(String),
@@ -520,12 +547,8 @@ async fn feed_outbox(socket: &mut WebSocket, session: &mut Session) -> bool {
     for push in queued {
         let frame = match push {
             Push::Event { chat, seq, frame } => {
-                match session.last_sent.get_mut(&chat) {
-                    Some(last) if seq <= *last => continue,
-                    Some(last) => *last = seq,
-                    None => {
-                        session.last_sent.insert(chat, seq);
-                    }
+                if !session.last_sent.accept(chat, seq) {
+                    continue;
                 }
                 frame
             }
