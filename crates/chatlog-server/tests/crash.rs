@@ -202,3 +202,39 @@ async fn verify(url: &str, chat: &str, acked: &BTreeMap<String, Ack>) {
         "retries appended nothing"
     );
 }
+
+/// SIGTERM: the binary closes clients with 1001, answers what it accepted, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_clients_with_1001_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path());
+    let mut c = Client::connect(&server.url, &token("alice"), "d", None).await;
+    c.synced().await;
+    let chat = c.create(&["bob"], "t").await;
+    let sent = c.send_msg(&chat, "m1", "before stop").await;
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = loop {
+        match c.recv_or_close().await {
+            Ok(_) => continue,
+            Err(code) => break code,
+        }
+    };
+    assert_eq!(code, Some(1001));
+    let exit = tokio::task::spawn_blocking(move || server.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    let mut server = start(dir.path());
+    let mut c = Client::connect(&server.url, &token("alice"), "d2", None).await;
+    let again = c.send_msg(&chat, "m1", "before stop").await;
+    assert_eq!(
+        again, sent,
+        "acknowledged before SIGTERM, still there after"
+    );
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}

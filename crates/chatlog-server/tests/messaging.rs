@@ -246,3 +246,55 @@ async fn receipts_are_pushed_to_members() {
     alice.no_push("typing", Duration::from_millis(50)).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_of_one_cmid_get_one_seq() {
+    const CMIDS: u64 = 50;
+    const DEVICES: usize = 4;
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    alice.synced().await;
+    let chat = alice.create(&["bob"], "dups").await;
+    // The same sender on four devices sends the same 50 cmids at once, pipelined.
+    let mut tasks = Vec::new();
+    for d in 0..DEVICES {
+        let (url, chat) = (server.url(), chat.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&url, &token("alice"), &format!("dev{d}"), None).await;
+            for i in 0..CMIDS {
+                c.send_raw(
+                    &json!({"op":"send","id":i,"chat":chat,"cmid":format!("same-{i}"),"body":format!("b{i}")})
+                        .to_string(),
+                )
+                .await;
+            }
+            let mut got = std::collections::BTreeMap::new();
+            while got.len() < CMIDS as usize {
+                let v = c.recv().await.unwrap();
+                if let Some(id) = v.get("id").and_then(|i| i.as_u64()) {
+                    let r = &v["result"];
+                    assert!(r.is_object(), "send failed: {v}");
+                    got.insert(id, (r["seq"].as_u64().unwrap(), r["ts"].as_u64().unwrap()));
+                }
+            }
+            got
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    for other in &answers[1..] {
+        assert_eq!(
+            other, &answers[0],
+            "every retry of a cmid gets the same seq and ts"
+        );
+    }
+    let h = alice
+        .ok(json!({"op":"history","chat":chat,"limit":500}))
+        .await;
+    assert_eq!(h["last_seq"], 1 + CMIDS, "one event per cmid");
+    let seqs: std::collections::BTreeSet<u64> = answers[0].values().map(|(s, _)| *s).collect();
+    assert_eq!(seqs.len(), CMIDS as usize);
+    server.stop().await;
+}
