@@ -345,13 +345,14 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
         };
         match step {
             Step::Reply(reply) => {
-                let first = Some(reply);
-                if !Box::pin(write_ready(socket, &mut session, &mut inflight, first)).await {
+                let write = write_ready(socket, &mut session, &mut inflight, Some(reply));
+                if !Box::pin(bounded(write, idle)).await {
                     break;
                 }
             }
             Step::Outbox => {
-                if !Box::pin(write_ready(socket, &mut session, &mut inflight, None)).await {
+                let write = write_ready(socket, &mut session, &mut inflight, None);
+                if !Box::pin(bounded(write, idle)).await {
                     break;
                 }
             }
@@ -430,6 +431,12 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
         }
     }
     session
+}
+
+/// A write that does not finish within the idle timeout ends the connection: a client that
+/// stops reading cannot hold a connection (and its task) open for ever.
+async fn bounded(write: impl Future<Output = bool>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, write).await.unwrap_or(false)
 }
 
 /// Per chat, the last seq written to a connection: a vector sorted by chat id (smaller than a

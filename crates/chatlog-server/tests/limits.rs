@@ -237,3 +237,40 @@ async fn a_connection_without_hello_is_closed_after_the_handshake_timeout() {
     c.synced().await;
     server.stop().await;
 }
+
+/// A client that stops reading while the server is writing to it cannot pin its connection:
+/// a write that does not finish within the idle timeout ends the connection (before, the task
+/// waited in the write for ever and the user stayed online).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_blocked_by_a_client_that_stopped_reading_ends_the_connection() {
+    let server = TestServer::start_with(|c| {
+        c.idle_timeout_ms = 1_000;
+        c.ping_interval_ms = 300;
+        c.presence_ttl_ms = 600_000;
+        c.outbound_queue = 1_000_000;
+    })
+    .await;
+    let url = server.url();
+    let mut alice = server.connect("alice").await;
+    alice.synced().await;
+    let mut carol = Client::connect_small_buffer(&url, &token("carol"), "stuck", 4096).await;
+    carol.synced().await;
+    let chat = alice.create(&["carol"], "t").await;
+    alice
+        .ok(json!({"op":"subscribe_presence","users":["carol"]}))
+        .await;
+    // Enough large messages to fill carol's socket buffers; she never reads again.
+    let body = "x".repeat(15_000);
+    for i in 0..600 {
+        alice.send_msg(&chat, &format!("m{i}"), &body).await;
+    }
+    // carol goes offline only when the server ends her connection.
+    loop {
+        let p = alice.push("presence").await;
+        if p["user"] == "carol" && p["online"] == false {
+            break;
+        }
+    }
+    drop(carol);
+    server.stop().await;
+}
