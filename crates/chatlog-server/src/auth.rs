@@ -7,7 +7,8 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// Secrets shorter than this are refused: HS256 wants at least 256 bits of key.
+/// Secrets shorter than this many bytes are refused. The generated secret is 32 random bytes
+/// (64 hex characters); an operator-supplied one should be as long and as random.
 pub const SECRET_BYTES_MIN: usize = 16;
 /// Name of the generated secret file under the data directory.
 pub const SECRET_FILE: &str = "auth-secret";
@@ -131,6 +132,12 @@ pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<(String, bool)>
     let bytes: [u8; 32] = rand::random();
     let secret = hex::encode(bytes);
     let tmp = data_dir.join(format!("{SECRET_FILE}.tmp"));
+    // A leftover temporary file would keep its old permissions: start from a new file.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     {
         use std::io::Write;
         let mut options = std::fs::OpenOptions::new();

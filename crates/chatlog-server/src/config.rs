@@ -43,8 +43,8 @@ pub const WS_WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// and tungstenite grows the buffer for a larger message when it arrives.
 pub const WS_READ_BUFFER_BYTES: usize = 256;
 
-/// Everything `chatlog-server serve` can be told.
-#[derive(Debug, Clone)]
+/// Everything `chatlog-server serve` can be told. Its `Debug` output never shows the secret.
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Data directory (engine log, indexes, files, generated secret).
     pub data_dir: PathBuf,
@@ -78,6 +78,29 @@ pub struct ServerConfig {
     pub fanout_batch_max: usize,
     /// Engine settings (limits, durability).
     pub engine: chatlog::engine::EngineConfig,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("data_dir", &self.data_dir)
+            .field("auth_secret", &"<redacted>")
+            .field("rate_limit_per_minute", &self.rate_limit_per_minute)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("push_webhook", &self.push_webhook)
+            .field("push_interval_ms", &self.push_interval_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("ping_interval_ms", &self.ping_interval_ms)
+            .field("handshake_timeout_ms", &self.handshake_timeout_ms)
+            .field("max_file_bytes", &self.max_file_bytes)
+            .field("outbound_queue", &self.outbound_queue)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
+            .field("presence_ttl_ms", &self.presence_ttl_ms)
+            .field("fanout_batch_max", &self.fanout_batch_max)
+            .field("engine", &self.engine)
+            .finish()
+    }
 }
 
 impl ServerConfig {
@@ -151,3 +174,14 @@ impl ServerConfig {
 
 const _: () = assert!(WS_READ_BUFFER_BYTES >= 14, "a frame header must fit");
 const _: () = assert!(HARD_FRAME_BYTES_MIN >= MAX_FRAME_BYTES_DEFAULT);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debug_output_never_shows_the_secret() {
+        let config = super::ServerConfig::new("/tmp/x", "very-secret-value-123");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("very-secret-value-123"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+}

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 const DATA_DIR_DEFAULT: &str = "./chatlog-data";
 const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(
     name = "chatlog-server",
     version,
@@ -28,7 +28,7 @@ struct Cli {
     serve: Box<ServeArgs>,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 enum Command {
     /// Serve clients (the default).
     Serve(Box<ServeArgs>),
@@ -36,7 +36,8 @@ enum Command {
     Token(TokenArgs),
 }
 
-#[derive(Args, Debug, Default)]
+// No `Debug`: it would print the secret.
+#[derive(Args, Default)]
 struct ServeArgs {
     /// Data directory (log, indexes, files, generated secret).
     #[arg(long, env = "CHATLOG_DATA_DIR", default_value = DATA_DIR_DEFAULT)]
@@ -97,7 +98,7 @@ struct ServeArgs {
     peer_listen: Option<String>,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args)]
 struct TokenArgs {
     /// User id (`sub`).
     #[arg(long)]
