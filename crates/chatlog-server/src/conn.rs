@@ -496,7 +496,8 @@ async fn shut_down(
             return;
         }
     }
-    drain(socket, session).await;
+    // Every reply is written above; what is left is the outbox.
+    write_ready(socket, session, inflight, None).await;
     close_with(socket, close::GOING_AWAY, "server shutting down").await;
 }
 
@@ -540,11 +541,6 @@ async fn write_ready(
             return false;
         }
     }
-    feed_outbox(socket, session).await && socket.flush().await.is_ok()
-}
-
-/// Writes everything queued in the outbox and flushes; `false` if the socket failed.
-async fn drain(socket: &mut WebSocket, session: &mut Session) -> bool {
     feed_outbox(socket, session).await && socket.flush().await.is_ok()
 }
 

@@ -586,30 +586,21 @@ impl<'a> EventJson<'a> {
 
 /// `{"ev":"event","event":{..}}` for a live push.
 pub fn event_push(event: &Event) -> String {
-    #[derive(Serialize)]
-    struct Push<'a> {
-        ev: &'static str,
-        event: EventJson<'a>,
-    }
-    serde_json::to_string(&Push {
-        ev: "event",
-        event: EventJson::new(event),
-    })
-    .expect("events serialize")
+    push_of(EventJson::new(event))
 }
 
 /// `{"ev":"event","event":{..}}` for an event replayed on resume (with the history flags).
 pub fn resume_push(event: &HistoryEvent) -> String {
+    push_of(EventJson::history(event))
+}
+
+fn push_of(event: EventJson<'_>) -> String {
     #[derive(Serialize)]
     struct Push<'a> {
         ev: &'static str,
         event: EventJson<'a>,
     }
-    serde_json::to_string(&Push {
-        ev: "event",
-        event: EventJson::history(event),
-    })
-    .expect("events serialize")
+    serde_json::to_string(&Push { ev: "event", event }).expect("events serialize")
 }
 
 /// The result of `history`.
