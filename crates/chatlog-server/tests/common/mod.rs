@@ -226,7 +226,16 @@ impl Client {
     }
 
     pub async fn connect(url: &str, token: &str, device: &str, since: Option<Value>) -> Client {
-        let mut ws = Self::raw(url).await;
+        Self::hello_on(Self::raw(url).await, token, device, since).await
+    }
+
+    /// Sends `hello` on an open socket and waits for `welcome`.
+    async fn hello_on(
+        mut ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+        token: &str,
+        device: &str,
+        since: Option<Value>,
+    ) -> Client {
         let mut hello = json!({"op": "hello", "token": token, "device": device});
         if let Some(since) = since {
             hello["since"] = since;
@@ -532,21 +541,10 @@ impl Client {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(recv_buffer_bytes).unwrap();
         let stream = socket.connect(addr).await.unwrap();
-        let (mut ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
             .await
             .unwrap();
-        let hello = json!({"op": "hello", "token": token, "device": device});
-        ws.send(Message::text(hello.to_string())).await.unwrap();
-        let mut client = Client {
-            ws,
-            next_id: 0,
-            pushes: VecDeque::new(),
-            welcome: Value::Null,
-        };
-        let welcome = client.recv().await.expect("welcome");
-        assert_eq!(welcome["ev"], "welcome", "{welcome}");
-        client.welcome = welcome;
-        client
+        Self::hello_on(ws, token, device, None).await
     }
 }
 
