@@ -135,6 +135,18 @@ async fn send_text(socket: &mut WebSocket, text: String) -> bool {
         .is_ok()
 }
 
+/// Refuses a connection during `hello`: `unauthorized` with `message`, then close 1008.
+async fn refuse_hello(socket: &mut WebSocket, id: Option<&RequestId>, message: String) {
+    let f = Failure::new(Code::Unauthorized, message);
+    close_after(
+        socket,
+        protocol::error(id, &f),
+        close::POLICY,
+        "authentication failed",
+    )
+    .await;
+}
+
 /// Waits for `hello`, authenticates, registers the connection, resumes. `None` if the
 /// connection ended.
 async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
@@ -147,20 +159,27 @@ async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
             return None;
         }
     };
-    let refuse = |message: &str| {
-        protocol::error(None, &Failure::new(Code::Unauthorized, message.to_owned()))
-    };
     let text = match first {
         Err(_) => {
-            let _ = send_text(socket, refuse("no hello within the handshake timeout")).await;
-            close_with(socket, close::POLICY, "handshake timeout").await;
+            let f = Failure::new(Code::Unauthorized, "no hello within the handshake timeout");
+            close_after(
+                socket,
+                protocol::error(None, &f),
+                close::POLICY,
+                "handshake timeout",
+            )
+            .await;
             return None;
         }
         Ok(None | Some(Err(_))) => return None,
         Ok(Some(Ok(Message::Text(t)))) if t.len() <= app.config.max_frame_bytes => t,
         Ok(Some(Ok(_))) => {
-            let _ = send_text(socket, refuse("the first frame must be a hello text frame")).await;
-            close_with(socket, close::POLICY, "authentication failed").await;
+            refuse_hello(
+                socket,
+                None,
+                "the first frame must be a hello text frame".into(),
+            )
+            .await;
             return None;
         }
     };
@@ -174,15 +193,11 @@ async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
             },
         )) => (id, token, device, since),
         Ok((id, _)) => {
-            let f = Failure::new(Code::Unauthorized, "the first frame must be hello");
-            let _ = send_text(socket, protocol::error(Some(&id), &f)).await;
-            close_with(socket, close::POLICY, "authentication failed").await;
+            refuse_hello(socket, Some(&id), "the first frame must be hello".into()).await;
             return None;
         }
         Err((id, f)) => {
-            let f = Failure::new(Code::Unauthorized, format!("bad hello: {}", f.message));
-            let _ = send_text(socket, protocol::error(id.as_ref(), &f)).await;
-            close_with(socket, close::POLICY, "authentication failed").await;
+            refuse_hello(socket, id.as_ref(), format!("bad hello: {}", f.message)).await;
             return None;
         }
     };
@@ -190,17 +205,13 @@ async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
     let claims = match app.auth.verify(&token, crate::auth::secs(now_ms)) {
         Ok(c) => c,
         Err(e) => {
-            let f = Failure::new(Code::Unauthorized, e.to_string());
-            let _ = send_text(socket, protocol::error(Some(&id), &f)).await;
-            close_with(socket, close::POLICY, "authentication failed").await;
+            refuse_hello(socket, Some(&id), e.to_string()).await;
             return None;
         }
     };
     let device = device.unwrap_or_else(|| "default".to_owned());
     if let Err(e) = chatlog::engine::types::check_device(&device) {
-        let f = Failure::new(Code::Unauthorized, format!("bad hello: {e}"));
-        let _ = send_text(socket, protocol::error(Some(&id), &f)).await;
-        close_with(socket, close::POLICY, "authentication failed").await;
+        refuse_hello(socket, Some(&id), format!("bad hello: {e}")).await;
         return None;
     }
     let user: Arc<str> = Arc::from(claims.sub.as_str());
