@@ -1,18 +1,30 @@
-//! # chatlog-raft — replication for chatlog (not built yet)
+//! # chatlog-raft — replication for chatlog on openraft
 //!
-//! This crate will hold the `openraft` glue: `types.rs` (the type config), `log_store.rs`
-//! (Raft log storage on [`chatlog::Log`], acknowledged through openraft's flush callback once
-//! durable), `state_machine.rs` (the chat engine applying commands deterministically) and
-//! `network.rs` (postcard over TCP between nodes). None of it exists yet; nothing here claims
-//! to replicate anything.
+//! A cluster of 3 or 5 nodes agrees on one ordered log of chat operations through
+//! [`openraft`]; every node applies it to its own [`chatlog::engine::Engine`], so every node
+//! serves the same chats, seqs and history and publishes applied events to its own
+//! subscribers (fanout across nodes needs no broker).
+//!
+//! - [`types`]: the openraft type configuration ([`Request`] = an engine operation with the
+//!   proposer's timestamp).
+//! - [`log_store`]: the Raft log on the project's segment log, acknowledged to openraft once
+//!   `fdatasync`ed; vote and purge point in an atomically replaced `meta` file.
+//! - [`state_machine`]: the engine as state machine (one engine group per apply, with the
+//!   applied log id and membership stored in the same group); snapshots from a RocksDB
+//!   checkpoint plus the engine log.
+//! - [`network`]: postcard over HTTP between nodes, with injectable faults.
+//! - [`node`]: a running node: Raft, the peer server (`/raft/*`, `/admin/*`), and the
+//!   proposer that turns the engine's writes into Raft writes (forwarded to the leader).
+//! - [`cell`]: the node's current engine (replaced when a snapshot is installed).
 
-/// What this crate provides today.
-pub const STATUS: &str = "chatlog-raft: replication is not built yet (single-node only)";
+pub mod cell;
+pub mod log_store;
+pub mod network;
+pub mod node;
+pub mod state_machine;
+pub mod types;
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn status_says_not_built() {
-        assert!(super::STATUS.contains("not built"));
-    }
-}
+pub use cell::EngineCell;
+pub use network::NetFaults;
+pub use node::{ClusterConfig, ClusterNode, StartError};
+pub use types::{NodeId, Request, Response, TypeConfig};

@@ -36,8 +36,9 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-pub use error::ChatError;
-use sequencer::{Op, Outcome, Reply, Sequencer};
+pub use error::{ChatError, Refusal};
+pub use sequencer::{Op, Outcome};
+use sequencer::{Reply, Sequencer};
 pub use store::HistoryEntry;
 use store::{CF_CURSORS, CF_FILE_REFS, CF_FILES, CF_LAST_SEEN, CF_RECEIPTS, CF_USER_CHATS, Store};
 pub use types::{ChatSummary, Cursor, Event, EventKind, FileMeta, HistoryEvent, Receipt, Record};
@@ -86,6 +87,11 @@ pub struct EngineConfig {
     pub retention: Retention,
     /// Time source.
     pub clock: Clock,
+    /// The engine is a replica's state machine: writes arrive through
+    /// [`Engine::apply_replicated`] (and are proposed through the [`Proposer`] set with
+    /// [`Engine::set_proposer`]); on open the log is cut after the last
+    /// [`Record::Applied`], so a replicated group is wholly applied or not at all. Default off.
+    pub replicated: bool,
 }
 
 /// Retention limits. Events beyond them leave history (seqs stay gapless: history reports the
@@ -117,6 +123,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("queue_depth_max", &self.queue_depth_max)
             .field("subscriber_buffer", &self.subscriber_buffer)
             .field("retention", &self.retention)
+            .field("replicated", &self.replicated)
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +139,7 @@ impl Default for EngineConfig {
             subscriber_buffer: 1 << 16,
             retention: Retention::default(),
             clock: system_clock(),
+            replicated: false,
         }
     }
 }
@@ -230,6 +238,26 @@ pub struct Engine {
     events: broadcast::Sender<Arc<Committed>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     dir: PathBuf,
+    proposer: std::sync::OnceLock<Arc<dyn Proposer>>,
+}
+
+/// Where a replicated engine sends the write operations its callers submit: the replication
+/// layer orders them (through consensus) and answers through the [`Responder`], normally
+/// after applying them with [`Engine::apply_replicated`] on this node.
+pub trait Proposer: Send + Sync + 'static {
+    /// Orders `op`, decided at time `ts_ms`, and answers `reply` with its outcome.
+    fn propose(&self, op: Op, ts_ms: u64, reply: Responder);
+}
+
+/// The answer channel of one proposed operation.
+#[derive(Debug)]
+pub struct Responder(Reply);
+
+impl Responder {
+    /// Answers the caller. A caller that stopped waiting is ignored.
+    pub fn send(self, result: Result<Outcome, ChatError>) {
+        let _ = self.0.send(result);
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -265,6 +293,9 @@ impl Engine {
         let log = Arc::new(Log::open(dir.join("log"), config.log.clone())?);
         let store = Arc::new(Store::open(&dir.join("index"))?);
         let applied = store.applied_index()?;
+        if config.replicated {
+            cut_after_last_group(&log, applied)?;
+        }
         let next = log.next_index();
         if applied >= next {
             return Err(ChatError::Unavailable(crate::Error::Corruption {
@@ -325,12 +356,18 @@ impl Engine {
             events,
             threads: Mutex::new(threads),
             dir,
+            proposer: std::sync::OnceLock::new(),
         })
     }
 
     /// The configuration the engine was opened with.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// The directory the engine was opened in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The underlying log.
@@ -352,8 +389,103 @@ impl Engine {
             .clone()
     }
 
+    /// Makes this engine a replica: from now on every write operation submitted by its
+    /// callers goes to `proposer` instead of the local sequencer. Set once; later calls are
+    /// ignored.
+    pub fn set_proposer(&self, proposer: Arc<dyn Proposer>) {
+        let _ = self.proposer.set(proposer);
+    }
+
+    /// The current time of the engine's clock (ms).
+    pub fn now(&self) -> u64 {
+        (self.config.clock)()
+    }
+
+    /// Applies replicated operations, each with the timestamp its proposer gave it, as one
+    /// group followed by a [`Record::Applied`] carrying `marker`; resolves once the group is
+    /// durable and indexed, to one answer per operation. Every replica that applies the same
+    /// groups from the same state decides the same seqs, ids and refusals. An `Err` is a
+    /// storage failure: the engine stops accepting writes.
+    pub fn apply_replicated(
+        &self,
+        ops: Vec<(Op, u64)>,
+        marker: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<Vec<Result<Outcome, Refusal>>, ChatError>>
+    + Send
+    + 'static {
+        let (reply, rx) = oneshot::channel();
+        let ops_tx = self.ops.clone();
+        let shared = self.shared.clone();
+        async move {
+            if shared.failed.load(Ordering::Acquire) {
+                return Err(shared.unavailable());
+            }
+            let tx = ops_tx.ok_or(ChatError::Unavailable(crate::Error::Closed))?;
+            // Replicated groups are never refused as busy: every replica must apply them.
+            tx.send_async((Op::Group { ops, marker }, reply))
+                .await
+                .map_err(|_| ChatError::Unavailable(crate::Error::Closed))?;
+            match rx.await {
+                Ok(Ok(Outcome::Group(answers))) => Ok(answers),
+                Ok(Ok(other)) => unreachable!("a group answered {other:?}"),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(ChatError::Unavailable(crate::Error::Closed)),
+            }
+        }
+    }
+
+    /// The marker of the last replicated group this engine applied, if any.
+    pub fn replicated_marker(&self) -> Result<Option<Vec<u8>>, ChatError> {
+        Ok(self.store.replicated_marker()?)
+    }
+
+    /// Writes a consistent copy of the engine to `dest` (which must not exist): a RocksDB
+    /// checkpoint of the indexes in `dest/index` and the log's entries in `dest/log`.
+    /// [`Engine::open`] on `dest` gives an engine with the same state. Call it while no write
+    /// is in flight (a replica calls it between applied groups).
+    pub fn checkpoint(&self, dest: &Path) -> Result<(), ChatError> {
+        std::fs::create_dir_all(dest).map_err(|e| crate::Error::io("create_dir_all", dest, e))?;
+        self.log.sync()?;
+        self.store.checkpoint(&dest.join("index"))?;
+        let applied = self.store.applied_index()?;
+        let config = LogConfig {
+            first_index: self.log.first_index(),
+            preallocate: crate::log::Preallocate::Sparse,
+            ..self.config.log.clone()
+        };
+        let copy = Log::open(dest.join("log"), config)?;
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        for item in self.log.iter_from(self.log.first_index()) {
+            let (index, entry) = item?;
+            if index > applied {
+                break;
+            }
+            bytes += entry.len();
+            chunk.push(entry);
+            if bytes >= 1 << 20 {
+                copy.append_batch(std::mem::take(&mut chunk))?;
+                bytes = 0;
+            }
+        }
+        copy.append_batch(chunk)?;
+        copy.close()?;
+        Ok(())
+    }
+
     fn submit(&self, op: Op) -> Ticket {
         let (reply, rx) = oneshot::channel();
+        if let Some(proposer) = self.proposer.get() {
+            if self.shared.failed.load(Ordering::Acquire) {
+                return Ticket {
+                    state: TicketState::Failed(Some(self.shared.unavailable())),
+                };
+            }
+            proposer.propose(op, self.now(), Responder(reply));
+            return Ticket {
+                state: TicketState::Waiting(rx),
+            };
+        }
         let result = match &self.ops {
             _ if self.shared.failed.load(Ordering::Acquire) => Err(self.shared.unavailable()),
             None => Err(ChatError::Unavailable(crate::Error::Closed)),
@@ -874,6 +1006,30 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         .map_err(|e| ChatError::Unavailable(crate::Error::io("spawn thread", name, e)))
 }
 
+/// Cuts a replicated engine's log after its last [`Record::Applied`]: records after it are
+/// the start of a group a crash tore, never indexed (the applier indexes whole batches, and
+/// every batch of a replica ends with an `Applied`). Replication applies the group again.
+fn cut_after_last_group(log: &Log, applied: u64) -> Result<(), ChatError> {
+    let next = log.next_index();
+    let mut index = next;
+    while index > log.first_index() && index > applied + 1 {
+        let record = read_record(log, index - 1)?;
+        if matches!(record, Record::Applied { .. }) {
+            break;
+        }
+        index -= 1;
+    }
+    if index < next {
+        tracing::warn!(
+            from = index,
+            to = next,
+            "replica: cutting the records of a torn replicated group"
+        );
+        log.truncate_from(index)?;
+    }
+    Ok(())
+}
+
 /// Applies log records `from..to` to the indexes, in batches.
 fn replay(log: &Log, store: &Store, from: u64, to: u64) -> Result<(), ChatError> {
     const REPLAY_BATCH_RECORDS: usize = 10_000;
@@ -1111,6 +1267,7 @@ impl From<Outcome> for Answer {
             Outcome::Seq(s) => Answer::Seq(s),
             Outcome::Sent { seq, ts } => Answer::Sent(Sent { seq, ts }),
             Outcome::Done => Answer::Done,
+            Outcome::Group(_) => unreachable!("a group answers apply_replicated, not a ticket"),
         }
     }
 }

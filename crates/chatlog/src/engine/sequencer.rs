@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::EngineConfig;
-use super::error::ChatError;
+use super::error::{ChatError, Refusal};
 use super::store::{
     self, CF_CURSORS, CF_DEDUP, CF_DEVICES, CF_FILES, CF_RECEIPTS, CF_USER_CHATS, ChatMeta,
     HistoryEntry, Store,
@@ -21,22 +21,37 @@ use super::types::{
     check_user, direct_chat_id,
 };
 use crate::log::Log;
+use serde::{Deserialize, Serialize};
 
 /// A reply channel for an operation.
 pub(crate) type Reply = oneshot::Sender<Result<Outcome, ChatError>>;
 
 /// What an accepted operation answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Outcome {
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// A chat id (create).
     Chat(String),
+    /// A seq (membership, edit, delete).
     Seq(u64),
-    Sent { seq: u64, ts: u64 },
+    /// A sent message.
+    Sent {
+        /// Its seq.
+        seq: u64,
+        /// Its timestamp (ms).
+        ts: u64,
+    },
+    /// Done (cursors, devices, files, retention).
     Done,
+    /// The answers of a replicated group, one per operation, in order.
+    Group(Vec<Result<Outcome, Refusal>>),
 }
 
-/// A write operation.
-#[derive(Debug)]
-pub(crate) enum Op {
+/// A write operation, as the sequencer decides it. Replication ships these between nodes
+/// (with the timestamp the proposing node gave them) and applies them with
+/// [`super::Engine::apply_replicated`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum Op {
     Create {
         creator: String,
         members: Vec<String>,
@@ -85,6 +100,14 @@ pub(crate) enum Op {
     File(FileMeta),
     /// Advance every chat's retention horizon as the configured limits say.
     Retention,
+    /// Replicated operations with their timestamps, decided together in one batch and
+    /// followed by an [`Record::Applied`] record carrying `marker`. Never sent between
+    /// nodes itself.
+    #[serde(skip)]
+    Group {
+        ops: Vec<(Op, u64)>,
+        marker: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -322,6 +345,24 @@ impl Sequencer {
             } => self.cursor(&user, &device, &chat, seq, read, out),
             Op::Device { user, device } => self.device(&user, &device, out),
             Op::Retention => self.retention(now_ms, out),
+            Op::Group { ops, marker } => {
+                let start = out.len();
+                let mut answers = Vec::with_capacity(ops.len());
+                for (op, ts) in ops {
+                    match self.decide(op, ts, out) {
+                        Ok(outcome) => answers.push(Ok(outcome)),
+                        // A storage failure is not a decision: every replica must decide the
+                        // same, so the whole group fails and the engine stops.
+                        Err(e @ (ChatError::Unavailable(_) | ChatError::Busy)) => {
+                            out.truncate(start);
+                            return Err(e);
+                        }
+                        Err(e) => answers.push(Err(Refusal::from(&e))),
+                    }
+                }
+                out.push(Record::Applied { marker });
+                Ok(Outcome::Group(answers))
+            }
             Op::File(meta) => {
                 check_user(&meta.uploader)?;
                 self.remember(

@@ -70,6 +70,8 @@ const INDEX_WAL_BYTES_MAX: u64 = 16 << 20;
 /// Memtable size per column family.
 const INDEX_MEMTABLE_BYTES: usize = 16 << 20;
 const KEY_CHAT_COUNTER: &[u8] = b"chat_counter";
+/// Key in [`CF_META`] of the marker of the last applied replicated group.
+const KEY_REPLICATED: &[u8] = b"replicated";
 
 /// Where a chat event lives and what happened to it since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +205,19 @@ impl Store {
     /// Last applied log index (0 if none).
     pub fn applied_index(&self) -> Result<u64> {
         Ok(self.get::<u64>(CF_META, KEY_APPLIED)?.unwrap_or(0))
+    }
+
+    /// The marker of the last replicated group applied to the indexes, if any
+    /// ([`Record::Applied`]).
+    pub fn replicated_marker(&self) -> Result<Option<Vec<u8>>> {
+        self.get::<Vec<u8>>(CF_META, KEY_REPLICATED)
+    }
+
+    /// Writes a consistent copy of the indexes to `dir` (a RocksDB checkpoint: hard links of
+    /// the SST files where the file system allows).
+    pub fn checkpoint(&self, dir: &Path) -> Result<()> {
+        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(rocks)?;
+        cp.create_checkpoint(dir).map_err(rocks)
     }
 
     /// Number of group chats ever created.
@@ -415,6 +430,9 @@ impl Batch<'_> {
                 }
             }
             Record::File(meta) => self.put(CF_FILES, meta.id.as_bytes().to_vec(), meta),
+            Record::Applied { marker } => {
+                self.put(CF_META, KEY_REPLICATED.to_vec(), marker);
+            }
             Record::Horizon { chat, seq } => {
                 let old: u64 = self.get(CF_HORIZONS, chat.as_bytes())?.unwrap_or(1);
                 if *seq > old {

@@ -167,6 +167,15 @@ pub enum Record {
         /// First seq still kept.
         seq: u64,
     },
+    /// Replication: every record before this one, back to the previous `Applied`, is the
+    /// effect of one replicated group ([`super::Engine::apply_replicated`]). `marker` is opaque
+    /// to the engine (the replication layer stores its last applied log id and membership in
+    /// it). On open, a replicated engine cuts its log after the last `Applied` record, so a
+    /// group is either wholly in the engine or not at all.
+    Applied {
+        /// The replication layer's bytes.
+        marker: Vec<u8>,
+    },
 }
 
 /// Facts fixed at chat creation.

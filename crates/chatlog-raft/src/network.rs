@@ -1,0 +1,336 @@
+//! Messages between nodes: postcard bodies over HTTP/1.1 (reqwest → axum) on each node's
+//! replication address (`--peer-listen`).
+//!
+//! Client side: [`Network`] implements openraft's `RaftNetworkFactory`; every request has the
+//! timeout openraft gives it; an unreachable peer is retried with a short constant backoff.
+//! Every message first passes the node's [`NetFaults`], which tests use to drop, delay,
+//! duplicate (and, through random delays, reorder) messages and to cut links one way.
+//!
+//! Server side: [`router`] serves `/raft/{append,vote,snapshot}` to openraft,
+//! `/raft/write` (writes forwarded by followers to the leader) and the admin endpoints.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use rand::Rng;
+use serde::{Serialize, de::DeserializeOwned};
+use std::sync::Arc;
+
+use crate::types::{NodeId, TypeConfig};
+
+/// Injected network faults, shared by every node of an in-process test cluster (or private to
+/// one node). All off by default.
+#[derive(Debug, Default)]
+pub struct NetFaults {
+    blocked: Mutex<HashSet<(NodeId, NodeId)>>,
+    delay_ms_max: AtomicU64,
+    drop_per_mille: AtomicU32,
+    duplicate_per_mille: AtomicU32,
+}
+
+impl SendError {
+    /// Whether the peer certainly never received the message (so a retry cannot duplicate it).
+    pub fn never_sent(&self) -> bool {
+        match self {
+            SendError::Dropped(_) => true,
+            SendError::Transport { source, .. } => source.is_connect(),
+            _ => false,
+        }
+    }
+}
+
+impl NetFaults {
+    /// No faults.
+    pub fn new() -> Arc<NetFaults> {
+        Arc::new(NetFaults::default())
+    }
+
+    /// Cuts the link `from → to` (one way).
+    pub fn block(&self, from: NodeId, to: NodeId) {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((from, to));
+    }
+
+    /// Cuts every link between `node` and `others`, both ways.
+    pub fn isolate(&self, node: NodeId, others: &[NodeId]) {
+        for &o in others {
+            self.block(node, o);
+            self.block(o, node);
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Delays each message by a random 0..=`ms` (which also reorders them).
+    pub fn set_delay_ms_max(&self, ms: u64) {
+        self.delay_ms_max.store(ms, Ordering::Relaxed);
+    }
+
+    /// Drops this many messages per thousand.
+    pub fn set_drop_per_mille(&self, n: u32) {
+        self.drop_per_mille.store(n, Ordering::Relaxed);
+    }
+
+    /// Sends this many messages per thousand twice.
+    pub fn set_duplicate_per_mille(&self, n: u32) {
+        self.duplicate_per_mille.store(n, Ordering::Relaxed);
+    }
+
+    fn is_blocked(&self, from: NodeId, to: NodeId) -> bool {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(from, to))
+    }
+
+    /// What to do with one message: `None` = drop it, else (delay, send twice).
+    fn fate(&self, from: NodeId, to: NodeId) -> Option<(Duration, bool)> {
+        if self.is_blocked(from, to) {
+            return None;
+        }
+        let mut rng = rand::rng();
+        let drop = self.drop_per_mille.load(Ordering::Relaxed);
+        if drop > 0 && rng.random_range(0..1000) < drop {
+            return None;
+        }
+        let max = self.delay_ms_max.load(Ordering::Relaxed);
+        let delay = if max > 0 {
+            rng.random_range(0..=max)
+        } else {
+            0
+        };
+        let dup = self.duplicate_per_mille.load(Ordering::Relaxed);
+        let twice = dup > 0 && rng.random_range(0..1000) < dup;
+        Some((Duration::from_millis(delay), twice))
+    }
+}
+
+/// Why a message to a peer got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The link is cut or the message was dropped before it was sent (fault injection).
+    #[error("message to node {0} dropped")]
+    Dropped(NodeId),
+    /// The message was delivered but its answer was lost (a link cut one way back).
+    #[error("answer from node {0} lost")]
+    AnswerLost(NodeId),
+    /// Could not connect or the connection failed.
+    #[error("node {node} at {addr}: {source}")]
+    Transport {
+        /// Target.
+        node: NodeId,
+        /// Its address.
+        addr: String,
+        /// Why.
+        source: reqwest::Error,
+    },
+    /// The peer answered with an HTTP error or an undecodable body.
+    #[error("node {node}: {why}")]
+    Protocol {
+        /// Target.
+        node: NodeId,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The HTTP client shared by a node's connections to its peers.
+#[derive(Debug, Clone)]
+pub struct PeerClient {
+    from: NodeId,
+    http: reqwest::Client,
+    faults: Arc<NetFaults>,
+}
+
+impl PeerClient {
+    /// A client for node `from`.
+    pub fn new(from: NodeId, faults: Arc<NetFaults>) -> PeerClient {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .pool_max_idle_per_host(8)
+            .build()
+            .expect("reqwest client without TLS builds");
+        PeerClient { from, http, faults }
+    }
+
+    /// POSTs `body` (postcard) to `http://addr/path`; decodes a postcard answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        to: NodeId,
+        addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, SendError> {
+        let (delay, twice) = self
+            .faults
+            .fate(self.from, to)
+            .ok_or(SendError::Dropped(to))?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let bytes = postcard::to_allocvec(body).map_err(|e| SendError::Protocol {
+            node: to,
+            why: format!("encode: {e}"),
+        })?;
+        let url = format!("http://{addr}{path}");
+        if twice {
+            // The duplicate goes first, unanswered; the receiver must cope with both.
+            let dup = self
+                .http
+                .post(&url)
+                .timeout(timeout)
+                .body(bytes.clone())
+                .send();
+            tokio::spawn(async move {
+                let _ = dup.await;
+            });
+        }
+        let resp = self
+            .http
+            .post(&url)
+            .timeout(timeout)
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|source| SendError::Transport {
+                node: to,
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|source| SendError::Transport {
+            node: to,
+            addr: addr.to_owned(),
+            source,
+        })?;
+        if !status.is_success() {
+            return Err(SendError::Protocol {
+                node: to,
+                why: format!("HTTP {status}: {}", String::from_utf8_lossy(&body)),
+            });
+        }
+        // A cut link drops answers too (an asymmetric cut `to → from` loses the reply).
+        if self.faults.is_blocked(to, self.from) {
+            return Err(SendError::AnswerLost(to));
+        }
+        postcard::from_bytes(&body).map_err(|e| SendError::Protocol {
+            node: to,
+            why: format!("decode: {e}"),
+        })
+    }
+}
+
+/// openraft's network factory for a node.
+#[derive(Debug, Clone)]
+pub struct Network {
+    client: PeerClient,
+}
+
+impl Network {
+    /// The network of a node.
+    pub fn new(client: PeerClient) -> Network {
+        Network { client }
+    }
+}
+
+/// A connection to one peer.
+#[derive(Debug)]
+pub struct PeerConnection {
+    client: PeerClient,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection {
+            client: self.client.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+fn rpc_error<E: std::error::Error>(e: SendError) -> RPCError<NodeId, BasicNode, E> {
+    match e {
+        SendError::Dropped(_) | SendError::AnswerLost(_) | SendError::Transport { .. } => {
+            RPCError::Unreachable(Unreachable::new(&e))
+        }
+        SendError::Protocol { .. } => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+impl PeerConnection {
+    async fn rpc<
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    >(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>> {
+        let answer: Result<Resp, E> = self
+            .client
+            .call(self.target, &self.addr, path, req, option.hard_ttl())
+            .await
+            .map_err(rpc_error)?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.rpc("/raft/append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.rpc("/raft/snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.rpc("/raft/vote", &rpc, &option).await
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+    }
+}

@@ -1,0 +1,553 @@
+//! A cluster node: openraft over the [`LogStore`] and [`StateMachine`], the peer HTTP server,
+//! and the [`Proposer`] that routes the engine's writes through Raft (forwarding them to the
+//! leader when this node is not it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post};
+use chatlog::engine::{ChatError, Engine, EngineConfig, Op, Outcome, Proposer, Responder};
+use chatlog::log::LogConfig;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::cell::EngineCell;
+use crate::log_store::LogStore;
+use crate::network::{NetFaults, Network, PeerClient};
+use crate::state_machine::StateMachine;
+use crate::types::{NodeId, Raft, Request, Response};
+
+/// Configuration of a cluster node.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's id (`--node-id`).
+    pub node_id: NodeId,
+    /// Every voter's id and replication address (`--peers`), this node included.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Where the node keeps its Raft log (`raft/`) and its engine (`sm/`).
+    pub data_dir: PathBuf,
+    /// The engine's configuration (made a replica).
+    pub engine: EngineConfig,
+    /// The Raft log's segment configuration.
+    pub raft_log: LogConfig,
+    /// A write not committed within this time answers `unavailable`. Default 3 s.
+    pub write_timeout: Duration,
+    /// Leader heartbeat interval. Default 50 ms.
+    pub heartbeat_ms: u64,
+    /// Election timeout range. Default 300–600 ms.
+    pub election_timeout_ms: (u64, u64),
+    /// Build a snapshot every this many applied entries. Default 100,000.
+    pub snapshot_every: u64,
+    /// Entries kept in the Raft log behind the last snapshot. Default 10,000.
+    pub keep_after_snapshot: u64,
+    /// Form the cluster from `peers` when this node's log is empty. Default true.
+    pub initialize: bool,
+    /// Injected network faults (tests).
+    pub faults: Arc<NetFaults>,
+}
+
+impl ClusterConfig {
+    /// A configuration with defaults for node `node_id` of `peers`, data under `data_dir`.
+    pub fn new(node_id: NodeId, peers: BTreeMap<NodeId, String>, data_dir: PathBuf) -> Self {
+        ClusterConfig {
+            node_id,
+            peers,
+            data_dir,
+            engine: EngineConfig::default(),
+            raft_log: LogConfig::default(),
+            write_timeout: Duration::from_secs(3),
+            heartbeat_ms: 50,
+            election_timeout_ms: (300, 600),
+            snapshot_every: 100_000,
+            keep_after_snapshot: 10_000,
+            initialize: true,
+            faults: NetFaults::new(),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Storage could not open.
+    #[error("storage: {0}")]
+    Storage(#[from] crate::types::StorageError),
+    /// openraft refused the configuration.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// Bad configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// The answer of the leader to a forwarded write.
+#[derive(Debug, Serialize, Deserialize)]
+enum WriteReply {
+    /// Committed and applied at this Raft index.
+    Done { index: u64, response: Response },
+    /// The receiver is not the leader (nothing was written).
+    NotLeader,
+    /// The write failed on the leader.
+    Failed(String),
+}
+
+/// Gossip between nodes: opaque bytes for the embedding server (presence).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Gossip {
+    /// The sender.
+    pub from: NodeId,
+    /// The payload.
+    pub bytes: Vec<u8>,
+}
+
+struct Inner {
+    id: NodeId,
+    raft: Raft,
+    client: PeerClient,
+    applied: watch::Receiver<u64>,
+    write_timeout: Duration,
+    gossip: broadcast::Sender<Gossip>,
+    peers: BTreeMap<NodeId, String>,
+}
+
+/// A running cluster node.
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+    cell: Arc<EngineCell>,
+    stop: CancellationToken,
+    server: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(why: String) -> ChatError {
+    ChatError::Unavailable(chatlog::Error::Io {
+        op: "replicated write",
+        path: PathBuf::from("cluster"),
+        source: std::io::Error::other(why),
+    })
+}
+
+impl Inner {
+    /// Orders `req` through Raft: locally when leader, else forwarded to the leader; answers
+    /// once this node has applied it (read-your-writes on this node).
+    async fn write(&self, req: Request) -> Result<Outcome, ChatError> {
+        let deadline = Instant::now() + self.write_timeout;
+        let timed_out = || {
+            unavailable(format!(
+                "no quorum: the write was not committed within {} ms (safe to retry with the same cmid)",
+                self.write_timeout.as_millis()
+            ))
+        };
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(timed_out());
+            }
+            let result =
+                match tokio::time::timeout(remaining, self.raft.client_write(req.clone())).await {
+                    Err(_) => return Err(timed_out()),
+                    Ok(r) => r,
+                };
+            match result {
+                Ok(resp) => return resp.data.0.map_err(ChatError::from),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    let leader = f
+                        .leader_id
+                        .zip(f.leader_node)
+                        .filter(|(id, _)| *id != self.id);
+                    if let Some((leader, node)) = leader {
+                        let answer = self
+                            .client
+                            .call::<Request, WriteReply>(
+                                leader,
+                                &node.addr,
+                                "/raft/write",
+                                &req,
+                                remaining,
+                            )
+                            .await;
+                        match answer {
+                            Ok(WriteReply::Done { index, response }) => {
+                                self.wait_applied(index, deadline).await;
+                                return response.0.map_err(ChatError::from);
+                            }
+                            Ok(WriteReply::Failed(why)) => return Err(unavailable(why)),
+                            Ok(WriteReply::NotLeader) => {}
+                            Err(e) if e.never_sent() => {}
+                            // The leader may have committed it: the caller decides whether to
+                            // retry (sends are idempotent on their cmid).
+                            Err(e) => return Err(unavailable(e.to_string())),
+                        }
+                    }
+                    // No leader known yet (an election is running): try again shortly.
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => return Err(unavailable(e.to_string())),
+            }
+        }
+    }
+
+    /// Waits (until `deadline`) for this node to apply Raft index `index`.
+    async fn wait_applied(&self, index: u64, deadline: Instant) {
+        let mut applied = self.applied.clone();
+        let _ = tokio::time::timeout_at(deadline.into(), applied.wait_for(|&n| n > index)).await;
+    }
+}
+
+/// Routes an engine's writes through Raft.
+struct RaftProposer {
+    inner: Arc<Inner>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Proposer for RaftProposer {
+    fn propose(&self, op: Op, ts_ms: u64, reply: Responder) {
+        let inner = self.inner.clone();
+        self.runtime.spawn(async move {
+            reply.send(inner.write(Request { op, ts: ts_ms }).await);
+        });
+    }
+}
+
+impl ClusterNode {
+    /// Starts a node: opens its storage, serves its peers on `peer_listener`, and (when its
+    /// log is empty and `config.initialize`) proposes the initial membership of `peers`; the
+    /// cluster forms once a majority is up. Must run inside a tokio runtime.
+    pub async fn start(
+        config: ClusterConfig,
+        peer_listener: tokio::net::TcpListener,
+    ) -> Result<Arc<ClusterNode>, StartError> {
+        if !config.peers.contains_key(&config.node_id) {
+            return Err(StartError::Config(format!(
+                "--peers must list this node's id {} with its replication address",
+                config.node_id
+            )));
+        }
+        let log_dir = config.data_dir.join("raft");
+        let sm_dir = config.data_dir.join("sm");
+        let raft_log = config.raft_log.clone();
+        let engine_config = config.engine.clone();
+        let (log_store, sm) = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::types::StorageError>((
+                LogStore::open(&log_dir, raft_log)?,
+                StateMachine::open(&sm_dir, engine_config)?,
+            ))
+        })
+        .await
+        .map_err(|e| StartError::Config(e.to_string()))??;
+        let cell = sm.cell();
+        let applied = sm.applied();
+        let raft_config = openraft::Config {
+            cluster_name: "chatlog".into(),
+            heartbeat_interval: config.heartbeat_ms,
+            election_timeout_min: config.election_timeout_ms.0,
+            election_timeout_max: config.election_timeout_ms.1,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: config.keep_after_snapshot,
+            max_payload_entries: 4096,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let client = PeerClient::new(config.node_id, config.faults.clone());
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            Network::new(client.clone()),
+            log_store,
+            sm,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            id: config.node_id,
+            raft: raft.clone(),
+            client,
+            applied,
+            write_timeout: config.write_timeout,
+            gossip: broadcast::channel(4096).0,
+            peers: config.peers.clone(),
+        });
+        cell.set_proposer(Arc::new(RaftProposer {
+            inner: inner.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }));
+        let stop = CancellationToken::new();
+        let app = router(inner.clone());
+        let server_stop = stop.clone();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(peer_listener, app)
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await;
+        });
+        if config.initialize {
+            let members: BTreeMap<NodeId, BasicNode> = config
+                .peers
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode::new(addr)))
+                .collect();
+            // Every node proposes the same initial membership; openraft refuses it on a node
+            // that already has state, which is expected after the first start.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(error = %e, "cluster already initialized");
+            }
+        }
+        Ok(Arc::new(ClusterNode {
+            inner,
+            cell,
+            stop,
+            server: tokio::sync::Mutex::new(Some(server)),
+        }))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The node's current engine.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.cell.get()
+    }
+
+    /// The engine cell (replaced when a snapshot is installed).
+    pub fn cell(&self) -> Arc<EngineCell> {
+        self.cell.clone()
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The current leader, if known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    /// Raft metrics (term, leader, last applied, membership, …).
+    pub fn metrics(&self) -> openraft::RaftMetrics<NodeId, BasicNode> {
+        self.inner.raft.metrics().borrow().clone()
+    }
+
+    /// Entries applied to this node's engine (last applied index + 1).
+    pub fn applied(&self) -> u64 {
+        *self.inner.applied.borrow()
+    }
+
+    /// Sends `bytes` to every other node of `--peers` (best effort, fire and forget).
+    pub fn gossip(&self, bytes: Vec<u8>) {
+        let msg = Gossip {
+            from: self.inner.id,
+            bytes,
+        };
+        for (&id, addr) in &self.inner.peers {
+            if id == self.inner.id {
+                continue;
+            }
+            let client = self.inner.client.clone();
+            let addr = addr.clone();
+            let msg = msg.clone();
+            tokio::spawn(async move {
+                let _: Result<(), _> = client
+                    .call(id, &addr, "/cluster/gossip", &msg, Duration::from_secs(1))
+                    .await;
+            });
+        }
+    }
+
+    /// Gossip received from other nodes.
+    pub fn gossip_received(&self) -> broadcast::Receiver<Gossip> {
+        self.inner.gossip.subscribe()
+    }
+
+    /// Stops Raft and the peer server.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.raft.shutdown().await;
+        self.stop.cancel();
+        if let Some(server) = self.server.lock().await.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+type Shared = State<Arc<Inner>>;
+
+fn postcard_reply<T: Serialize>(value: &T) -> HttpResponse {
+    match postcard::to_allocvec(value) {
+        Ok(bytes) => bytes.into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HttpResponse> {
+    postcard::from_bytes(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("undecodable request: {e}")).into_response())
+}
+
+/// The peer HTTP API of a node.
+fn router(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route("/raft/write", post(forwarded_write))
+        .route("/cluster/gossip", post(gossip))
+        .route("/admin/metrics", get(admin_metrics))
+        .route("/admin/add-learner", post(admin_add_learner))
+        .route("/admin/change-membership", post(admin_change_membership))
+        .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
+        .with_state(inner)
+}
+
+async fn append(State(inner): Shared, body: Bytes) -> HttpResponse {
+    match decode(&body) {
+        Ok(req) => postcard_reply(&inner.raft.append_entries(req).await),
+        Err(r) => r,
+    }
+}
+
+async fn vote(State(inner): Shared, body: Bytes) -> HttpResponse {
+    match decode(&body) {
+        Ok(req) => postcard_reply(&inner.raft.vote(req).await),
+        Err(r) => r,
+    }
+}
+
+async fn snapshot(State(inner): Shared, body: Bytes) -> HttpResponse {
+    match decode(&body) {
+        Ok(req) => postcard_reply(&inner.raft.install_snapshot(req).await),
+        Err(r) => r,
+    }
+}
+
+async fn forwarded_write(State(inner): Shared, body: Bytes) -> HttpResponse {
+    let req: Request = match decode(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let reply = match inner.raft.client_write(req).await {
+        Ok(resp) => WriteReply::Done {
+            index: resp.log_id.index,
+            response: resp.data,
+        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => WriteReply::NotLeader,
+        Err(e) => WriteReply::Failed(e.to_string()),
+    };
+    postcard_reply(&reply)
+}
+
+async fn gossip(State(inner): Shared, body: Bytes) -> HttpResponse {
+    match decode::<Gossip>(&body) {
+        Ok(msg) => {
+            let _ = inner.gossip.send(msg);
+            postcard_reply(&())
+        }
+        Err(r) => r,
+    }
+}
+
+async fn admin_metrics(State(inner): Shared) -> HttpResponse {
+    let metrics = inner.raft.metrics().borrow().clone();
+    axum::Json(metrics).into_response()
+}
+
+/// `POST /admin/add-learner` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddLearner {
+    /// The new node's id.
+    pub id: NodeId,
+    /// Its replication address.
+    pub addr: String,
+}
+
+/// `POST /admin/change-membership` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChangeMembership {
+    /// The voters after the change (learners not listed stay learners; use `remove` to drop
+    /// nodes entirely).
+    pub voters: BTreeSet<NodeId>,
+    /// Nodes to remove from the cluster altogether (voters or learners).
+    #[serde(default)]
+    pub remove: BTreeSet<NodeId>,
+}
+
+fn admin_answer<T: Serialize>(
+    result: Result<T, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>,
+) -> HttpResponse {
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => (
+            StatusCode::MISDIRECTED_REQUEST,
+            axum::Json(serde_json::json!({
+                "error": "not_leader",
+                "leader_id": f.leader_id,
+                "leader_addr": f.leader_node.map(|n| n.addr),
+            })),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::CONFLICT,
+            axum::Json(serde_json::json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn admin_add_learner(
+    State(inner): Shared,
+    axum::Json(req): axum::Json<AddLearner>,
+) -> HttpResponse {
+    let result = inner
+        .raft
+        .add_learner(req.id, BasicNode::new(req.addr), true)
+        .await
+        .map(|r| r.log_id);
+    admin_answer(result)
+}
+
+async fn admin_change_membership(
+    State(inner): Shared,
+    axum::Json(req): axum::Json<ChangeMembership>,
+) -> HttpResponse {
+    let result = async {
+        if !req.remove.is_empty() {
+            inner
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(req.remove.clone()), true)
+                .await?;
+            inner
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(req.remove.clone()), false)
+                .await?;
+        }
+        if req.voters.is_empty() {
+            return Ok(None);
+        }
+        inner
+            .raft
+            .change_membership(req.voters.clone(), false)
+            .await
+            .map(|r| Some(r.log_id))
+    }
+    .await;
+    admin_answer(result)
+}

@@ -1,0 +1,393 @@
+//! The state machine: the chat engine applying replicated operations deterministically.
+//!
+//! Each `apply` call becomes one engine group ([`Engine::apply_replicated`]) ending in an
+//! `Applied` record whose marker holds the last applied log id and the membership, so the
+//! engine's own durable state says exactly which Raft entries it contains: after a crash
+//! `applied_state` reports that, and openraft re-applies what follows from the Raft log.
+//!
+//! Snapshots are built from the engine itself: a RocksDB checkpoint of the indexes plus the
+//! engine log's entries ([`Engine::checkpoint`]), bundled into one byte string. Installing one
+//! opens a new engine directory from the bundle and swaps it into the [`EngineCell`].
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chatlog::engine::{Engine, EngineConfig, Outcome};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::cell::EngineCell;
+use crate::log_store::write_atomic;
+use crate::types::{Entry, LogId, Response, StorageError, StoredMembership, TypeConfig, any};
+
+/// What the engine's `Applied` records carry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Marker {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+fn sm_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageError::IO {
+        source: StorageIOError::write_state_machine(any(&e)),
+    }
+}
+
+fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageError::IO {
+        source: StorageIOError::write_snapshot(None, any(&e)),
+    }
+}
+
+fn other(msg: String) -> std::io::Error {
+    std::io::Error::other(msg)
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    config: EngineConfig,
+    cell: Arc<EngineCell>,
+    last: Mutex<Marker>,
+    applied: watch::Sender<u64>,
+    snapshot_counter: Mutex<u64>,
+}
+
+/// The Raft state machine over a chat engine.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+fn current_generation(dir: &Path) -> std::io::Result<u64> {
+    match std::fs::read_to_string(dir.join("CURRENT")) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map_err(|e| other(format!("{}: {e}", dir.join("CURRENT").display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+impl StateMachine {
+    /// Opens the engine under `dir` (`dir/<generation>`, the generation named by
+    /// `dir/CURRENT`), as a replica.
+    pub fn open(dir: &Path, mut config: EngineConfig) -> Result<StateMachine, StorageError> {
+        config.replicated = true;
+        std::fs::create_dir_all(dir).map_err(sm_err)?;
+        let generation = current_generation(dir).map_err(sm_err)?;
+        // Directories of other generations are left-overs of an interrupted install.
+        for entry in std::fs::read_dir(dir).map_err(sm_err)? {
+            let entry = entry.map_err(sm_err)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.parse::<u64>().is_ok_and(|g| g != generation) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let engine =
+            Engine::open(dir.join(generation.to_string()), config.clone()).map_err(sm_err)?;
+        let marker = read_marker(&engine)?;
+        let applied = marker.last_applied.map_or(0, |l| l.index + 1);
+        Ok(StateMachine {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                config,
+                cell: EngineCell::new(Arc::new(engine)),
+                last: Mutex::new(marker),
+                applied: watch::channel(applied).0,
+                snapshot_counter: Mutex::new(0),
+            }),
+        })
+    }
+
+    /// The engine cell (the server reads the engine through it).
+    pub fn cell(&self) -> Arc<EngineCell> {
+        self.shared.cell.clone()
+    }
+
+    /// Watches the number of applied entries (last applied index + 1; 0 before any).
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.shared.applied.subscribe()
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.shared.dir.join("snapshot")
+    }
+}
+
+fn read_marker(engine: &Engine) -> Result<Marker, StorageError> {
+    match engine.replicated_marker().map_err(sm_err)? {
+        None => Ok(Marker::default()),
+        Some(bytes) => postcard::from_bytes(&bytes).map_err(sm_err),
+    }
+}
+
+/// Packs every file under `dir` into one byte string.
+fn pack(dir: &Path) -> std::io::Result<Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                walk(root, &path, out)?;
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .map_err(|e| other(e.to_string()))?
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((rel, std::fs::read(&path)?));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files)?;
+    postcard::to_allocvec(&files).map_err(|e| other(e.to_string()))
+}
+
+/// Unpacks a bundle made by [`pack`] into `dir`, refusing paths that leave it.
+fn unpack(bytes: &[u8], dir: &Path) -> std::io::Result<()> {
+    let files: Vec<(String, Vec<u8>)> =
+        postcard::from_bytes(bytes).map_err(|e| other(format!("snapshot bundle: {e}")))?;
+    for (rel, data) in files {
+        let rel_path = Path::new(&rel);
+        if rel_path.is_absolute()
+            || rel_path
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(other(format!("snapshot bundle: bad path {rel:?}")));
+        }
+        let path = dir.join(rel_path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, data)?;
+    }
+    // Make the files durable before the directory becomes current.
+    sync_tree(dir)
+}
+
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree(&entry.path())?;
+        } else {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Builds a snapshot from a checkpoint taken between two applies.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    shared: Arc<Shared>,
+    checkpoint: Result<PathBuf, String>,
+    marker: Marker,
+    id: String,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let dir = self.checkpoint.clone().map_err(|e| snap_err(other(e)))?;
+        let meta = SnapshotMeta {
+            last_log_id: self.marker.last_applied,
+            last_membership: self.marker.membership.clone(),
+            snapshot_id: self.id.clone(),
+        };
+        let shared = self.shared.clone();
+        let meta2 = meta.clone();
+        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let data = pack(&dir)?;
+            let _ = std::fs::remove_dir_all(&dir);
+            let stored = StoredSnapshot { meta: meta2, data };
+            let bytes = postcard::to_allocvec(&stored).map_err(|e| other(e.to_string()))?;
+            write_atomic(&shared.dir.join("snapshot"), &bytes)?;
+            Ok(stored.data)
+        })
+        .await
+        .map_err(snap_err)?
+        .map_err(snap_err)?;
+        tracing::info!(id = %meta.snapshot_id, bytes = data.len(), "snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let last = self.shared.last.lock().unwrap_or_else(|e| e.into_inner());
+        Ok((last.last_applied, last.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut marker = self
+            .shared
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut ops = Vec::new();
+        // Per entry: Some(i) = the i-th operation's answer, None = a Raft-internal entry.
+        let mut slots = Vec::new();
+        for entry in entries {
+            marker.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => slots.push(None),
+                EntryPayload::Normal(req) => {
+                    slots.push(Some(ops.len()));
+                    ops.push((req.op, req.ts));
+                }
+                EntryPayload::Membership(m) => {
+                    marker.membership = StoredMembership::new(Some(entry.log_id), m);
+                    slots.push(None);
+                }
+            }
+        }
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bytes = postcard::to_allocvec(&marker).map_err(sm_err)?;
+        let engine = self.shared.cell.get();
+        let answers = engine.apply_replicated(ops, bytes).await.map_err(sm_err)?;
+        let out = slots
+            .into_iter()
+            .map(|slot| match slot {
+                Some(i) => Response(answers[i].clone()),
+                None => Response(Ok(Outcome::Done)),
+            })
+            .collect();
+        let applied = marker.last_applied.map_or(0, |l| l.index + 1);
+        *self.shared.last.lock().unwrap_or_else(|e| e.into_inner()) = marker;
+        self.shared.applied.send_replace(applied);
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let marker = self
+            .shared
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let n = {
+            let mut c = self
+                .shared
+                .snapshot_counter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *c += 1;
+            *c
+        };
+        let (term, index) = marker
+            .last_applied
+            .map_or((0, 0), |l| (l.leader_id.term, l.index));
+        let id = format!("{term}-{index}-{n}");
+        let dir = self.shared.dir.join(format!("build-{id}"));
+        let engine = self.shared.cell.get();
+        let d = dir.clone();
+        // The checkpoint is taken here, between two applies, so it matches `marker` exactly.
+        let checkpoint = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(&d);
+            engine.checkpoint(&d).map(|()| d).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        SnapshotBuilder {
+            shared: self.shared.clone(),
+            checkpoint,
+            marker,
+            id,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let shared = self.shared.clone();
+        let data = snapshot.into_inner();
+        let meta = meta.clone();
+        let (engine, marker) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+            let generation = current_generation(&shared.dir).map_err(snap_err)? + 1;
+            let dir = shared.dir.join(generation.to_string());
+            let _ = std::fs::remove_dir_all(&dir);
+            unpack(&data, &dir).map_err(snap_err)?;
+            let engine = Engine::open(&dir, shared.config.clone()).map_err(snap_err)?;
+            let marker = read_marker(&engine)?;
+            if marker.last_applied != meta.last_log_id {
+                return Err(snap_err(other(format!(
+                    "snapshot {} holds log id {:?}, its meta says {:?}",
+                    meta.snapshot_id, marker.last_applied, meta.last_log_id
+                ))));
+            }
+            write_atomic(
+                &shared.dir.join("CURRENT"),
+                generation.to_string().as_bytes(),
+            )
+            .map_err(snap_err)?;
+            let stored = StoredSnapshot { meta, data };
+            let bytes = postcard::to_allocvec(&stored).map_err(snap_err)?;
+            write_atomic(&shared.dir.join("snapshot"), &bytes).map_err(snap_err)?;
+            Ok((engine, marker))
+        })
+        .await
+        .map_err(snap_err)??;
+        let applied = marker.last_applied.map_or(0, |l| l.index + 1);
+        *self.shared.last.lock().unwrap_or_else(|e| e.into_inner()) = marker;
+        let old = self.shared.cell.replace(Arc::new(engine));
+        // Close and remove the old engine if nobody else holds it any more; otherwise its
+        // directory is removed at the next open.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(old) = Arc::try_unwrap(old) {
+                let dir = old.dir().to_path_buf();
+                old.close();
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        })
+        .await;
+        self.shared.applied.send_replace(applied);
+        tracing::info!(applied, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let path = self.snapshot_path();
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snap_err(e)),
+        };
+        let stored: StoredSnapshot = postcard::from_bytes(&bytes).map_err(snap_err)?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}
