@@ -494,6 +494,38 @@ step('the server is killed mid-conversation and restarted: both pages recover, n
   await shot('06-recovered');
 });
 
+step('history scroll-back: after a reload bob loads older pages by scrolling up, in order, once each', async () => {
+  const a = ctx.alice;
+  const b = ctx.bob;
+  await a.click('#new-chat summary');
+  await a.fill('#group-title', 'long');
+  await a.fill('#group-members', 'bob');
+  await a.click('#group-form button[type="submit"]');
+  await a.waitForFunction(() => document.getElementById('chat-title').textContent === 'long', null, { timeout: WAIT_MS });
+  const total = 75; // more than one history page (50)
+  for (let i = 1; i <= total; i++) await send(a, `line ${i}`);
+  await waitMessage(a, `line ${total}`);
+  await b.click('#back');
+  await openChat(b, 'long');
+  await waitMessage(b, `line ${total}`);
+  await b.reload();
+  await online(b);
+  await waitMessage(b, `line ${total}`);
+  await b.waitForSelector('#load-older:not([hidden])', { timeout: WAIT_MS });
+  const firstPage = (await confirmed(b)).length;
+  assert.ok(firstPage < total, `the first page holds ${firstPage} of ${total}`);
+  // Scrolling to the top loads the next page (keyboard users have the button).
+  await b.evaluate(() => {
+    document.getElementById('scroller').scrollTop = 0;
+  });
+  await b.waitForFunction(() => document.querySelector('#messages li.notice') !== null, null, { timeout: WAIT_MS });
+  const rows = await confirmed(b);
+  assert.deepEqual(rows.map(([, t]) => t), Array.from({ length: total }, (_, i) => `line ${i + 1}`));
+  assert.deepEqual(rows.map(([s]) => s), Array.from({ length: total }, (_, i) => i + 2), 'seqs 2..=76 after the creation event');
+  assert.ok(await b.isHidden('#load-older'), 'nothing older to load');
+  await shot('07-scroll-back');
+});
+
 step('bob leaves: alice sees him offline with a last-seen time', async () => {
   await openChat(ctx.alice, 'bob');
   await ctx.alice.waitForFunction(() => document.getElementById('chat-sub').textContent === 'online', null, { timeout: WAIT_MS });
@@ -501,7 +533,7 @@ step('bob leaves: alice sees him offline with a last-seen time', async () => {
   pages.delete('bob');
   await ctx.alice.waitForFunction(() => document.getElementById('chat-sub').textContent === 'last seen just now', null, { timeout: WAIT_MS });
   await ctx.alice.waitForSelector('.chat-item[aria-label^="bob, offline"] .dot.offline', { timeout: WAIT_MS });
-  await shot('07-offline');
+  await shot('08-offline');
 });
 
 /**
