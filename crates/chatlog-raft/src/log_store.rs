@@ -134,6 +134,25 @@ impl LogStore {
         write_atomic(&self.inner.dir.join("meta"), &bytes).map_err(storage_io)
     }
 
+    /// Replaces the log by a new, empty one whose first segment index is `first`, in the next
+    /// generation directory; saves `meta` (with the new generation) before switching.
+    fn reset(&self, meta: &mut Meta, first: u64) -> Result<(), StorageError> {
+        let old = log_dir(&self.inner.dir, meta.generation);
+        meta.generation += 1;
+        let fresh = Log::open(
+            log_dir(&self.inner.dir, meta.generation),
+            LogConfig {
+                first_index: first,
+                ..self.inner.config.clone()
+            },
+        )
+        .map_err(storage_io)?;
+        self.save_meta(meta)?;
+        *self.inner.log.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        let _ = std::fs::remove_dir_all(old);
+        Ok(())
+    }
+
     fn decode(bytes: &[u8]) -> Result<Entry, StorageError> {
         postcard::from_bytes(bytes).map_err(read_io)
     }
@@ -156,12 +175,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
         let log = self.log();
+        // Purged entries may linger in a partly purged segment: never return them.
+        let purged_end = self
+            .inner
+            .meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_purged
+            .map_or(0, |l| l.index + 2);
         let start = match range.start_bound() {
             Bound::Included(&i) => i + 1,
             Bound::Excluded(&i) => i + 2,
             Bound::Unbounded => log.first_index(),
         }
-        .max(log.first_index());
+        .max(log.first_index())
+        .max(purged_end);
         let end = match range.end_bound() {
             Bound::Included(&i) => i + 2,
             Bound::Excluded(&i) => i + 1,
@@ -250,6 +278,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.log_io_completed(Ok(()));
             return Ok(());
         };
+        let log = if first + 1 != log.next_index() && log.next_index() == log.first_index() {
+            // An empty log continues wherever the leader starts it (after a snapshot).
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut meta = this.inner.meta.lock().unwrap_or_else(|e| e.into_inner());
+                let mut next = meta.clone();
+                this.reset(&mut next, first + 1)?;
+                *meta = next;
+                Ok::<_, StorageError>(())
+            })
+            .await
+            .map_err(storage_io)??;
+            self.log()
+        } else {
+            log
+        };
         if first + 1 != log.next_index() {
             return Err(storage_io(std::io::Error::other(format!(
                 "raft log: append at index {first} but the log ends before {}",
@@ -286,20 +330,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             if log_id.index + 1 >= log.next_index() {
                 // Purged past our end (a snapshot overtook the log): start a new, empty log
                 // after the purged id.
-                next.generation += 1;
-                let fresh = Log::open(
-                    log_dir(&this.inner.dir, next.generation),
-                    LogConfig {
-                        first_index: log_id.index + 2,
-                        ..this.inner.config.clone()
-                    },
-                )
-                .map_err(storage_io)?;
-                this.save_meta(&next)?;
-                *this.inner.log.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
-                let old = log_dir(&this.inner.dir, meta.generation);
                 drop(log);
-                let _ = std::fs::remove_dir_all(old);
+                this.reset(&mut next, log_id.index + 2)?;
             } else {
                 this.save_meta(&next)?;
                 log.purge_before(log_id.index + 2).map_err(storage_io)?;

@@ -112,6 +112,7 @@ pub struct Gossip {
 
 struct Inner {
     id: NodeId,
+    cell: Arc<EngineCell>,
     raft: Raft,
     client: PeerClient,
     applied: watch::Receiver<u64>,
@@ -211,6 +212,15 @@ impl Inner {
     }
 }
 
+/// A hash (hex SHA-256) of an engine's chat state ([`Engine::state_bytes`]): equal on
+/// replicas that applied the same operations.
+pub fn digest(engine: &Engine) -> Result<String, ChatError> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    engine.state_bytes(&mut |b| h.update(b))?;
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Routes an engine's writes through Raft.
 struct RaftProposer {
     inner: Arc<Inner>,
@@ -279,6 +289,7 @@ impl ClusterNode {
         .map_err(|e| StartError::Raft(e.to_string()))?;
         let inner = Arc::new(Inner {
             id: config.node_id,
+            cell: cell.clone(),
             raft: raft.clone(),
             client,
             applied,
@@ -412,6 +423,7 @@ fn router(inner: Arc<Inner>) -> Router {
         .route("/raft/write", post(forwarded_write))
         .route("/cluster/gossip", post(gossip))
         .route("/admin/metrics", get(admin_metrics))
+        .route("/admin/digest", get(admin_digest))
         .route("/admin/add-learner", post(admin_add_learner))
         .route("/admin/change-membership", post(admin_change_membership))
         .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
@@ -468,6 +480,18 @@ async fn gossip(State(inner): Shared, body: Bytes) -> HttpResponse {
 async fn admin_metrics(State(inner): Shared) -> HttpResponse {
     let metrics = inner.raft.metrics().borrow().clone();
     axum::Json(metrics).into_response()
+}
+
+async fn admin_digest(State(inner): Shared) -> HttpResponse {
+    let applied = *inner.applied.borrow();
+    let engine = inner.cell.get();
+    match tokio::task::spawn_blocking(move || digest(&engine)).await {
+        Ok(Ok(d)) => {
+            axum::Json(serde_json::json!({"applied": applied, "digest": d})).into_response()
+        }
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 /// `POST /admin/add-learner` body.

@@ -434,6 +434,39 @@ impl Engine {
         }
     }
 
+    /// Streams a canonical encoding of the engine's chat state to `sink`: every index column
+    /// family except those holding positions in this engine's own log (`history`, `meta`),
+    /// then every chat's events from its horizon on as history shows them. Two replicas that
+    /// applied the same replicated operations stream identical bytes (their own logs may
+    /// group records differently), so a hash of it compares replicas.
+    pub fn state_bytes(&self, sink: &mut dyn FnMut(&[u8])) -> Result<(), ChatError> {
+        for cf in store::DERIVED_CFS {
+            if cf == store::CF_HISTORY || cf == store::CF_META {
+                continue;
+            }
+            sink(cf.as_bytes());
+            for (k, v) in self.store.dump(cf)? {
+                sink(&(k.len() as u64).to_le_bytes());
+                sink(&k);
+                sink(&(v.len() as u64).to_le_bytes());
+                sink(&v);
+            }
+        }
+        for (chat, last) in self.store.all_last_seqs()? {
+            let mut seq = self.store.horizon(&chat)?.max(1);
+            while seq <= last {
+                let n = (last - seq + 1).min(HISTORY_LIMIT_MAX as u64) as usize;
+                for e in self.events_range(&chat, seq, n)? {
+                    let bytes = postcard::to_allocvec(&(&e.event, e.edited, e.deleted))
+                        .expect("postcard encoding");
+                    sink(&bytes);
+                }
+                seq += n as u64;
+            }
+        }
+        Ok(())
+    }
+
     /// The marker of the last replicated group this engine applied, if any.
     pub fn replicated_marker(&self) -> Result<Option<Vec<u8>>, ChatError> {
         Ok(self.store.replicated_marker()?)

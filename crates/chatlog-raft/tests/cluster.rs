@@ -1,0 +1,479 @@
+//! In-process 3-node clusters over real loopback sockets (real openraft, real segment logs,
+//! real RocksDB), with faults injected in the transport: leader kill under load, minority
+//! partition, heal and convergence, restart, wipe and catch-up from a snapshot, and lossy,
+//! slow, duplicating links.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chatlog::engine::{Answer, ChatError, Engine};
+use chatlog::log::{LogConfig, Preallocate};
+use chatlog_raft::node::digest;
+use chatlog_raft::{ClusterConfig, ClusterNode, NetFaults, NodeId};
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    faults: Arc<NetFaults>,
+    peers: BTreeMap<NodeId, String>,
+    nodes: BTreeMap<NodeId, Option<Arc<ClusterNode>>>,
+    snapshot_every: u64,
+}
+
+fn small_log() -> LogConfig {
+    LogConfig {
+        segment_size_bytes: 4 << 20,
+        preallocate: Preallocate::Sparse,
+        ..LogConfig::default()
+    }
+}
+
+impl Cluster {
+    async fn start(n: u64, snapshot_every: u64) -> Cluster {
+        let mut listeners = Vec::new();
+        let mut peers = BTreeMap::new();
+        for id in 1..=n {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            peers.insert(id, l.local_addr().unwrap().to_string());
+            listeners.push((id, l));
+        }
+        let mut c = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            faults: NetFaults::new(),
+            peers,
+            nodes: BTreeMap::new(),
+            snapshot_every,
+        };
+        for (id, l) in listeners {
+            let node = ClusterNode::start(c.config(id), l).await.unwrap();
+            c.nodes.insert(id, Some(node));
+        }
+        c
+    }
+
+    fn node_dir(&self, id: NodeId) -> PathBuf {
+        self.dir.path().join(format!("n{id}"))
+    }
+
+    fn config(&self, id: NodeId) -> ClusterConfig {
+        let mut config = ClusterConfig::new(id, self.peers.clone(), self.node_dir(id));
+        config.engine.log = small_log();
+        config.raft_log = small_log();
+        config.faults = self.faults.clone();
+        config.snapshot_every = self.snapshot_every;
+        config.keep_after_snapshot = 10;
+        config.write_timeout = Duration::from_secs(2);
+        config.election_timeout_ms = (150, 300);
+        config
+    }
+
+    fn node(&self, id: NodeId) -> Arc<ClusterNode> {
+        self.nodes[&id].clone().expect("node is running")
+    }
+
+    fn running(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    async fn kill(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).unwrap().take().expect("running");
+        node.shutdown().await;
+        let engine = node.engine();
+        drop(node);
+        drop(engine);
+        // Let the engine threads of the stopped node finish before its directory is reused.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    async fn restart(&mut self, id: NodeId) {
+        let addr = self.peers[&id].clone();
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("rebinding {addr}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("rebinding {addr}: {e}"),
+            }
+        };
+        let node = ClusterNode::start(self.config(id), listener).await.unwrap();
+        self.nodes.insert(id, Some(node));
+    }
+
+    /// Waits until the running nodes agree on a leader among them.
+    async fn leader(&self) -> NodeId {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let running = self.running();
+            let leaders: Vec<Option<NodeId>> =
+                running.iter().map(|id| self.node(*id).leader()).collect();
+            if let Some(Some(l)) = leaders.first() {
+                if running.contains(l) && leaders.iter().all(|x| *x == Some(*l)) {
+                    return *l;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader agreed: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every running node has applied the same entries, then returns their
+    /// digests (which must all be equal).
+    async fn converged(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let running = self.running();
+            let applied: Vec<u64> = running.iter().map(|id| self.node(*id).applied()).collect();
+            let max_log = running
+                .iter()
+                .filter_map(|id| self.node(*id).metrics().last_log_index)
+                .max()
+                .unwrap_or(0);
+            if applied.iter().all(|a| *a == max_log + 1) {
+                let digests: Vec<String> = running
+                    .iter()
+                    .map(|id| digest(&self.node(*id).engine()).unwrap())
+                    .collect();
+                if digests.iter().all(|d| *d == digests[0]) {
+                    return digests[0].clone();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replicas applied the same entries but differ: {digests:?}"
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas did not converge: applied {applied:?}, last log {max_log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Sends `count` messages from `sender` into `chat` through the nodes in turn, each retried
+/// with the same cmid until acknowledged (or `give_up`); returns cmid → seq of the acked ones.
+async fn send_all(
+    cluster: &Cluster,
+    chat: &str,
+    sender: &str,
+    prefix: &str,
+    count: usize,
+    give_up: Duration,
+) -> HashMap<String, u64> {
+    let mut acked = HashMap::new();
+    for i in 0..count {
+        let cmid = format!("{prefix}-{i}");
+        let deadline = Instant::now() + give_up;
+        let mut k = i;
+        loop {
+            let running = cluster.running();
+            let node = cluster.node(running[k % running.len()]);
+            let ticket =
+                node.engine()
+                    .send_ticket(sender, chat, &cmid, Some(format!("body {cmid}")), None);
+            match ticket.await {
+                Ok(Answer::Sent(s)) => {
+                    acked.insert(cmid.clone(), s.seq);
+                    break;
+                }
+                Ok(other) => panic!("send answered {other:?}"),
+                Err(ChatError::Unavailable(_)) if Instant::now() < deadline => {
+                    k += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("send {cmid} failed: {e}"),
+            }
+        }
+    }
+    acked
+}
+
+async fn create_group(engine: &Engine, members: &[&str]) -> String {
+    let members: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+    match engine
+        .create_chat_ticket("alice", &members, Some("ops".into()), false)
+        .await
+        .unwrap()
+    {
+        Answer::Chat(c) => c,
+        other => panic!("create answered {other:?}"),
+    }
+}
+
+/// Every acked message is in `engine`'s history at its seq; the chat's seqs are gapless and
+/// no cmid appears twice.
+fn check_history(engine: &Engine, chat: &str, acked: &HashMap<String, u64>) {
+    let mut seen = HashMap::new();
+    let mut expected = 1;
+    let mut after = 0;
+    loop {
+        let page = engine
+            .history("alice", chat, None, Some(after), Some(500))
+            .unwrap();
+        if page.events.is_empty() {
+            break;
+        }
+        for e in &page.events {
+            assert_eq!(e.event.seq, expected, "seqs are gapless");
+            expected += 1;
+            after = e.event.seq;
+            if let chatlog::engine::EventKind::Message { cmid, .. } = &e.event.kind {
+                assert!(
+                    seen.insert(cmid.clone(), e.event.seq).is_none(),
+                    "cmid {cmid} stored twice"
+                );
+            }
+        }
+    }
+    for (cmid, seq) in acked {
+        assert_eq!(seen.get(cmid), Some(seq), "acked {cmid} at seq {seq}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill_under_load_loses_nothing_and_restarted_node_catches_up() {
+    let mut c = Cluster::start(3, 100_000).await;
+    let leader = c.leader().await;
+    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let before = send_all(&c, &chat, "alice", "a", 50, Duration::from_secs(10)).await;
+
+    // Concurrent senders through every node while the leader dies.
+    let c = Arc::new(tokio::sync::Mutex::new(c));
+    let mut senders = Vec::new();
+    for s in 0..4 {
+        let c = c.clone();
+        let chat = chat.clone();
+        senders.push(tokio::spawn(async move {
+            let guard = c.lock().await;
+            let running = guard.running();
+            drop(guard);
+            let mut acked = HashMap::new();
+            for i in 0..60 {
+                let cmid = format!("s{s}-{i}");
+                let deadline = Instant::now() + Duration::from_secs(15);
+                let mut k = i + s;
+                loop {
+                    let node = {
+                        let g = c.lock().await;
+                        let running_now = g.running();
+                        let id = running[k % running.len()];
+                        let id = if running_now.contains(&id) {
+                            id
+                        } else {
+                            running_now[0]
+                        };
+                        g.node(id)
+                    };
+                    match node
+                        .engine()
+                        .send_ticket("alice", &chat, &cmid, Some("x".into()), None)
+                        .await
+                    {
+                        Ok(Answer::Sent(sent)) => {
+                            acked.insert(cmid.clone(), sent.seq);
+                            break;
+                        }
+                        Ok(other) => panic!("{other:?}"),
+                        Err(ChatError::Unavailable(_)) if Instant::now() < deadline => {
+                            k += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("send {cmid}: {e}"),
+                    }
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed_at = Instant::now();
+    c.lock().await.kill(leader).await;
+    // Failover time: first write acknowledged through a survivor after the kill.
+    let failover = {
+        let g = c.lock().await;
+        let survivor = g.running()[0];
+        let engine = g.node(survivor).engine();
+        drop(g);
+        loop {
+            match engine
+                .send_ticket(
+                    "bob",
+                    &chat,
+                    &format!("probe-{}", killed_at.elapsed().as_micros()),
+                    Some("p".into()),
+                    None,
+                )
+                .await
+            {
+                Ok(_) => break killed_at.elapsed(),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    eprintln!("failover: first write acknowledged {failover:?} after the leader was killed");
+    let mut acked = before;
+    for s in senders {
+        acked.extend(s.await.unwrap());
+    }
+    let mut c = Arc::try_unwrap(c).ok().unwrap().into_inner();
+    for id in c.running() {
+        check_history(&c.node(id).engine(), &chat, &acked);
+    }
+    c.restart(leader).await;
+    let d = c.converged().await;
+    check_history(&c.node(leader).engine(), &chat, &acked);
+    eprintln!(
+        "converged: {d}, {} acked messages checked on 3 nodes",
+        acked.len()
+    );
+    assert!(
+        failover < Duration::from_secs(10),
+        "failover took {failover:?}"
+    );
+    for id in c.running() {
+        c.kill(id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn minority_partition_refuses_writes_and_heals() {
+    let mut c = Cluster::start(3, 100_000).await;
+    let leader = c.leader().await;
+    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let mut acked = send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
+
+    // Cut the leader off: it is the minority.
+    let others: Vec<NodeId> = c.running().into_iter().filter(|id| *id != leader).collect();
+    c.faults.isolate(leader, &others);
+    let started = Instant::now();
+    let refused = c
+        .node(leader)
+        .engine()
+        .send_ticket("alice", &chat, "minority-1", Some("lost?".into()), None)
+        .await;
+    assert!(
+        matches!(refused, Err(ChatError::Unavailable(_))),
+        "a minority node must refuse writes: {refused:?}"
+    );
+    eprintln!("minority refused a write after {:?}", started.elapsed());
+
+    // The majority elects a leader among itself and goes on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new_leader = loop {
+        let l = c.node(others[0]).leader();
+        if let Some(l) = l.filter(|l| others.contains(l)) {
+            if c.node(others[1]).leader() == Some(l) {
+                break l;
+            }
+        }
+        assert!(Instant::now() < deadline, "majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for i in 0..20 {
+        let cmid = format!("m-{i}");
+        let sent = c
+            .node(others[i % 2])
+            .engine()
+            .send_ticket("alice", &chat, &cmid, Some("y".into()), None)
+            .await
+            .unwrap();
+        if let Answer::Sent(s) = sent {
+            acked.insert(cmid, s.seq);
+        }
+    }
+    assert_ne!(new_leader, leader);
+
+    // Heal: everyone converges; the write the minority refused may or may not have been
+    // kept, but if it was, exactly once.
+    c.faults.heal();
+    c.converged().await;
+    for id in c.running() {
+        check_history(&c.node(id).engine(), &chat, &acked);
+    }
+    // A retry of the refused write through any node lands exactly once.
+    let retried = c
+        .node(others[0])
+        .engine()
+        .send_ticket("alice", &chat, "minority-1", Some("lost?".into()), None)
+        .await
+        .unwrap();
+    if let Answer::Sent(s) = retried {
+        acked.insert("minority-1".into(), s.seq);
+    }
+    c.converged().await;
+    for id in c.running() {
+        check_history(&c.node(id).engine(), &chat, &acked);
+    }
+    for id in c.running() {
+        c.kill(id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wiped_node_catches_up_from_a_snapshot() {
+    let mut c = Cluster::start(3, 50).await;
+    let leader = c.leader().await;
+    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let victim = c.running().into_iter().find(|id| *id != leader).unwrap();
+    c.kill(victim).await;
+    let acked = send_all(&c, &chat, "alice", "w", 300, Duration::from_secs(10)).await;
+    // The survivors snapshot and purge their logs past what the victim has.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c
+        .node(leader)
+        .metrics()
+        .snapshot
+        .is_none_or(|s| s.index < 200)
+    {
+        assert!(Instant::now() < deadline, "no snapshot was built");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_dir_all(c.node_dir(victim)).unwrap();
+    c.restart(victim).await;
+    let d = c.converged().await;
+    check_history(&c.node(victim).engine(), &chat, &acked);
+    let m = c.node(victim).metrics();
+    assert!(
+        m.snapshot.is_some(),
+        "the wiped node caught up through a snapshot: {m:?}"
+    );
+    eprintln!("wiped node converged ({d}) from snapshot {:?}", m.snapshot);
+    // It takes part in writes again.
+    let more = send_all(&c, &chat, "alice", "after", 10, Duration::from_secs(10)).await;
+    c.converged().await;
+    check_history(&c.node(victim).engine(), &chat, &more);
+    for id in c.running() {
+        c.kill(id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lossy_slow_duplicating_links_lose_nothing() {
+    let c = Cluster::start(3, 100_000).await;
+    let leader = c.leader().await;
+    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    c.faults.set_delay_ms_max(15);
+    c.faults.set_drop_per_mille(50);
+    c.faults.set_duplicate_per_mille(50);
+    let acked = send_all(&c, &chat, "alice", "f", 150, Duration::from_secs(30)).await;
+    c.faults.set_delay_ms_max(0);
+    c.faults.set_drop_per_mille(0);
+    c.faults.set_duplicate_per_mille(0);
+    c.converged().await;
+    for id in c.running() {
+        check_history(&c.node(id).engine(), &chat, &acked);
+    }
+    let mut c = c;
+    for id in c.running() {
+        c.kill(id).await;
+    }
+}
