@@ -222,14 +222,18 @@ pub fn digest(engine: &Engine) -> Result<String, ChatError> {
 }
 
 /// Routes an engine's writes through Raft.
+/// Holds the node weakly: the engine holds its proposer, and the node holds the engine.
 struct RaftProposer {
-    inner: Arc<Inner>,
+    inner: std::sync::Weak<Inner>,
     runtime: tokio::runtime::Handle,
 }
 
 impl Proposer for RaftProposer {
     fn propose(&self, op: Op, ts_ms: u64, reply: Responder) {
-        let inner = self.inner.clone();
+        let Some(inner) = self.inner.upgrade() else {
+            reply.send(Err(unavailable("this node has stopped".into())));
+            return;
+        };
         self.runtime.spawn(async move {
             reply.send(inner.write(Request { op, ts: ts_ms }).await);
         });
@@ -298,7 +302,7 @@ impl ClusterNode {
             peers: config.peers.clone(),
         });
         cell.set_proposer(Arc::new(RaftProposer {
-            inner: inner.clone(),
+            inner: Arc::downgrade(&inner),
             runtime: tokio::runtime::Handle::current(),
         }));
         let stop = CancellationToken::new();

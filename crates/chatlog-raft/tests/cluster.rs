@@ -24,6 +24,8 @@ struct Cluster {
 fn small_log() -> LogConfig {
     LogConfig {
         segment_size_bytes: 4 << 20,
+        entry_size_bytes_max: 1 << 20,
+        batch_size_bytes_max: 1 << 20,
         preallocate: Preallocate::Sparse,
         ..LogConfig::default()
     }
@@ -85,9 +87,18 @@ impl Cluster {
         node.shutdown().await;
         let engine = node.engine();
         drop(node);
-        drop(engine);
-        // Let the engine threads of the stopped node finish before its directory is reused.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The stopped node's tasks let go of its engine; the last holder closes it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&engine) > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "node {id}: its engine is still held after shutdown"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::task::spawn_blocking(move || drop(engine))
+            .await
+            .unwrap();
     }
 
     async fn restart(&mut self, id: NodeId) {
