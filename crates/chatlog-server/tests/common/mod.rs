@@ -655,7 +655,8 @@ impl RawWs {
         }
     }
 
-    fn parse(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    /// One frame from the front of `buf` and the bytes it used, if it holds a whole one.
+    pub fn parse(buf: &[u8]) -> Option<(RawFrame, usize)> {
         if buf.len() < 2 {
             return None;
         }
@@ -700,7 +701,12 @@ impl RawWs {
 
     /// Sends `hello` and reads up to `synced`.
     pub async fn hello(&mut self, user: &str, device: &str) {
-        let hello = json!({"op": "hello", "token": token(user), "device": device});
+        self.hello_token(&token(user), device).await;
+    }
+
+    /// Sends `hello` with `token` and reads up to `synced`.
+    pub async fn hello_token(&mut self, token: &str, device: &str) {
+        let hello = json!({"op": "hello", "token": token, "device": device});
         self.send_text(&hello.to_string()).await;
         loop {
             match self.frame().await.expect("hello answered") {
@@ -709,6 +715,11 @@ impl RawWs {
                 _ => {}
             }
         }
+    }
+
+    /// The TCP stream, for tests that write frames by hand.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
     }
 
     /// Every frame until the server ends the TCP connection.

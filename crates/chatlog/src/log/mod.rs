@@ -94,6 +94,10 @@ pub struct LogConfig {
     pub recovery: RecoveryMode,
     /// Index of the first entry of a new, empty log. Default 1.
     pub first_index: u64,
+    /// The file system [`Log::open`] uses; `None` (the default) is the real one, [`StdFs`].
+    /// Tests set a [`crate::io::fault::FaultFs`] here to run a whole engine (or server) on a
+    /// failing disk. [`Log::open_with`] ignores it: its argument wins.
+    pub file_system: Option<Arc<dyn FileSystem>>,
 }
 
 impl Default for LogConfig {
@@ -108,6 +112,7 @@ impl Default for LogConfig {
             preallocate: Preallocate::Zeroed,
             recovery: RecoveryMode::TolerateTornTail,
             first_index: 1,
+            file_system: None,
         }
     }
 }
@@ -288,9 +293,14 @@ impl Log {
         }
     }
 
-    /// Opens (or creates) the log in `dir` on the real file system.
+    /// Opens (or creates) the log in `dir` on [`LogConfig::file_system`] (by default the real
+    /// file system).
     pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log> {
-        Self::open_with(Arc::new(StdFs), dir, config)
+        let fs = config
+            .file_system
+            .clone()
+            .unwrap_or_else(|| Arc::new(StdFs));
+        Self::open_with(fs, dir, config)
     }
 
     /// Opens (or creates) the log in `dir` on the given file system, recovering as
