@@ -96,10 +96,9 @@ impl LogStore {
             if let Some(g) = name
                 .strip_prefix("log.")
                 .and_then(|g| g.parse::<u64>().ok())
+                && g != meta.generation
             {
-                if g != meta.generation {
-                    std::fs::remove_dir_all(entry.path()).map_err(storage_io)?;
-                }
+                std::fs::remove_dir_all(entry.path()).map_err(storage_io)?;
             }
         }
         let first = meta.last_purged.map_or(1, |l| l.index + 2);

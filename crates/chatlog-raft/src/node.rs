@@ -42,9 +42,10 @@ pub struct ClusterConfig {
     pub raft_log: LogConfig,
     /// A write not committed within this time answers `unavailable`. Default 3 s.
     pub write_timeout: Duration,
-    /// Leader heartbeat interval. Default 50 ms.
+    /// Leader heartbeat interval; also the time openraft allows one AppendEntries round trip
+    /// (including the follower's fsync), so not too short on a busy disk. Default 150 ms.
     pub heartbeat_ms: u64,
-    /// Election timeout range. Default 300–600 ms.
+    /// Election timeout range: a leader silent this long is replaced. Default 700–1100 ms.
     pub election_timeout_ms: (u64, u64),
     /// Build a snapshot every this many applied entries. Default 100,000.
     pub snapshot_every: u64,
@@ -66,8 +67,8 @@ impl ClusterConfig {
             engine: EngineConfig::default(),
             raft_log: LogConfig::default(),
             write_timeout: Duration::from_secs(3),
-            heartbeat_ms: 50,
-            election_timeout_ms: (300, 600),
+            heartbeat_ms: 150,
+            election_timeout_ms: (700, 1100),
             snapshot_every: 100_000,
             keep_after_snapshot: 10_000,
             initialize: true,
@@ -275,7 +276,7 @@ impl ClusterNode {
             election_timeout_max: config.election_timeout_ms.1,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.keep_after_snapshot,
-            max_payload_entries: 4096,
+            max_payload_entries: 1024,
             install_snapshot_timeout: 10_000,
             ..Default::default()
         }
@@ -313,7 +314,11 @@ impl ClusterNode {
                 .with_graceful_shutdown(async move { server_stop.cancelled().await })
                 .await;
         });
-        if config.initialize {
+        let fresh = !raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if config.initialize && fresh {
             let members: BTreeMap<NodeId, BasicNode> = config
                 .peers
                 .iter()
@@ -435,10 +440,18 @@ fn router(inner: Arc<Inner>) -> Router {
 }
 
 async fn append(State(inner): Shared, body: Bytes) -> HttpResponse {
-    match decode(&body) {
-        Ok(req) => postcard_reply(&inner.raft.append_entries(req).await),
-        Err(r) => r,
+    let started = Instant::now();
+    let req: openraft::raft::AppendEntriesRequest<crate::types::TypeConfig> = match decode(&body) {
+        Ok(req) => req,
+        Err(r) => return r,
+    };
+    let n = req.entries.len();
+    let reply = postcard_reply(&inner.raft.append_entries(req).await);
+    let took = started.elapsed();
+    if took > Duration::from_millis(100) {
+        tracing::warn!(entries = n, bytes = body.len(), ?took, "slow AppendEntries");
     }
+    reply
 }
 
 async fn vote(State(inner): Shared, body: Bytes) -> HttpResponse {

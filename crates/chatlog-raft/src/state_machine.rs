@@ -30,10 +30,17 @@ struct Marker {
     membership: StoredMembership,
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<u64, openraft::BasicNode>,
-    data: Vec<u8>,
+/// The current snapshot is kept as `snapshot.data` (the bundle) and `snapshot.meta`
+/// (postcard), the meta written last: a snapshot without its meta does not exist.
+fn save_snapshot(
+    dir: &Path,
+    meta: &SnapshotMeta<u64, openraft::BasicNode>,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(dir.join("snapshot.meta"));
+    write_atomic(&dir.join("snapshot.data"), data)?;
+    let meta = postcard::to_allocvec(meta).map_err(|e| other(e.to_string()))?;
+    write_atomic(&dir.join("snapshot.meta"), &meta)
 }
 
 fn sm_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -119,10 +126,6 @@ impl StateMachine {
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.shared.applied.subscribe()
     }
-
-    fn snapshot_path(&self) -> PathBuf {
-        self.shared.dir.join("snapshot")
-    }
 }
 
 fn read_marker(engine: &Engine) -> Result<Marker, StorageError> {
@@ -132,9 +135,12 @@ fn read_marker(engine: &Engine) -> Result<Marker, StorageError> {
     }
 }
 
-/// Packs every file under `dir` into one byte string.
+/// Packs every file under `dir` into one byte string: per file, the path's length (u32 LE)
+/// and bytes, the file's length (u64 LE), the stored length (u64 LE) and the stored bytes.
+/// Trailing zeros (preallocated, unwritten segment space) are not stored; unpacking restores
+/// the file's length.
 fn pack(dir: &Path) -> std::io::Result<Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<u8>) -> std::io::Result<()> {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let path = entry.path();
@@ -146,34 +152,67 @@ fn pack(dir: &Path) -> std::io::Result<Vec<u8>> {
                     .map_err(|e| other(e.to_string()))?
                     .to_string_lossy()
                     .into_owned();
-                out.push((rel, std::fs::read(&path)?));
+                let data = std::fs::read(&path)?;
+                let stored = data.len() - data.iter().rev().take_while(|b| **b == 0).count();
+                out.extend_from_slice(&(rel.len() as u32).to_le_bytes());
+                out.extend_from_slice(rel.as_bytes());
+                out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+                out.extend_from_slice(&(stored as u64).to_le_bytes());
+                out.extend_from_slice(&data[..stored]);
             }
         }
         Ok(())
     }
-    let mut files = Vec::new();
-    walk(dir, dir, &mut files)?;
-    postcard::to_allocvec(&files).map_err(|e| other(e.to_string()))
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
 }
 
-/// Unpacks a bundle made by [`pack`] into `dir`, refusing paths that leave it.
+/// Unpacks a bundle made by [`pack`] into `dir`, refusing paths that leave it and truncated
+/// or inconsistent bundles.
 fn unpack(bytes: &[u8], dir: &Path) -> std::io::Result<()> {
-    let files: Vec<(String, Vec<u8>)> =
-        postcard::from_bytes(bytes).map_err(|e| other(format!("snapshot bundle: {e}")))?;
-    for (rel, data) in files {
-        let rel_path = Path::new(&rel);
+    let bad = |what: &str| other(format!("snapshot bundle: {what}"));
+    fn take<'a>(rest: &mut &'a [u8], n: usize) -> std::io::Result<&'a [u8]> {
+        if rest.len() < n {
+            return Err(other("snapshot bundle: truncated".into()));
+        }
+        let (head, tail) = rest.split_at(n);
+        *rest = tail;
+        Ok(head)
+    }
+    let mut rest = bytes;
+    let rest = &mut rest;
+    std::fs::create_dir_all(dir)?;
+    while !rest.is_empty() {
+        let len = take(rest, 4)?;
+        let path_len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        let rel =
+            std::str::from_utf8(take(rest, path_len)?).map_err(|_| bad("path is not UTF-8"))?;
+        let file_len = u64::from_le_bytes(take(rest, 8)?.try_into().expect("8 bytes"));
+        let stored = u64::from_le_bytes(take(rest, 8)?.try_into().expect("8 bytes"));
+        if stored > file_len {
+            return Err(bad("stored bytes exceed the file length"));
+        }
+        let data = take(
+            rest,
+            usize::try_from(stored).map_err(|_| bad("file too large"))?,
+        )?;
+        let rel_path = Path::new(rel);
         if rel_path.is_absolute()
             || rel_path
                 .components()
                 .any(|c| !matches!(c, std::path::Component::Normal(_)))
         {
-            return Err(other(format!("snapshot bundle: bad path {rel:?}")));
+            return Err(bad(&format!("bad path {rel:?}")));
         }
         let path = dir.join(rel_path);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(&path, data)?;
+        let file = std::fs::File::create(&path)?;
+        use std::io::Write;
+        (&file).write_all(data)?;
+        file.set_len(file_len)?;
     }
     // Make the files durable before the directory becomes current.
     sync_tree(dir)
@@ -213,10 +252,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let data = pack(&dir)?;
             let _ = std::fs::remove_dir_all(&dir);
-            let stored = StoredSnapshot { meta: meta2, data };
-            let bytes = postcard::to_allocvec(&stored).map_err(|e| other(e.to_string()))?;
-            write_atomic(&shared.dir.join("snapshot"), &bytes)?;
-            Ok(stored.data)
+            save_snapshot(&shared.dir, &meta2, &data)?;
+            Ok(data)
         })
         .await
         .map_err(snap_err)?
@@ -352,9 +389,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 generation.to_string().as_bytes(),
             )
             .map_err(snap_err)?;
-            let stored = StoredSnapshot { meta, data };
-            let bytes = postcard::to_allocvec(&stored).map_err(snap_err)?;
-            write_atomic(&shared.dir.join("snapshot"), &bytes).map_err(snap_err)?;
+            save_snapshot(&shared.dir, &meta, &data).map_err(snap_err)?;
             Ok((engine, marker))
         })
         .await
@@ -378,16 +413,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let path = self.snapshot_path();
-        let bytes = match tokio::fs::read(&path).await {
+        let dir = &self.shared.dir;
+        let meta = match tokio::fs::read(dir.join("snapshot.meta")).await {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(snap_err(e)),
         };
-        let stored: StoredSnapshot = postcard::from_bytes(&bytes).map_err(snap_err)?;
+        let meta = postcard::from_bytes(&meta).map_err(snap_err)?;
+        let data = tokio::fs::read(dir.join("snapshot.data"))
+            .await
+            .map_err(snap_err)?;
         Ok(Some(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
         }))
     }
 }

@@ -66,7 +66,6 @@ impl Cluster {
         config.snapshot_every = self.snapshot_every;
         config.keep_after_snapshot = 10;
         config.write_timeout = Duration::from_secs(2);
-        config.election_timeout_ms = (150, 300);
         config
     }
 
@@ -126,10 +125,11 @@ impl Cluster {
             let running = self.running();
             let leaders: Vec<Option<NodeId>> =
                 running.iter().map(|id| self.node(*id).leader()).collect();
-            if let Some(Some(l)) = leaders.first() {
-                if running.contains(l) && leaders.iter().all(|x| *x == Some(*l)) {
-                    return *l;
-                }
+            if let Some(Some(l)) = leaders.first()
+                && running.contains(l)
+                && leaders.iter().all(|x| *x == Some(*l))
+            {
+                return *l;
             }
             assert!(Instant::now() < deadline, "no leader agreed: {leaders:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -252,7 +252,7 @@ fn check_history(engine: &Engine, chat: &str, acked: &HashMap<String, u64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill_under_load_loses_nothing_and_restarted_node_catches_up() {
-    let mut c = Cluster::start(3, 100_000).await;
+    let c = Cluster::start(3, 100_000).await;
     let leader = c.leader().await;
     let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
     let before = send_all(&c, &chat, "alice", "a", 50, Duration::from_secs(10)).await;
@@ -381,10 +381,10 @@ async fn minority_partition_refuses_writes_and_heals() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let new_leader = loop {
         let l = c.node(others[0]).leader();
-        if let Some(l) = l.filter(|l| others.contains(l)) {
-            if c.node(others[1]).leader() == Some(l) {
-                break l;
-            }
+        if let Some(l) = l.filter(|l| others.contains(l))
+            && c.node(others[1]).leader() == Some(l)
+        {
+            break l;
         }
         assert!(Instant::now() < deadline, "majority elected no leader");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,3 +1,4 @@
+#![allow(clippy::result_large_err)] // openraft's StorageError
 //! openraft's own storage test suite against the real stores: the Raft log on the segment log
 //! and the chat engine as state machine, each in a fresh temporary directory.
 

@@ -19,6 +19,10 @@ pub const PING_INTERVAL_MS_DEFAULT: u64 = 30_000;
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 /// A connection must send `hello` within this long.
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// An HTTP request's head (request line and headers, including a WebSocket upgrade request)
+/// must arrive within this long from the moment the server starts waiting for it; an idle
+/// keep-alive connection is closed after it too (slowloris).
+pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Default file size limit.
 pub const MAX_FILE_BYTES_DEFAULT: u64 = 25 * 1024 * 1024;
 /// Default push webhook interval per user.
@@ -64,6 +68,8 @@ pub struct ServerConfig {
     pub ping_interval_ms: u64,
     /// Time allowed for `hello`.
     pub handshake_timeout_ms: u64,
+    /// Time allowed for an HTTP request's head; an idle HTTP connection is closed after it.
+    pub header_read_timeout_ms: u64,
     /// Largest uploaded file.
     pub max_file_bytes: u64,
     /// Frames queued per connection before 4001.
@@ -78,6 +84,58 @@ pub struct ServerConfig {
     pub fanout_batch_max: usize,
     /// Engine settings (limits, durability).
     pub engine: chatlog::engine::EngineConfig,
+    /// Cluster mode (`--node-id`, `--peers`, `--peer-listen`); `None` = single node.
+    pub cluster: Option<ClusterSettings>,
+    /// Serve `POST /v1/dev/token`, which mints a token for any user without credentials.
+    /// Off by default; the binary turns it on only for its no-argument dev run.
+    pub dev_tokens: bool,
+}
+
+/// Default time a write may wait for a quorum before it answers `unavailable`.
+pub const WRITE_TIMEOUT_MS_DEFAULT: u64 = 3_000;
+
+/// A cluster node's settings.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// This node's id.
+    pub node_id: u64,
+    /// Every voter's id and replication address, this node included.
+    pub peers: std::collections::BTreeMap<u64, String>,
+    /// Where this node listens for its peers.
+    pub peer_listen: std::net::SocketAddr,
+    /// Writes without quorum answer `unavailable` after this long.
+    pub write_timeout_ms: u64,
+    /// Snapshot every this many applied entries.
+    pub snapshot_every: u64,
+}
+
+/// Parses `--peers 1=HOST:PORT,2=HOST:PORT,...`.
+pub fn parse_peers(s: &str) -> Result<std::collections::BTreeMap<u64, String>, String> {
+    let mut peers = std::collections::BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--peers: {part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("--peers: node id {id:?} in {part:?} is not a number"))?;
+        let addr = addr.trim();
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(format!("--peers: {addr:?} for node {id} is not HOST:PORT"));
+        }
+        if peers.insert(id, addr.to_owned()).is_some() {
+            return Err(format!("--peers: node id {id} is listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("--peers: no peers given".into());
+    }
+    Ok(peers)
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -92,6 +150,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("idle_timeout_ms", &self.idle_timeout_ms)
             .field("ping_interval_ms", &self.ping_interval_ms)
             .field("handshake_timeout_ms", &self.handshake_timeout_ms)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .field("max_file_bytes", &self.max_file_bytes)
             .field("outbound_queue", &self.outbound_queue)
             .field("max_connections", &self.max_connections)
@@ -99,6 +158,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("presence_ttl_ms", &self.presence_ttl_ms)
             .field("fanout_batch_max", &self.fanout_batch_max)
             .field("engine", &self.engine)
+            .field("dev_tokens", &self.dev_tokens)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -116,6 +177,7 @@ impl ServerConfig {
             idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
             ping_interval_ms: PING_INTERVAL_MS_DEFAULT,
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
+            header_read_timeout_ms: HEADER_READ_TIMEOUT_MS_DEFAULT,
             max_file_bytes: MAX_FILE_BYTES_DEFAULT,
             outbound_queue: OUTBOUND_QUEUE_DEFAULT,
             max_connections: MAX_CONNECTIONS_DEFAULT,
@@ -123,6 +185,8 @@ impl ServerConfig {
             presence_ttl_ms: chatlog::presence::TTL_MS_DEFAULT,
             fanout_batch_max: FANOUT_BATCH_MAX_DEFAULT,
             engine: chatlog::engine::EngineConfig::default(),
+            dev_tokens: false,
+            cluster: None,
         }
     }
 
@@ -145,6 +209,9 @@ impl ServerConfig {
                 "--ping-interval-ms ({}) must be below --idle-timeout-ms ({})",
                 self.ping_interval_ms, self.idle_timeout_ms
             ));
+        }
+        if self.header_read_timeout_ms == 0 {
+            return Err("--header-read-timeout-ms: must be positive".into());
         }
         if self.outbound_queue == 0 {
             return Err("--outbound-queue: must be positive".into());

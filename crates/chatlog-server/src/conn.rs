@@ -266,11 +266,11 @@ async fn resume(
 ) -> bool {
     // Registering a new device is a durable write: await it without holding a thread.
     let registered = app
-        .engine
+        .engine()
         .register_device_ticket(&session.user, &session.device)
         .await;
     let points = registered.and_then(|_| {
-        app.engine
+        app.engine()
             .resume_points_registered(&session.user, &session.device, &since)
     });
     let points = match points {
@@ -288,7 +288,7 @@ async fn resume(
             let limit = ((point.last_seq - after) as usize).min(HISTORY_LIMIT_MAX);
             // Index + mmap reads: microseconds per page, done inline.
             let page =
-                app.engine
+                app.engine()
                     .history(&session.user, &point.chat, None, Some(after), Some(limit));
             let page = match page {
                 Ok(page) => page,
@@ -377,6 +377,15 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
                     None => break,
                 };
                 last_inbound = Instant::now();
+                // Checked per frame as well as by the timer: the select is biased towards
+                // inbound frames, so a client that never lets its socket run dry starved the
+                // timer and kept being served after its token expired.
+                if last_inbound >= session.token_expires {
+                    let f = Failure::new(Code::Unauthorized, "token expired");
+                    let text = protocol::error(None, &f);
+                    Box::pin(close_after(socket, text, close::POLICY, "token expired")).await;
+                    break;
+                }
                 if last_inbound.duration_since(last_presence).as_millis() as u64
                     >= presence_refresh_ms
                 {
@@ -627,7 +636,7 @@ fn handle(app: &Arc<App>, session: &mut Session, text: &str) -> ReplyFuture {
             return ready(protocol::error(id.as_ref(), &f));
         }
     };
-    let engine = &app.engine;
+    let engine = &app.engine();
     let user = &*session.user;
     match request {
         Request::Hello { .. } => ready(reply(

@@ -118,7 +118,7 @@ pub async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, body: Body)
                 sha256: sha,
                 content_type,
             };
-            match app.engine.register_file_ticket(meta.clone()).await {
+            match app.engine().register_file_ticket(meta.clone()).await {
                 Ok(_) => (
                     StatusCode::CREATED,
                     axum::Json(serde_json::json!({
@@ -225,7 +225,7 @@ pub async fn download(
     if !valid_id(&id) {
         return not_found();
     }
-    let engine = app.engine.clone();
+    let engine = app.engine();
     let lookup = tokio::task::spawn_blocking(move || engine.file(&user, &id)).await;
     let meta = match lookup {
         Ok(Ok(meta)) => meta,

@@ -135,6 +135,17 @@ impl Hub {
         }
     }
 
+    /// Marks every connection too slow (they close with 4001 and their clients resume from
+    /// their cursors): used when the node's engine was replaced by a snapshot, so no
+    /// connection misses what the old engine's fanout did not send.
+    pub fn overflow_all(&self) {
+        let map = self.connections.read().unwrap_or_else(|e| e.into_inner());
+        for outbox in map.values().flatten() {
+            outbox.overflowed.store(true, Ordering::Relaxed);
+            outbox.notify.notify_one();
+        }
+    }
+
     /// Whether `user` has a connected device here.
     pub fn is_connected(&self, user: &str) -> bool {
         self.connections
@@ -235,11 +246,41 @@ impl Members {
     }
 }
 
+/// Runs the fanout of the cell's engine until it closes; when a snapshot replaces the engine,
+/// every connection is closed with 4001 (its client resumes from its cursor) and the fanout
+/// continues from the new engine.
+pub async fn run_fanout_cell(
+    cell: Arc<chatlog_raft::EngineCell>,
+    hub: Arc<Hub>,
+    webhook: Option<Webhook>,
+    batch_max: usize,
+) {
+    let mut changes = cell.changes();
+    loop {
+        changes.borrow_and_update();
+        let engine = cell.get();
+        tokio::select! {
+            () = run_fanout(engine, hub.clone(), webhook.as_ref(), batch_max) => {
+                if !changes.has_changed().unwrap_or(false) {
+                    return;
+                }
+            }
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        tracing::warn!("engine replaced by a snapshot: connections resume from their cursors");
+        hub.overflow_all();
+    }
+}
+
 /// Runs the fanout until the engine closes.
 pub async fn run_fanout(
     engine: Arc<Engine>,
     hub: Arc<Hub>,
-    webhook: Option<Webhook>,
+    webhook: Option<&Webhook>,
     batch_max: usize,
 ) {
     let mut subscription = engine.subscribe();
@@ -258,7 +299,7 @@ pub async fn run_fanout(
             handled += 1;
             match next {
                 Ok(committed) => {
-                    fan_out(&engine, &hub, webhook.as_ref(), &mut out, &committed);
+                    fan_out(&engine, &hub, webhook, &mut out, &committed);
                 }
                 Err(SubscriptionError::Lagged { resume_from }) => {
                     tracing::warn!(resume_from, "fanout lagged; catching up from the log");

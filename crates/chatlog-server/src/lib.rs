@@ -27,6 +27,7 @@ pub mod hub;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
+mod web;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -35,6 +36,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
@@ -43,7 +45,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chatlog::engine::Engine;
+use chatlog_raft::{ClusterConfig, ClusterNode, EngineCell};
 use governor::{Quota, RateLimiter};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -78,8 +84,10 @@ pub enum ServerError {
 pub struct App {
     /// Configuration.
     pub config: ServerConfig,
-    /// The engine.
-    pub engine: Arc<Engine>,
+    /// The node's engine (replaced when a cluster node installs a snapshot).
+    pub cell: Arc<EngineCell>,
+    /// The cluster node, in cluster mode.
+    pub cluster: Option<Arc<ClusterNode>>,
     /// Token checks.
     pub auth: auth::Auth,
     /// Connected devices.
@@ -110,7 +118,12 @@ impl std::fmt::Debug for App {
 impl App {
     /// Now, from the engine's clock (ms since the epoch).
     pub fn now_ms(&self) -> u64 {
-        (self.engine.config().clock)()
+        (self.engine().config().clock)()
+    }
+
+    /// The current engine.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.cell.get()
     }
 }
 
@@ -245,15 +258,42 @@ async fn ws_handler(
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
-    match app.engine.failure() {
-        None if !app.cancel.is_cancelled() => (StatusCode::OK, "ok\n").into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
-        Some(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("storage failed; writes are refused: {why}\n"),
-        )
-            .into_response(),
+    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    if let Some(why) = app.engine().failure() {
+        return unavailable(format!("storage failed; writes are refused: {why}\n"));
     }
+    if app.cancel.is_cancelled() {
+        return unavailable("shutting down\n".into());
+    }
+    let mut status = String::from("ok\n");
+    if let Some(node) = &app.cluster {
+        let m = node.metrics();
+        let Some(leader) = m.current_leader else {
+            return unavailable(format!(
+                "no leader (node {}, term {}): writes are refused until a quorum elects one\n",
+                m.id, m.current_term
+            ));
+        };
+        status = format!(
+            "ok\nnode {} term {} leader {} applied {}\n",
+            m.id,
+            m.current_term,
+            leader,
+            node.applied()
+        );
+    }
+    // Writes report their own failures (above); reads do not poison anything, so read the
+    // newest log entry (from the active segment: a real read of the disk) to see that the
+    // node can still serve history.
+    let engine = app.engine();
+    let log = engine.log();
+    let newest = log.next_index().saturating_sub(1);
+    if newest >= log.first_index()
+        && let Err(why) = log.read(newest)
+    {
+        return unavailable(format!("storage reads fail: {why}\n"));
+    }
+    (StatusCode::OK, status).into_response()
 }
 
 async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
@@ -262,7 +302,7 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        metrics::render(&app.metrics, &app.engine),
+        metrics::render(&app.metrics, &app.engine()),
     )
         .into_response()
 }
@@ -271,6 +311,9 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/ws", get(ws_handler))
+        .route("/", get(web::index))
+        .route("/web/{name}", get(web::asset))
+        .route("/v1/dev/token", post(web::dev_token))
         .route("/v1/files", post(files::upload))
         .route("/v1/files/{id}", get(files::download))
         .route("/healthz", get(healthz))
@@ -288,15 +331,38 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     config.validate().map_err(ServerError::Config)?;
     std::fs::create_dir_all(&config.data_dir)?;
-    let engine_dir = config.data_dir.join("engine");
-    let engine_config = config.engine.clone();
-    let engine = tokio::task::spawn_blocking(move || Engine::open(engine_dir, engine_config))
-        .await
-        .map_err(std::io::Error::other)??;
-    let engine = Arc::new(engine);
+    let (cell, cluster) = match &config.cluster {
+        None => {
+            let engine_dir = config.data_dir.join("engine");
+            let engine_config = config.engine.clone();
+            let engine =
+                tokio::task::spawn_blocking(move || Engine::open(engine_dir, engine_config))
+                    .await
+                    .map_err(std::io::Error::other)??;
+            (EngineCell::new(Arc::new(engine)), None)
+        }
+        Some(settings) => {
+            let peer_listener = TcpListener::bind(settings.peer_listen).await.map_err(|e| {
+                ServerError::Config(format!("--peer-listen {}: {e}", settings.peer_listen))
+            })?;
+            let mut cc = ClusterConfig::new(
+                settings.node_id,
+                settings.peers.clone(),
+                config.data_dir.join("cluster"),
+            );
+            cc.engine = config.engine.clone();
+            cc.write_timeout = Duration::from_millis(settings.write_timeout_ms);
+            cc.snapshot_every = settings.snapshot_every;
+            let node = ClusterNode::start(cc, peer_listener)
+                .await
+                .map_err(|e| ServerError::Config(format!("cluster: {e}")))?;
+            (node.cell(), Some(node))
+        }
+    };
+    let engine = cell.get();
     let hub = Arc::new(hub::Hub::default());
     let presence = Arc::new(presence::PresenceHub::new(
-        engine.clone(),
+        cell.clone(),
         config.presence_ttl_ms,
     ));
     let limiter = NonZeroU32::new(config.rate_limit_per_minute)
@@ -309,7 +375,8 @@ pub async fn serve(
     let app = Arc::new(App {
         auth,
         config,
-        engine: engine.clone(),
+        cell: cell.clone(),
+        cluster: cluster.clone(),
         hub: hub.clone(),
         presence: presence.clone(),
         limiter,
@@ -320,8 +387,9 @@ pub async fn serve(
         per_ip: Mutex::new(HashMap::new()),
         tracker: TaskTracker::new(),
     });
-    let fanout = tokio::spawn(hub::run_fanout(
-        engine.clone(),
+    drop(engine);
+    let fanout = tokio::spawn(hub::run_fanout_cell(
+        cell.clone(),
         hub,
         webhook,
         app.config.fanout_batch_max.max(1),
@@ -343,17 +411,8 @@ pub async fn serve(
         shutdown.await;
         stop.cancel();
     });
-    // TCP_NODELAY: a send produces two small writes on the sender's socket (its own event
-    // push, then the reply); with Nagle the second waits for the client's delayed ACK (~40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
-        let _ = stream.set_nodelay(true);
-    });
-    let served = axum::serve(
-        listener,
-        router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(cancel.clone().cancelled_owned())
-    .await;
+    let header_read_timeout = Duration::from_millis(app.config.header_read_timeout_ms);
+    serve_http(listener, router(app.clone()), header_read_timeout, &cancel).await;
     // Stop accepting happened above; now every connection finishes its in-flight requests
     // and closes with 1001 (connections notice the flag when woken).
     cancel.cancel();
@@ -368,6 +427,11 @@ pub async fn serve(
     let _ = fanout.await;
     drop(presence);
     drop(app);
+    if let Some(node) = cluster {
+        node.shutdown().await;
+    }
+    let engine = cell.get();
+    drop(cell);
     // Whoever holds the engine last closes it (joining its threads after queued work).
     tokio::task::spawn_blocking(move || match Arc::try_unwrap(engine) {
         Ok(engine) => engine.close(),
@@ -375,6 +439,75 @@ pub async fn serve(
     })
     .await
     .map_err(std::io::Error::other)?;
-    served?;
     Ok(())
+}
+
+/// Accepts TCP connections until `cancel` and serves each with hyper's HTTP/1.1 connection,
+/// whose request head must arrive within `header_read_timeout` (a client that trickles its
+/// headers, or connects and sends nothing, is dropped then; `axum::serve` sets no timer, so
+/// hyper's header timeout never applied). Once cancelled, idle connections are closed and
+/// requests in progress finish; returns when every HTTP connection has ended (upgraded
+/// WebSocket connections live on in their own tasks).
+async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    cancel: &CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = cancel.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                accept_failed(e).await;
+                continue;
+            }
+        };
+        // TCP_NODELAY: a send produces two small writes on the sender's socket (its own event
+        // push, then the reply); with Nagle the second waits for the client's delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let cancel = cancel.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(ConnectInfo(peer));
+                hyper::service::Service::call(&TowerToHyperService::new(router.clone()), request)
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = cancel.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// A failed `accept`: a connection that went away is skipped; anything else (such as running
+/// out of file descriptors) is logged and retried after a second, as hyper's server did.
+async fn accept_failed(error: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(%error, "accept failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }

@@ -34,6 +34,47 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print a token signed with the configured secret.
     Token(TokenArgs),
+    /// Cluster administration through a node's replication address.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// Replication address (`--peer-listen`) of any node; requests that need the leader are
+    /// sent on to it.
+    #[arg(long, env = "CHATLOG_ADMIN_NODE", default_value = "127.0.0.1:7001")]
+    node: String,
+    #[command(subcommand)]
+    action: ClusterAction,
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Print the node's Raft metrics (JSON).
+    Status,
+    /// Print the node's applied index and a digest of its chat state (JSON).
+    Digest,
+    /// Add a node as a learner (it receives the log but does not vote yet).
+    AddLearner {
+        /// New node's id.
+        #[arg(long)]
+        id: u64,
+        /// Its replication address.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Set the voters (learners listed here are promoted).
+    SetVoters {
+        /// Comma-separated node ids.
+        #[arg(long, value_delimiter = ',')]
+        voters: Vec<u64>,
+    },
+    /// Remove nodes from the cluster.
+    Remove {
+        /// Comma-separated node ids.
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<u64>,
+    },
 }
 
 // No `Debug`: it would print the secret.
@@ -66,6 +107,9 @@ struct ServeArgs {
     /// Ping interval.
     #[arg(long, env = "CHATLOG_PING_INTERVAL_MS", default_value_t = config::PING_INTERVAL_MS_DEFAULT)]
     ping_interval_ms: u64,
+    /// Close an HTTP connection whose request headers have not all arrived within this long.
+    #[arg(long, env = "CHATLOG_HEADER_READ_TIMEOUT_MS", default_value_t = config::HEADER_READ_TIMEOUT_MS_DEFAULT)]
+    header_read_timeout_ms: u64,
     /// Largest uploaded file, in bytes.
     #[arg(long, env = "CHATLOG_MAX_FILE_BYTES", default_value_t = config::MAX_FILE_BYTES_DEFAULT)]
     max_file_bytes: u64,
@@ -87,15 +131,22 @@ struct ServeArgs {
     /// Largest message body in bytes of UTF-8.
     #[arg(long, env = "CHATLOG_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
     max_body_bytes: usize,
-    /// This node's id in a cluster (clustering is not built yet).
+    /// This node's id in a cluster.
     #[arg(long, env = "CHATLOG_NODE_ID")]
     node_id: Option<u64>,
-    /// Cluster peers `1=HOST:PORT,2=...` (clustering is not built yet).
+    /// Cluster voters `1=HOST:PORT,2=HOST:PORT,...` (their replication addresses, this node
+    /// included).
     #[arg(long, env = "CHATLOG_PEERS")]
     peers: Option<String>,
-    /// Replication listen address (clustering is not built yet).
+    /// Replication listen address of this node (default: its address in --peers).
     #[arg(long, env = "CHATLOG_PEER_LISTEN")]
     peer_listen: Option<String>,
+    /// Cluster: a write not committed by a quorum within this many ms answers `unavailable`.
+    #[arg(long, env = "CHATLOG_WRITE_TIMEOUT_MS", default_value_t = config::WRITE_TIMEOUT_MS_DEFAULT)]
+    write_timeout_ms: u64,
+    /// Cluster: build a snapshot (and purge the Raft log) every this many applied entries.
+    #[arg(long, env = "CHATLOG_SNAPSHOT_EVERY", default_value_t = 100_000)]
+    snapshot_every: u64,
 }
 
 #[derive(Args)]
@@ -125,6 +176,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token(args)) => token(args),
+        Some(Command::Cluster(args)) => cluster_admin(args),
         Some(Command::Serve(args)) => serve(*args),
         None => serve(*cli.serve),
     }
@@ -165,6 +217,118 @@ fn token(args: TokenArgs) -> ExitCode {
     }
 }
 
+/// Cluster settings from the flags; `None` for a single node.
+fn cluster_settings(args: &ServeArgs) -> Result<Option<config::ClusterSettings>, String> {
+    let (node_id, peers) = match (args.node_id, &args.peers) {
+        (None, None) if args.peer_listen.is_none() => return Ok(None),
+        (Some(id), Some(peers)) => (id, config::parse_peers(peers)?),
+        _ => return Err("cluster mode needs both --node-id and --peers".into()),
+    };
+    let own = peers
+        .get(&node_id)
+        .ok_or_else(|| format!("--peers does not list this node's id {node_id}"))?;
+    let listen = args.peer_listen.clone().unwrap_or_else(|| own.clone());
+    let peer_listen = listen
+        .parse::<std::net::SocketAddr>()
+        .map_err(|e| format!("--peer-listen {listen:?}: {e} (use IP:PORT)"))?;
+    if args.auth_secret.is_none() {
+        return Err(
+            "cluster mode needs --auth-secret (or CHATLOG_AUTH_SECRET), the same on every \
+             node, so a token works on any node"
+                .into(),
+        );
+    }
+    if args.write_timeout_ms == 0 {
+        return Err("--write-timeout-ms: must be positive".into());
+    }
+    if args.snapshot_every == 0 {
+        return Err("--snapshot-every: must be positive".into());
+    }
+    Ok(Some(config::ClusterSettings {
+        node_id,
+        peers,
+        peer_listen,
+        write_timeout_ms: args.write_timeout_ms,
+        snapshot_every: args.snapshot_every,
+    }))
+}
+
+/// `chatlog-server cluster ...`: admin requests to a node's replication address; a request
+/// answered "not leader" is sent on to the leader once.
+fn cluster_admin(args: ClusterArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (method_post, path, body) = match &args.action {
+        ClusterAction::Status => (false, "/admin/metrics", serde_json::Value::Null),
+        ClusterAction::Digest => (false, "/admin/digest", serde_json::Value::Null),
+        ClusterAction::AddLearner { id, addr } => (
+            true,
+            "/admin/add-learner",
+            serde_json::json!({"id": id, "addr": addr}),
+        ),
+        ClusterAction::SetVoters { voters } => (
+            true,
+            "/admin/change-membership",
+            serde_json::json!({"voters": voters}),
+        ),
+        ClusterAction::Remove { ids } => (
+            true,
+            "/admin/change-membership",
+            serde_json::json!({"voters": [], "remove": ids}),
+        ),
+    };
+    runtime.block_on(async move {
+        let client = reqwest::Client::new();
+        let mut node = args.node.clone();
+        for _ in 0..2 {
+            let url = format!("http://{node}{path}");
+            let request = if method_post {
+                client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+            } else {
+                client.get(&url)
+            };
+            let resp = match request.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: --node {node}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            if status == reqwest::StatusCode::MISDIRECTED_REQUEST {
+                let leader = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["leader_addr"].as_str().map(str::to_owned));
+                if let Some(leader) = leader {
+                    node = leader;
+                    continue;
+                }
+            }
+            println!("{text}");
+            return if status.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: {status}");
+                ExitCode::FAILURE
+            };
+        }
+        eprintln!("error: the leader moved while the request was sent; try again");
+        ExitCode::FAILURE
+    })
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -173,13 +337,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    if args.node_id.is_some() || args.peers.is_some() || args.peer_listen.is_some() {
-        eprintln!(
-            "error: --node-id/--peers/--peer-listen: cluster mode is not built yet \
-             (this build serves a single node)"
-        );
-        return ExitCode::from(2);
-    }
+    let cluster = match cluster_settings(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let (secret, created) = match &args.auth_secret {
         Some(s) => (s.clone(), false),
         None => match auth::load_or_create_secret(&args.data_dir) {
@@ -197,6 +361,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.push_interval_ms = args.push_interval_ms;
     config.idle_timeout_ms = args.idle_timeout_ms;
     config.ping_interval_ms = args.ping_interval_ms;
+    config.header_read_timeout_ms = args.header_read_timeout_ms;
     config.max_file_bytes = args.max_file_bytes;
     config.outbound_queue = args.outbound_queue;
     config.max_connections = args.max_connections;
@@ -204,6 +369,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.presence_ttl_ms = args.presence_ttl_ms;
     config.engine.members_max = args.max_members;
     config.engine.body_bytes_max = args.max_body_bytes;
+    config.cluster = cluster;
+    // The web page's demo token endpoint, only for the no-argument dev run on this machine.
+    config.dev_tokens = std::env::args_os().len() <= 1
+        && args.auth_secret.is_none()
+        && args
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
     if let Err(e) = config.validate() {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -249,6 +422,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                  more users: cargo run --release -p chatlog-server -- token --user bob --data-dir {}",
                 args.data_dir.display()
             );
+            println!("web client: http://{addr}/");
         } else {
             println!("chatlog-server listening on ws://{addr}/v1/ws");
         }

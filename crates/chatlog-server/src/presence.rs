@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chatlog::engine::{Clock, Engine};
+use chatlog::engine::Clock;
 use chatlog::presence::{Presence, PresenceChange, PresenceConfig, PresenceState};
+use chatlog_raft::EngineCell;
 use tungstenite::Utf8Bytes;
 
 use crate::hub::{Outbox, Push};
@@ -26,7 +27,7 @@ pub struct PresenceHub {
     /// Watched user → connections watching it.
     watchers: Mutex<HashMap<Arc<str>, Vec<Arc<Outbox>>>>,
     clock: Clock,
-    engine: Arc<Engine>,
+    cell: Arc<EngineCell>,
 }
 
 impl std::fmt::Debug for PresenceHub {
@@ -41,15 +42,15 @@ pub struct TooManySessions;
 
 impl PresenceHub {
     /// A tracker with the given TTL.
-    pub fn new(engine: Arc<Engine>, ttl_ms: u64) -> PresenceHub {
+    pub fn new(cell: Arc<EngineCell>, ttl_ms: u64) -> PresenceHub {
         PresenceHub {
             tracker: Mutex::new(Presence::new(PresenceConfig {
                 ttl_ms,
                 ..PresenceConfig::default()
             })),
             watchers: Mutex::new(HashMap::new()),
-            clock: engine.config().clock.clone(),
-            engine,
+            clock: cell.get().config().clock.clone(),
+            cell,
         }
     }
 
@@ -93,7 +94,7 @@ impl PresenceHub {
         let now = self.now();
         let state = self.tracker().get(user, now);
         if state.last_seen_ms.is_none()
-            && let Ok(Some(seen)) = self.engine.last_seen(user)
+            && let Ok(Some(seen)) = self.cell.get().last_seen(user)
         {
             return PresenceState {
                 online: false,
@@ -174,7 +175,7 @@ impl PresenceHub {
         if dirty.is_empty() {
             return;
         }
-        let engine = self.engine.clone();
+        let engine = self.cell.get();
         let result = tokio::task::spawn_blocking(move || engine.save_last_seen(&dirty)).await;
         if let Ok(Err(e)) = result {
             tracing::warn!(error = %e, "could not persist last_seen");
