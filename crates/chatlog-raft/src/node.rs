@@ -373,18 +373,30 @@ impl ClusterNode {
         *self.inner.applied.borrow()
     }
 
-    /// Sends `bytes` to every other node of `--peers` (best effort, fire and forget).
+    /// Sends `bytes` to every other node of the current membership (voters and learners), or
+    /// of `--peers` before the membership is known (best effort, fire and forget).
     pub fn gossip(&self, bytes: Vec<u8>) {
         let msg = Gossip {
             from: self.inner.id,
             bytes,
         };
-        for (&id, addr) in &self.inner.peers {
+        let mut targets: BTreeMap<NodeId, String> = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect();
+        if targets.is_empty() {
+            targets = self.inner.peers.clone();
+        }
+        for (id, addr) in targets {
             if id == self.inner.id {
                 continue;
             }
             let client = self.inner.client.clone();
-            let addr = addr.clone();
             let msg = msg.clone();
             tokio::spawn(async move {
                 let _: Result<(), _> = client

@@ -107,6 +107,9 @@ pub struct ClusterSettings {
     pub write_timeout_ms: u64,
     /// Snapshot every this many applied entries.
     pub snapshot_every: u64,
+    /// Join an existing cluster (wait to be added with `cluster add-learner`) instead of
+    /// forming one from `peers`.
+    pub join: bool,
 }
 
 /// Parses `--peers 1=HOST:PORT,2=HOST:PORT,...`.

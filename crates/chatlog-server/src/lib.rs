@@ -353,6 +353,7 @@ pub async fn serve(
             cc.engine = config.engine.clone();
             cc.write_timeout = Duration::from_millis(settings.write_timeout_ms);
             cc.snapshot_every = settings.snapshot_every;
+            cc.initialize = !settings.join;
             let node = ClusterNode::start(cc, peer_listener)
                 .await
                 .map_err(|e| ServerError::Config(format!("cluster: {e}")))?;
@@ -395,6 +396,9 @@ pub async fn serve(
         app.config.fanout_batch_max.max(1),
     ));
     let presence_task = tokio::spawn(presence.clone().run());
+    let gossip_task = cluster
+        .clone()
+        .map(|node| tokio::spawn(presence_gossip(node, presence.clone())));
     let limiter_app = app.clone();
     let limiter_task = tokio::spawn(async move {
         // Forget users whose buckets are full again (bounded memory).
@@ -421,6 +425,9 @@ pub async fn serve(
     app.tracker.wait().await;
     limiter_task.abort();
     presence_task.abort();
+    if let Some(t) = gossip_task {
+        t.abort();
+    }
     let _ = presence_task.await;
     presence.flush_last_seen().await;
     fanout.abort();
@@ -440,6 +447,34 @@ pub async fn serve(
     .await
     .map_err(std::io::Error::other)?;
     Ok(())
+}
+
+/// Cluster presence: sends this node's presence changes at once and its full online list
+/// every [`presence::GOSSIP_FULL_MS`] to the other nodes, and applies theirs.
+async fn presence_gossip(node: Arc<ClusterNode>, presence: Arc<presence::PresenceHub>) {
+    let mut received = node.gossip_received();
+    let mut full = tokio::time::interval(Duration::from_millis(presence::GOSSIP_FULL_MS));
+    let send = |g: Option<presence::PresenceGossip>| {
+        if let Some(bytes) = g.and_then(|g| postcard::to_allocvec(&g).ok()) {
+            node.gossip(bytes);
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = full.tick() => send(presence.gossip_out(true)),
+            () = presence.gossip_wake.notified() => send(presence.gossip_out(false)),
+            msg = received.recv() => match msg {
+                Ok(msg) => match postcard::from_bytes(&msg.bytes) {
+                    Ok(g) => presence.gossip_in(msg.from, g),
+                    Err(e) => tracing::warn!(from = msg.from, error = %e, "bad presence gossip"),
+                },
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "presence gossip lagged; the next full lists repair it");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
 }
 
 /// Accepts TCP connections until `cancel` and serves each with hyper's HTTP/1.1 connection,

@@ -144,6 +144,10 @@ struct ServeArgs {
     /// Cluster: a write not committed by a quorum within this many ms answers `unavailable`.
     #[arg(long, env = "CHATLOG_WRITE_TIMEOUT_MS", default_value_t = config::WRITE_TIMEOUT_MS_DEFAULT)]
     write_timeout_ms: u64,
+    /// Cluster: this node joins a running cluster (add it with `cluster add-learner`, then
+    /// `cluster set-voters`) instead of forming one from --peers.
+    #[arg(long, env = "CHATLOG_JOIN")]
+    join: bool,
     /// Cluster: build a snapshot (and purge the Raft log) every this many applied entries.
     #[arg(long, env = "CHATLOG_SNAPSHOT_EVERY", default_value_t = 100_000)]
     snapshot_every: u64,
@@ -250,6 +254,7 @@ fn cluster_settings(args: &ServeArgs) -> Result<Option<config::ClusterSettings>,
         peer_listen,
         write_timeout_ms: args.write_timeout_ms,
         snapshot_every: args.snapshot_every,
+        join: args.join,
     }))
 }
 

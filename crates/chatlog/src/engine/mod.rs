@@ -712,8 +712,22 @@ impl Engine {
         self.register_device_ticket(user, device).done()
     }
 
-    /// [`Engine::register_device`] without waiting.
+    /// [`Engine::register_device`] without waiting. A device already registered answers at
+    /// once without a write (so a replica without quorum still lets known devices resume).
     pub fn register_device_ticket(&self, user: &str, device: &str) -> Ticket {
+        if types::check_user(user).is_ok()
+            && types::check_device(device).is_ok()
+            && self
+                .store
+                .contains(store::CF_DEVICES, &store::key(&[user, device]))
+                .unwrap_or(false)
+        {
+            let (reply, rx) = oneshot::channel();
+            let _ = reply.send(Ok(Outcome::Done));
+            return Ticket {
+                state: TicketState::Waiting(rx),
+            };
+        }
         self.submit(Op::Device {
             user: user.to_owned(),
             device: device.to_owned(),

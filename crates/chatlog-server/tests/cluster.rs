@@ -1,0 +1,269 @@
+//! A 3-node cluster of the real binary on 127.0.0.1: presence is cluster-wide (a watcher on
+//! one node sees a user connect to, leave, and die with another node), a minority node
+//! answers writes with `unavailable` and `/healthz` 503, and membership changes through the
+//! `cluster` subcommand (add a learner, promote it, remove a node) keep every node serving.
+
+mod cluster_common;
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cluster_common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+fn nodes(dir: &std::path::Path, n: u64) -> Vec<Node> {
+    (1..=n)
+        .map(|id| Node {
+            id,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir: dir.join(format!("n{id}")),
+            child: None,
+        })
+        .collect()
+}
+
+async fn wait_healthy(nodes: &[Node]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in nodes {
+        while !healthy(n.client_port).await {
+            assert!(
+                Instant::now() < deadline,
+                "node {} never became healthy",
+                n.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The next `presence` push for `user`, within `within`.
+async fn presence_push(ws: &mut Ws, user: &str, within: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .ok()??
+            .ok()?;
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(t.as_str()).ok()?;
+            if v["ev"] == "presence" && v["user"] == user {
+                return Some(v);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_cluster_wide() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = nodes(dir.path(), 3);
+    let peers = peers_flag(&nodes);
+    for n in nodes.iter_mut() {
+        start(n, &peers);
+    }
+    wait_healthy(&nodes).await;
+    let mut bob = connect(nodes[1].client_port, "bob").await.unwrap();
+    let reply = call(
+        &mut bob,
+        1,
+        json!({"op":"subscribe_presence","users":["alice"]}),
+    )
+    .await
+    .unwrap();
+    assert!(reply.get("result").is_some(), "{reply}");
+
+    // alice connects to node 1: bob, on node 2, sees her online.
+    let started = Instant::now();
+    let alice = connect(nodes[0].client_port, "alice").await.unwrap();
+    let online = presence_push(&mut bob, "alice", Duration::from_secs(5))
+        .await
+        .expect("online push across nodes");
+    assert_eq!(online["online"], true, "{online}");
+    eprintln!("online seen on another node after {:?}", started.elapsed());
+    // A query on node 3 agrees.
+    let mut carol = connect(nodes[2].client_port, "carol").await.unwrap();
+    let states = call(&mut carol, 1, json!({"op":"presence","users":["alice"]}))
+        .await
+        .unwrap();
+    assert_eq!(states["result"]["presence"][0]["online"], true, "{states}");
+
+    // alice leaves: offline across nodes.
+    let started = Instant::now();
+    drop(alice);
+    let offline = presence_push(&mut bob, "alice", Duration::from_secs(5))
+        .await
+        .expect("offline push across nodes");
+    assert_eq!(offline["online"], false, "{offline}");
+    assert!(offline["last_seen"].as_u64().is_some(), "{offline}");
+    eprintln!("offline seen on another node after {:?}", started.elapsed());
+
+    // alice's node dies with her connected: she goes offline everywhere when its reports stop.
+    let _alice = connect(nodes[0].client_port, "alice").await.unwrap();
+    let online = presence_push(&mut bob, "alice", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(online["online"], true);
+    let started = Instant::now();
+    kill(&mut nodes[0]);
+    let offline = presence_push(&mut bob, "alice", Duration::from_secs(5))
+        .await
+        .expect("offline after her node died");
+    assert_eq!(offline["online"], false, "{offline}");
+    eprintln!(
+        "offline after node death seen after {:?}",
+        started.elapsed()
+    );
+    for n in nodes.iter_mut() {
+        kill(n);
+    }
+}
+
+fn admin(node_peer_port: u16, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_chatlog-server"))
+        .args(["cluster", "--node", &format!("127.0.0.1:{node_peer_port}")])
+        .args(args)
+        .output()
+        .expect("cluster subcommand runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Sends through the node at `port`; the reply, or `{"error":{"code":"disconnected"}}` if
+/// the connection failed (node down or restarting).
+async fn send(port: u16, chat: &str, cmid: &str) -> Value {
+    let disconnected = json!({"error": {"code": "disconnected"}});
+    let Some(mut ws) = connect(port, "owner").await else {
+        return disconnected;
+    };
+    call(
+        &mut ws,
+        1,
+        json!({"op":"send","chat":chat,"cmid":cmid,"body":cmid}),
+    )
+    .await
+    .unwrap_or(disconnected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minority_refuses_and_membership_changes_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = nodes(dir.path(), 4);
+    let first3 = peers_flag(&all[..3]);
+    for n in all[..3].iter_mut() {
+        start(n, &first3);
+    }
+    wait_healthy(&all[..3]).await;
+    let chat = {
+        let mut ws = connect(all[0].client_port, "owner").await.unwrap();
+        let r = call(&mut ws, 1, json!({"op":"create_chat","members":["bob"]}))
+            .await
+            .unwrap();
+        r["result"]["chat"].as_str().unwrap().to_owned()
+    };
+    assert!(
+        send(all[1].client_port, &chat, "m1")
+            .await
+            .get("result")
+            .is_some()
+    );
+
+    // Node 4 joins: started with --join, added as a learner, then promoted.
+    let with4 = peers_flag(&all);
+    {
+        let n4 = &mut all[3];
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog-server"));
+        child
+            .args(["serve", "--rate-limit", "0", "--join"])
+            .args(["--listen", &format!("127.0.0.1:{}", n4.client_port)])
+            .args(["--node-id", "4", "--peers", &with4])
+            .args(["--auth-secret", common::SECRET])
+            .arg("--data-dir")
+            .arg(&n4.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(n4));
+        n4.child = Some(child.spawn().unwrap());
+    }
+    let addr4 = format!("127.0.0.1:{}", all[3].peer_port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Through node 2: the CLI follows "not leader" to the leader.
+        let (ok, out) = admin(
+            all[1].peer_port,
+            &["add-learner", "--id", "4", "--addr", &addr4],
+        );
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "add-learner failed: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, out) = admin(all[0].peer_port, &["set-voters", "--voters", "1,2,3,4"]);
+    assert!(ok, "set-voters: {out}");
+    let (ok, status) = admin(all[3].peer_port, &["status"]);
+    assert!(ok, "{status}");
+    // Node 4 serves the chat's history (caught up from the leader).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while all_events(all[3].client_port, "owner", &chat).await.len() < 2 {
+        assert!(Instant::now() < deadline, "node 4 did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        send(all[3].client_port, &chat, "m2")
+            .await
+            .get("result")
+            .is_some()
+    );
+
+    // Remove node 1, then stop it: the other three go on.
+    let (ok, out) = admin(all[1].peer_port, &["remove", "--ids", "1"]);
+    assert!(ok, "remove: {out}");
+    kill(&mut all[0]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = send(all[2].client_port, &chat, "m3").await;
+        if r.get("result").is_some() {
+            break;
+        }
+        assert_eq!(r["error"]["code"], "unavailable", "{r}");
+        assert!(
+            Instant::now() < deadline,
+            "no writes after removing node 1: {r}"
+        );
+    }
+
+    // Stop two of the three voters: the last one is a minority and refuses writes in bounded
+    // time, and says so on /healthz once it has no leader.
+    kill(&mut all[1]);
+    kill(&mut all[3]);
+    let started = Instant::now();
+    let r = send(all[2].client_port, &chat, "m4").await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    eprintln!(
+        "minority answered unavailable after {:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while healthy(all[2].client_port).await {
+        assert!(
+            Instant::now() < deadline,
+            "a lone node still reports healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Reads are local: history still answers.
+    let events = all_events(all[2].client_port, "owner", &chat).await;
+    assert!(events.len() >= 4, "{events:?}");
+    for n in all.iter_mut() {
+        kill(n);
+    }
+}

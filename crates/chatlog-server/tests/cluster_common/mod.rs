@@ -1,0 +1,176 @@
+//! Harness for tests of a cluster of the real binary on 127.0.0.1 ports.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::{SECRET, token};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Node {
+    pub id: u64,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub dir: std::path::PathBuf,
+    pub child: Option<Child>,
+}
+
+pub fn peers_flag(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("{}=127.0.0.1:{}", n.id, n.peer_port))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Each node's stderr, appended across restarts (kept if `CHATLOG_TEST_LOGS` names a dir).
+pub fn log_file(node: &Node) -> Stdio {
+    let dir = std::env::var_os("CHATLOG_TEST_LOGS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| node.dir.parent().unwrap().to_path_buf());
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("node{}.log", node.id)))
+        .unwrap();
+    Stdio::from(file)
+}
+
+pub fn start(node: &mut Node, peers: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog-server"))
+        .args(["serve", "--rate-limit", "0"])
+        .args(["--listen", &format!("127.0.0.1:{}", node.client_port)])
+        .args(["--node-id", &node.id.to_string(), "--peers", peers])
+        .args(["--auth-secret", SECRET, "--write-timeout-ms", "2000"])
+        .args(["--snapshot-every", "300"])
+        .arg("--data-dir")
+        .arg(&node.dir)
+        .stdout(Stdio::piped())
+        .stderr(log_file(node))
+        .spawn()
+        .expect("server binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(
+        line.contains("ws://"),
+        "node {} did not start: {line:?}",
+        node.id
+    );
+    node.child = Some(child);
+}
+
+pub fn kill(node: &mut Node) {
+    if let Some(mut child) = node.child.take() {
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+}
+
+pub async fn get_json(port: u16, path: &str) -> Option<Value> {
+    let resp = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    serde_json::from_str(&resp.text().await.ok()?).ok()
+}
+
+pub async fn healthy(port: u16) -> bool {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects and says hello; `None` if the node is down.
+pub async fn connect(port: u16, user: &str) -> Option<Ws> {
+    let url = format!("ws://127.0.0.1:{port}/v1/ws");
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let hello = json!({"op":"hello","token":token(user),"device":"d"});
+    ws.send(Message::text(hello.to_string())).await.ok()?;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .ok()??
+            .ok()?;
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(t.as_str()).ok()?;
+            if v["ev"] == "synced" {
+                return Some(ws);
+            }
+        }
+    }
+}
+
+/// Sends a request; the reply frame, or `None` if the connection died.
+pub async fn call(ws: &mut Ws, id: u64, mut request: Value) -> Option<Value> {
+    request["id"] = json!(id);
+    ws.send(Message::text(request.to_string())).await.ok()?;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .ok()??
+            .ok()?;
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(t.as_str()).ok()?;
+            if v.get("id") == Some(&json!(id)) {
+                return Some(v);
+            }
+        }
+    }
+}
+
+/// Every event of `chat` as `user` sees it on the node at `port`.
+pub async fn all_events(port: u16, user: &str, chat: &str) -> Vec<Value> {
+    let mut ws = connect(port, user).await.expect("node is up");
+    let mut out = Vec::new();
+    let mut after = 0;
+    for id in 1.. {
+        let reply = call(
+            &mut ws,
+            id,
+            json!({"op":"history","chat":chat,"after":after,"limit":500}),
+        )
+        .await
+        .expect("history answered");
+        let events = reply["result"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if events.is_empty() {
+            break;
+        }
+        after = events.last().unwrap()["seq"].as_u64().unwrap();
+        out.extend(events);
+    }
+    out
+}
