@@ -445,6 +445,7 @@ fn router(inner: Arc<Inner>) -> Router {
         .route("/cluster/gossip", post(gossip))
         .route("/admin/metrics", get(admin_metrics))
         .route("/admin/digest", get(admin_digest))
+        .route("/admin/snapshot", post(admin_snapshot))
         .route("/admin/add-learner", post(admin_add_learner))
         .route("/admin/change-membership", post(admin_change_membership))
         .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
@@ -520,6 +521,38 @@ async fn admin_digest(State(inner): Shared) -> HttpResponse {
         }
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Builds a snapshot now and answers once it exists: its id and last log index, and where its
+/// files are (`snapshot.data`, `snapshot.meta` under the node's `cluster/sm/`).
+async fn admin_snapshot(State(inner): Shared) -> HttpResponse {
+    let applied = inner
+        .raft
+        .metrics()
+        .borrow()
+        .last_applied
+        .map_or(0, |l| l.index);
+    if let Err(e) = inner.raft.trigger().snapshot().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+    }
+    let mut metrics = inner.raft.metrics();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(60),
+        metrics.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= applied)),
+    )
+    .await;
+    match waited {
+        Ok(Ok(m)) => axum::Json(serde_json::json!({
+            "snapshot_last_index": m.snapshot.map(|s| s.index),
+            "files": ["snapshot.data", "snapshot.meta"],
+        }))
+        .into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the snapshot was not built within 60 s",
+        )
+            .into_response(),
     }
 }
 

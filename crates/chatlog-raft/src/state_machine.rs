@@ -168,6 +168,16 @@ fn pack(dir: &Path) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Restores a snapshot's bundle (a node's `snapshot.data`) as a standalone engine directory:
+/// [`Engine::open`] on `dir` (without `replicated`) serves the chats as of the snapshot.
+pub fn restore_bundle(bundle: &Path, dir: &Path) -> std::io::Result<()> {
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        return Err(other(format!("{} exists and is not empty", dir.display())));
+    }
+    let bytes = std::fs::read(bundle)?;
+    unpack(&bytes, dir)
+}
+
 /// Unpacks a bundle made by [`pack`] into `dir`, refusing paths that leave it and truncated
 /// or inconsistent bundles.
 fn unpack(bytes: &[u8], dir: &Path) -> std::io::Result<()> {

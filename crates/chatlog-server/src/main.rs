@@ -36,6 +36,19 @@ enum Command {
     Token(TokenArgs),
     /// Cluster administration through a node's replication address.
     Cluster(ClusterArgs),
+    /// Restore a cluster snapshot (`snapshot.data`, see `cluster snapshot`) as the data of a
+    /// single-node server.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot bundle (`<data-dir>/cluster/sm/snapshot.data` of a node).
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// The new server's data directory (its `engine/` must not exist yet).
+    #[arg(long, env = "CHATLOG_DATA_DIR", default_value = DATA_DIR_DEFAULT)]
+    data_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -54,6 +67,9 @@ enum ClusterAction {
     Status,
     /// Print the node's applied index and a digest of its chat state (JSON).
     Digest,
+    /// Build a snapshot now (a consistent backup: copy `snapshot.data` and `snapshot.meta`
+    /// from the node's `<data-dir>/cluster/sm/`).
+    Snapshot,
     /// Add a node as a learner (it receives the log but does not vote yet).
     AddLearner {
         /// New node's id.
@@ -181,6 +197,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Token(args)) => token(args),
         Some(Command::Cluster(args)) => cluster_admin(args),
+        Some(Command::Restore(args)) => restore(args),
         Some(Command::Serve(args)) => serve(*args),
         None => serve(*cli.serve),
     }
@@ -258,6 +275,25 @@ fn cluster_settings(args: &ServeArgs) -> Result<Option<config::ClusterSettings>,
     }))
 }
 
+fn restore(args: RestoreArgs) -> ExitCode {
+    let dir = args.data_dir.join("engine");
+    match chatlog_raft::state_machine::restore_bundle(&args.snapshot, &dir) {
+        Ok(()) => {
+            println!(
+                "restored {} into {}; start it with: chatlog-server serve --data-dir {}",
+                args.snapshot.display(),
+                dir.display(),
+                args.data_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: restore {}: {e}", args.snapshot.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// `chatlog-server cluster ...`: admin requests to a node's replication address; a request
 /// answered "not leader" is sent on to the leader once.
 fn cluster_admin(args: ClusterArgs) -> ExitCode {
@@ -274,6 +310,7 @@ fn cluster_admin(args: ClusterArgs) -> ExitCode {
     let (method_post, path, body) = match &args.action {
         ClusterAction::Status => (false, "/admin/metrics", serde_json::Value::Null),
         ClusterAction::Digest => (false, "/admin/digest", serde_json::Value::Null),
+        ClusterAction::Snapshot => (true, "/admin/snapshot", serde_json::Value::Null),
         ClusterAction::AddLearner { id, addr } => (
             true,
             "/admin/add-learner",

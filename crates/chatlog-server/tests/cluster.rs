@@ -122,6 +122,32 @@ async fn presence_is_cluster_wide() {
     }
 }
 
+/// A single-node server on `node.dir`.
+fn start_single(node: &mut Node) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog-server"))
+        .args([
+            "serve",
+            "--rate-limit",
+            "0",
+            "--auth-secret",
+            common::SECRET,
+        ])
+        .args(["--listen", &format!("127.0.0.1:{}", node.client_port)])
+        .arg("--data-dir")
+        .arg(&node.dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("ws://"), "{line}");
+    node.child = Some(child);
+}
+
 fn admin(node_peer_port: u16, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_chatlog-server"))
         .args(["cluster", "--node", &format!("127.0.0.1:{node_peer_port}")])
@@ -223,6 +249,35 @@ async fn minority_refuses_and_membership_changes_through_the_cli() {
             .get("result")
             .is_some()
     );
+
+    // Backup: a snapshot on node 2, restored as the data of a single-node server.
+    let (ok, out) = admin(all[1].peer_port, &["snapshot"]);
+    assert!(ok, "snapshot: {out}");
+    let restored = dir.path().join("restored");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatlog-server"))
+        .args(["restore", "--snapshot"])
+        .arg(all[1].dir.join("cluster/sm/snapshot.data"))
+        .arg("--data-dir")
+        .arg(&restored)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut single = Node {
+        id: 9,
+        client_port: free_port(),
+        peer_port: 0,
+        dir: restored,
+        child: None,
+    };
+    start_single(&mut single);
+    let events = all_events(single.client_port, "owner", &chat).await;
+    let cmids: Vec<&str> = events.iter().filter_map(|e| e["cmid"].as_str()).collect();
+    assert_eq!(cmids, ["m1", "m2"], "restored history");
+    kill(&mut single);
 
     // Remove node 1, then stop it: the other three go on.
     let (ok, out) = admin(all[1].peer_port, &["remove", "--ids", "1"]);
