@@ -43,9 +43,9 @@ pub struct ClusterConfig {
     /// A write not committed within this time answers `unavailable`. Default 3 s.
     pub write_timeout: Duration,
     /// Leader heartbeat interval; also the time openraft allows one AppendEntries round trip
-    /// (including the follower's fsync), so not too short on a busy disk. Default 150 ms.
+    /// (including the follower's fsync), so not too short on a busy disk. Default 100 ms.
     pub heartbeat_ms: u64,
-    /// Election timeout range: a leader silent this long is replaced. Default 700–1100 ms.
+    /// Election timeout range: a leader silent this long is replaced. Default 500–900 ms.
     pub election_timeout_ms: (u64, u64),
     /// Build a snapshot every this many applied entries. Default 100,000.
     pub snapshot_every: u64,
@@ -67,8 +67,8 @@ impl ClusterConfig {
             engine: EngineConfig::default(),
             raft_log: LogConfig::default(),
             write_timeout: Duration::from_secs(3),
-            heartbeat_ms: 150,
-            election_timeout_ms: (700, 1100),
+            heartbeat_ms: 100,
+            election_timeout_ms: (500, 900),
             snapshot_every: 100_000,
             keep_after_snapshot: 10_000,
             initialize: true,
