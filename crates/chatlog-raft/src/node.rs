@@ -363,6 +363,20 @@ impl ClusterNode {
         self.inner.raft.metrics().borrow().current_leader
     }
 
+    /// Whether this node can get writes committed now: a follower knows a leader; a leader
+    /// confirms within `within` that a quorum still follows it (a leader cut off from the
+    /// others stays leader in its own view until then).
+    pub async fn quorum_ok(&self, within: Duration) -> bool {
+        match self.leader() {
+            None => false,
+            Some(l) if l != self.inner.id => true,
+            Some(_) => matches!(
+                tokio::time::timeout(within, self.inner.raft.ensure_linearizable()).await,
+                Ok(Ok(_))
+            ),
+        }
+    }
+
     /// Raft metrics (term, leader, last applied, membership, …).
     pub fn metrics(&self) -> openraft::RaftMetrics<NodeId, BasicNode> {
         self.inner.raft.metrics().borrow().clone()

@@ -268,11 +268,15 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     let mut status = String::from("ok\n");
     if let Some(node) = &app.cluster {
         let m = node.metrics();
-        let Some(leader) = m.current_leader else {
-            return unavailable(format!(
-                "no leader (node {}, term {}): writes are refused until a quorum elects one\n",
-                m.id, m.current_term
-            ));
+        let leader = match m.current_leader {
+            Some(l) if node.quorum_ok(Duration::from_secs(1)).await => l,
+            _ => {
+                return unavailable(format!(
+                    "no quorum (node {}, term {}, leader {:?}): writes are refused until a \
+                     majority is reachable\n",
+                    m.id, m.current_term, m.current_leader
+                ));
+            }
         };
         status = format!(
             "ok\nnode {} term {} leader {} applied {}\n",

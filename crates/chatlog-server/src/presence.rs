@@ -19,13 +19,13 @@ use crate::protocol;
 /// How often dirty `last_seen` values are persisted.
 pub const LAST_SEEN_FLUSH_MS: u64 = 5_000;
 /// The expiry task looks at least this often (covers injected clocks that jump).
-const EXPIRY_TICK_MS_MAX: u64 = 250;
+const EXPIRY_TICK_MS_MAX: u64 = 100;
 
 /// How long a user another node reported online stays online here without a refresh: a
 /// node that dies takes its users offline everywhere within this.
-pub const REMOTE_ONLINE_TTL_MS: u64 = 1_000;
+pub const REMOTE_ONLINE_TTL_MS: u64 = 800;
 /// Every node sends its full list of online users this often (and each change at once).
-pub const GOSSIP_FULL_MS: u64 = 300;
+pub const GOSSIP_FULL_MS: u64 = 250;
 
 /// Presence one node tells the others (cluster mode): users online on it, and users that
 /// went offline on it with their `last_seen`. Never in the Raft log.

@@ -27,6 +27,16 @@ pub struct Node {
     pub child: Option<Child>,
 }
 
+/// A panicking test must not leave servers running.
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 pub fn peers_flag(nodes: &[Node]) -> String {
     nodes
         .iter()
