@@ -1,4 +1,5 @@
-//! Token verification, `chatlog_server::auth::Auth::verify`, on untrusted tokens.
+//! Token verification, `chatlog_server::auth::Auth::verify` (built from its source file,
+//! `chatlog_fuzz::server_auth`), on untrusted tokens.
 //!
 //! `verify` must never panic, and must accept only what was signed with its secret. The oracle
 //! ([`Session::check`]) keeps the `header.payload` text of every token this input had signed
@@ -33,7 +34,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use chatlog::engine::types::check_user;
-use chatlog_server::auth::{Auth, AuthError, Claims};
+use chatlog_fuzz::server_auth::{Auth, AuthError, Claims};
 use hmac::{Hmac, KeyInit, Mac};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;

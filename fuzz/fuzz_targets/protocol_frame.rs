@@ -21,7 +21,9 @@ use std::collections::HashMap;
 
 use arbitrary::{Result, Unstructured};
 use chatlog::engine::{Event, EventKind};
-use chatlog_server::protocol::{self, Code, Failure, PRESENCE_USERS_MAX, Request, RequestId};
+use chatlog_fuzz::server_protocol::{
+    self as protocol, Code, Failure, PRESENCE_USERS_MAX, Request, RequestId,
+};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value, json};
 

@@ -350,3 +350,17 @@ pub fn index_path(first: u64) -> PathBuf {
 pub fn dir() -> &'static Path {
     Path::new("/fuzz/log")
 }
+
+/// The server's token verification (`chatlog-server/src/auth.rs`), compiled here from its
+/// source file instead of through a dependency on `chatlog-server`: that crate brings some 170
+/// crates (axum, hyper, reqwest, tokio's runtime, clap, metrics, tracing-subscriber, ...) that
+/// no target runs, and they were most of the fuzz build's time (see `scripts/fuzz-smoke`).
+/// This module and [`server_protocol`] are pure: they use only `chatlog`'s engine types,
+/// serde, `jsonwebtoken`, `rand` and `hex`, never `crate::`. If one of them starts to, this
+/// stops compiling; depend on `chatlog-server` again then.
+#[path = "../../crates/chatlog-server/src/auth.rs"]
+pub mod server_auth;
+/// The server's client-frame parser and encoders (`chatlog-server/src/protocol.rs`); see
+/// [`server_auth`].
+#[path = "../../crates/chatlog-server/src/protocol.rs"]
+pub mod server_protocol;
