@@ -358,6 +358,11 @@ impl ClusterNode {
         &self.inner.raft
     }
 
+    /// Whether this node is the leader (as far as it knows).
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.inner.id)
+    }
+
     /// The current leader, if known.
     pub fn leader(&self) -> Option<NodeId> {
         self.inner.raft.metrics().borrow().current_leader

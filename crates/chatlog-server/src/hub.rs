@@ -253,8 +253,10 @@ pub async fn run_fanout_cell(
     cell: Arc<chatlog_raft::EngineCell>,
     hub: Arc<Hub>,
     webhook: Option<Webhook>,
+    push_filter: Option<PushFilter>,
     batch_max: usize,
 ) {
+    let webhook = webhook.map(|w| (w, push_filter));
     let mut changes = cell.changes();
     loop {
         changes.borrow_and_update();
@@ -276,11 +278,16 @@ pub async fn run_fanout_cell(
     }
 }
 
+/// Decides, in a cluster, whether this node sends the push webhook for a user no device of
+/// which is connected here: only one node (the leader) does, and only for users offline on
+/// every node.
+pub type PushFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Runs the fanout until the engine closes.
 pub async fn run_fanout(
     engine: Arc<Engine>,
     hub: Arc<Hub>,
-    webhook: Option<&Webhook>,
+    webhook: Option<&(Webhook, Option<PushFilter>)>,
     batch_max: usize,
 ) {
     let mut subscription = engine.subscribe();
@@ -337,7 +344,7 @@ struct Fanout {
 fn fan_out(
     engine: &Engine,
     hub: &Hub,
-    webhook: Option<&Webhook>,
+    webhook: Option<&(Webhook, Option<PushFilter>)>,
     out: &mut Fanout,
     committed: &Committed,
 ) {
@@ -386,9 +393,9 @@ fn fan_out(
             out.delivered.increment(delivered);
             if let EventKind::Message { .. } = event.kind {
                 out.appended.increment(1);
-                if let Some(webhook) = webhook {
+                if let Some((webhook, filter)) = webhook {
                     for user in hub.offline(recipients) {
-                        if **user != *event.sender {
+                        if **user != *event.sender && filter.as_ref().is_none_or(|f| f(user)) {
                             webhook.notify(user, &event.chat, event.seq, &event.sender);
                         }
                     }

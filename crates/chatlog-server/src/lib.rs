@@ -393,10 +393,15 @@ pub async fn serve(
         tracker: TaskTracker::new(),
     });
     drop(engine);
+    let push_filter: Option<hub::PushFilter> = cluster.clone().map(|node| {
+        let presence = presence.clone();
+        Arc::new(move |user: &str| node.is_leader() && !presence.is_online(user)) as hub::PushFilter
+    });
     let fanout = tokio::spawn(hub::run_fanout_cell(
         cell.clone(),
         hub,
         webhook,
+        push_filter,
         app.config.fanout_batch_max.max(1),
     ));
     let presence_task = tokio::spawn(presence.clone().run());

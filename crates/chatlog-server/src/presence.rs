@@ -141,6 +141,11 @@ impl PresenceHub {
         state
     }
 
+    /// Whether `user` is online on any node (no storage read).
+    pub fn is_online(&self, user: &str) -> bool {
+        self.effective(user, self.now()).online
+    }
+
     /// The state of `user` now (persisted `last_seen` for users not seen since start).
     pub fn get(&self, user: &str) -> PresenceState {
         let now = self.now();
