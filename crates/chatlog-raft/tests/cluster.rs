@@ -33,6 +33,11 @@ fn small_log() -> LogConfig {
 
 impl Cluster {
     async fn start(n: u64, snapshot_every: u64) -> Cluster {
+        // RUST_LOG=openraft=debug,chatlog_raft=debug shows what the nodes did.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let mut listeners = Vec::new();
         let mut peers = BTreeMap::new();
         for id in 1..=n {
@@ -101,6 +106,12 @@ impl Cluster {
     }
 
     async fn restart(&mut self, id: NodeId) {
+        self.restart_with(id, true).await;
+    }
+
+    /// Restarts `id`; without `initialize` it waits for the leader (as `--join` does: a node
+    /// whose disk was wiped must not propose a membership of its own).
+    async fn restart_with(&mut self, id: NodeId, initialize: bool) {
         let addr = self.peers[&id].clone();
         let mut tries = 0;
         let listener = loop {
@@ -114,7 +125,9 @@ impl Cluster {
                 Err(e) => panic!("rebinding {addr}: {e}"),
             }
         };
-        let node = ClusterNode::start(self.config(id), listener).await.unwrap();
+        let mut config = self.config(id);
+        config.initialize = initialize;
+        let node = ClusterNode::start(config, listener).await.unwrap();
         self.nodes.insert(id, Some(node));
     }
 
@@ -452,7 +465,7 @@ async fn wiped_node_catches_up_from_a_snapshot() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     std::fs::remove_dir_all(c.node_dir(victim)).unwrap();
-    c.restart(victim).await;
+    c.restart_with(victim, false).await;
     let d = c.converged().await;
     check_history(&c.node(victim).engine(), &chat, &acked);
     let m = c.node(victim).metrics();
