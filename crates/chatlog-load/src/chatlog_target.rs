@@ -30,7 +30,7 @@ use crate::worker::{Phase, ReadyReport, Shared};
 use crate::workload::{self, Layout};
 
 /// A client WebSocket over plain TCP.
-type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<TcpStream>;
 
 /// Lifetime of the tokens minted for the run.
 const TOKEN_TTL_SECS: u64 = 24 * 60 * 60;
@@ -106,7 +106,7 @@ pub fn mint_token(secret: &str, user: &str) -> anyhow::Result<String> {
 
 /// Opens a WebSocket to `url` at `addr`, from local address `source` if given, retrying transient failures.
 /// The error is a short kind for the error counters.
-async fn open(url: &str, addr: SocketAddr, source: Option<IpAddr>) -> Result<Ws, String> {
+pub async fn open(url: &str, addr: SocketAddr, source: Option<IpAddr>) -> Result<Ws, String> {
     let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES);
     let mut backoff = CONNECT_RETRY_BACKOFF;
     let mut last_error = String::new();
@@ -137,17 +137,17 @@ async fn open(url: &str, addr: SocketAddr, source: Option<IpAddr>) -> Result<Ws,
 
 /// A frame from the server, borrowing from its text. Unknown fields are ignored.
 #[derive(Debug, Deserialize)]
-struct Incoming<'a> {
+pub struct Incoming<'a> {
     #[serde(borrow, default)]
     ev: Option<Cow<'a, str>>,
     #[serde(default)]
-    id: Option<u64>,
+    pub id: Option<u64>,
     #[serde(borrow, default)]
     event: Option<EventIn<'a>>,
     #[serde(borrow, default)]
     result: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    error: Option<ErrorIn<'a>>,
+    pub error: Option<ErrorIn<'a>>,
 }
 
 /// The fields of a pushed event the load generator needs.
@@ -166,9 +166,9 @@ struct EventIn<'a> {
 
 /// An error object.
 #[derive(Debug, Deserialize)]
-struct ErrorIn<'a> {
+pub struct ErrorIn<'a> {
     #[serde(borrow)]
-    code: Cow<'a, str>,
+    pub code: Cow<'a, str>,
 }
 
 /// The result of `create_chat`.
@@ -188,7 +188,7 @@ fn close_kind(frame: Option<&tokio_tungstenite::tungstenite::protocol::CloseFram
 
 /// Sends `hello` and waits for `synced`. Events replayed before `synced` are ignored (devices are
 /// new in every run, so there are none).
-async fn hello(ws: &mut Ws, token: &str, device: &str) -> Result<(), String> {
+pub async fn hello(ws: &mut Ws, token: &str, device: &str) -> Result<(), String> {
     let frame = serde_json::json!({"op": "hello", "token": token, "device": device});
     ws.send(Message::text(frame.to_string()))
         .await
@@ -226,8 +226,15 @@ pub async fn create_chats(
     layout: &Layout,
     run_id: &str,
 ) -> anyhow::Result<Vec<String>> {
-    let endpoint = Endpoint::parse(&args.url)?;
-    let addr = endpoint.resolve().await?;
+    let mut endpoints = Vec::new();
+    for url in args.urls() {
+        let endpoint = Endpoint::parse(url)?;
+        let addr = endpoint.resolve().await?;
+        endpoints.push((endpoint, addr));
+    }
+    if endpoints.is_empty() {
+        bail!("--url names no server");
+    }
     let mut by_creator: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for chat in 0..layout.chats() {
         by_creator
@@ -239,7 +246,8 @@ pub async fn create_chats(
     let mut tasks = JoinSet::new();
     for (creator, chats) in by_creator {
         let permits = Arc::clone(&permits);
-        let endpoint = endpoint.clone();
+        // The creator's own connection goes to the server its workers use (`i % n`).
+        let (endpoint, addr) = endpoints[creator % endpoints.len()].clone();
         let members: Vec<Vec<String>> = chats
             .iter()
             .map(|&chat| {
@@ -424,7 +432,8 @@ async fn set_up(shared: &Shared, index: usize) -> Result<Ws, String> {
         shared.layout.device_of_connection(index),
     );
     let token = mint_token(&shared.args.secret, &user).map_err(|_| "token".to_owned())?;
-    let mut ws = open(&shared.args.url, shared.server_addr, shared.source_ip).await?;
+    let server = shared.server_of(index);
+    let mut ws = open(&server.url, server.addr, server.source_ip).await?;
     hello(&mut ws, &token, &device).await?;
     Ok(ws)
 }

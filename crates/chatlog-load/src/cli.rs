@@ -24,6 +24,11 @@ pub const PROCS_MAX: usize = 254;
 pub const WORKER_THREADS_MAX: usize = 64;
 /// Largest `--connections`.
 pub const CONNECTIONS_MAX: usize = 1_000_000;
+/// Most servers one run may spread its connections over (`--url`, `--nats-url`).
+pub const SERVERS_MAX: usize = 64;
+/// Outstanding sends one probe connection may have (`--mode probe`); a send slot that finds
+/// this many is skipped.
+pub const PROBE_INFLIGHT_MAX: usize = 4096;
 
 /// What the load generator does once its connections are up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -33,6 +38,13 @@ pub enum Mode {
     Send,
     /// Only authenticate and hold the connections, to measure server memory per connection.
     Idle,
+    /// Failover probe (chatlog only): one connection per `--url`, each sending one message every
+    /// `--probe-interval-ms` (pipelined, up to [`PROBE_INFLIGHT_MAX`] outstanding) and
+    /// reconnecting when its server goes away, for `--duration-secs`. Prints one line per
+    /// outcome on stdout (`ack URL_INDEX SEND_US ACK_US`, `err URL_INDEX CODE SEND_US AT_US`,
+    /// `down URL_INDEX AT_US`, `up URL_INDEX AT_US`); `scripts/bench-cluster` reads them to time
+    /// a leader kill to the first acknowledged write.
+    Probe,
 }
 
 /// The system under test.
@@ -43,6 +55,9 @@ pub enum Target {
     Chatlog,
     /// Redis Streams: `XADD` to send, `XREAD BLOCK` to receive.
     Redis,
+    /// NATS JetStream: publish with an acknowledgement to `chat.<c>` subjects of one replicated
+    /// stream, one ordered push consumer per recipient and chat.
+    Nats,
 }
 
 /// Load generator for chatlog-server, and the same workload on Redis Streams.
@@ -53,7 +68,8 @@ pub enum Target {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "chatlog-load", version, args_override_self = true)]
 pub struct Args {
-    /// WebSocket URL of chatlog-server.
+    /// WebSocket URL of chatlog-server, or a comma-separated list of them (the nodes of a
+    /// cluster): connection `i` uses URL `i % n`.
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
     pub url: String,
     /// The server's HS256 secret; tokens are minted from it.
@@ -110,6 +126,19 @@ pub struct Args {
     /// Redis address (with `--target redis`).
     #[arg(long, default_value = "127.0.0.1:6379")]
     pub redis_addr: String,
+    /// NATS server URL, or a comma-separated list (the nodes of a cluster): connection `i`
+    /// uses URL `i % n` (with `--target nats`).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// JetStream stream the run creates (replacing one of that name) and publishes to.
+    #[arg(long, default_value = "CHATLOAD")]
+    pub nats_stream: String,
+    /// Replicas of that stream (3 for a 3-node cluster).
+    #[arg(long, default_value_t = 1)]
+    pub nats_replicas: usize,
+    /// Milliseconds between two sends of one probe connection (`--mode probe`).
+    #[arg(long, default_value_t = 1)]
+    pub probe_interval_ms: u64,
     /// Print the summary as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -182,8 +211,24 @@ impl Args {
                 "--secret (or CHATLOG_AUTH_SECRET) is required for --target chatlog".into(),
             );
         }
-        if self.target == Target::Redis && self.mode == Mode::Idle {
-            return Err("idle mode measures chatlog-server connections only".into());
+        if self.target != Target::Chatlog && self.mode != Mode::Send {
+            return Err("idle and probe modes measure chatlog-server only".into());
+        }
+        let servers = match self.target {
+            Target::Chatlog => self.urls().len(),
+            Target::Redis => 1,
+            Target::Nats => self.nats_urls().len(),
+        };
+        if servers == 0 || servers > SERVERS_MAX {
+            return Err(format!(
+                "give 1..={SERVERS_MAX} comma-separated server URLs"
+            ));
+        }
+        if self.target == Target::Nats && !(1..=5).contains(&self.nats_replicas) {
+            return Err("--nats-replicas must be in 1..=5".into());
+        }
+        if self.mode == Mode::Probe && self.probe_interval_ms == 0 {
+            return Err("--probe-interval-ms must be at least 1".into());
         }
         let valid_prefix = self
             .user_prefix
@@ -200,6 +245,16 @@ impl Args {
         )
     }
 
+    /// The chatlog-server URLs of `--url`, in order.
+    pub fn urls(&self) -> Vec<&str> {
+        split_list(&self.url)
+    }
+
+    /// The NATS URLs of `--nats-url`, in order.
+    pub fn nats_urls(&self) -> Vec<&str> {
+        split_list(&self.nats_url)
+    }
+
     /// Number of worker processes to run: `--procs`, or when it is 0 enough processes that
     /// none holds more than [`crate::workload::SOCKETS_PER_PROCESS_MAX`] sockets.
     pub fn effective_procs(&self) -> usize {
@@ -210,12 +265,21 @@ impl Args {
             Target::Chatlog => 1,
             // One socket blocks in XREAD, the other sends.
             Target::Redis => 2,
+            Target::Nats => 1,
         };
         let sockets = self.connections * sockets_per_connection;
         sockets
             .div_ceil(crate::workload::SOCKETS_PER_PROCESS_MAX)
             .clamp(1, PROCS_MAX)
     }
+}
+
+/// The non-empty, trimmed items of a comma-separated list.
+fn split_list(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .collect()
 }
 
 #[cfg(test)]
@@ -254,5 +318,26 @@ mod tests {
                 .is_err()
         );
         assert!(parse(&["--user-prefix", "a b"]).validate().is_err());
+        assert!(parse(&["--url", " , "]).validate().is_err());
+        assert!(
+            parse(&["--target", "nats", "--mode", "idle"])
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn url_lists_keep_their_order() {
+        let args = parse(&[]);
+        assert_eq!(args.urls(), vec!["ws://127.0.0.1:8080/v1/ws"]);
+        let args = parse(&["--url", "ws://a:1/v1/ws, ws://b:2/v1/ws,ws://c:3/v1/ws,"]);
+        assert_eq!(
+            args.urls(),
+            vec!["ws://a:1/v1/ws", "ws://b:2/v1/ws", "ws://c:3/v1/ws"]
+        );
+        assert!(args.validate().is_ok());
+        let args = parse(&["--target", "nats", "--nats-url", "nats://a:1,nats://b:2"]);
+        assert_eq!(args.nats_urls().len(), 2);
+        assert!(args.validate().is_ok());
     }
 }

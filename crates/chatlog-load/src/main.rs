@@ -18,12 +18,16 @@
 //! # Modes
 //!
 //! - `send`: warm up for `--warmup-secs`, measure for `--duration-secs`.
+//! - `probe` (chatlog only): one connection per `--url` writes steadily and prints every outcome,
+//!   for failover timing (see [`probe`]); no workers, no summary.
 //! - `idle` (chatlog only): authenticate every connection, wait for `synced`, hold them for
 //!   `--duration-secs`, then report (RSS after − RSS before) / connections: the server's memory
 //!   per idle authenticated connection.
 
 mod chatlog_target;
 mod cli;
+mod nats_target;
+mod probe;
 mod redis_target;
 mod stats;
 mod worker;
@@ -82,6 +86,11 @@ fn run_parent(args: Args) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if args.mode == Mode::Probe {
+        args.validate().map_err(anyhow::Error::msg)?;
+        runtime.block_on(probe::run(&args, &make_run_id()))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let summary = runtime.block_on(orchestrate(&args))?;
     let json = serde_json::to_string_pretty(&summary)?;
     if args.json {
@@ -180,6 +189,7 @@ async fn orchestrate(args: &Args) -> anyhow::Result<Summary> {
         (_, 0) => Vec::new(),
         (Target::Chatlog, _) => chatlog_target::create_chats(args, &layout, &run_id).await?,
         (Target::Redis, _) => redis_target::chat_keys(layout.chats()),
+        (Target::Nats, _) => nats_target::create_stream(args, layout.chats()).await?,
     };
     eprintln!(
         "chatlog-load: run {run_id}: {} users, {} chats ready in {:.1} s; starting {procs} worker(s)",

@@ -47,9 +47,11 @@ async fn connect(
     shared: &Shared,
     response_timeout: Option<Duration>,
 ) -> Result<MultiplexedConnection, String> {
+    // `--redis-addr` names one server.
+    let server = shared.server_of(0);
     let stream = tokio::time::timeout(
         CONNECTION_TIMEOUT,
-        crate::worker::open_socket(shared.server_addr, shared.source_ip),
+        crate::worker::open_socket(server.addr, server.source_ip),
     )
     .await
     .map_err(|_| "connect:timeout".to_owned())?

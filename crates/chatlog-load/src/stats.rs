@@ -362,10 +362,12 @@ impl Summary {
         let target = match self.target {
             crate::cli::Target::Chatlog => "chatlog",
             crate::cli::Target::Redis => "redis",
+            crate::cli::Target::Nats => "nats",
         };
         let mode = match self.mode {
             crate::cli::Mode::Send => "send",
             crate::cli::Mode::Idle => "idle",
+            crate::cli::Mode::Probe => "probe",
         };
         let _ = write!(
             out,

@@ -99,10 +99,8 @@ pub struct Shared {
     pub plan: WorkerPlan,
     /// For every user, its chats.
     pub chats_by_user: Vec<Vec<usize>>,
-    /// Address of the server (chatlog or Redis).
-    pub server_addr: SocketAddr,
-    /// Local address to bind client sockets to, if any.
-    pub source_ip: Option<IpAddr>,
+    /// The servers (one, or the nodes of a cluster); connection `i` uses server `i % n`.
+    pub servers: Vec<Server>,
     /// Time between two sends of one connection at `--rate`; `None` = as fast as possible.
     pub send_period: Option<Duration>,
     /// Measurements merged from the connections' recorders.
@@ -119,7 +117,24 @@ pub struct Shared {
     pub phase: watch::Receiver<Phase>,
 }
 
+/// One server the connections are spread over.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// The URL connections use (chatlog: `ws://…`; NATS: `nats://…`; Redis: `host:port`).
+    pub url: String,
+    /// Its socket address.
+    pub addr: SocketAddr,
+    /// Local address to bind client sockets to, if any.
+    pub source_ip: Option<IpAddr>,
+}
+
 impl Shared {
+    /// The server connection `connection` uses: `connection % n` of the `n` servers, so that
+    /// the members of a chat (consecutive connections) are spread over a cluster's nodes.
+    pub fn server_of(&self, connection: usize) -> &Server {
+        &self.servers[connection % self.servers.len()]
+    }
+
     /// Claims one outstanding send, or returns `false` when sends are closed (the window is
     /// over). The count is raised before the flag is read, and the worker clears the flag before
     /// it reads the count (both sequentially consistent), so the drain never misses a send that
@@ -265,28 +280,41 @@ pub async fn run(args: Args, index: usize, workers: usize) -> anyhow::Result<()>
         );
     }
 
-    let server_addr = match args.target {
-        Target::Chatlog => {
-            crate::chatlog_target::Endpoint::parse(&args.url)?
-                .resolve()
-                .await?
-        }
-        Target::Redis => resolve(&args.redis_addr).await?,
+    let urls: Vec<String> = match args.target {
+        Target::Chatlog => args.urls().into_iter().map(str::to_owned).collect(),
+        Target::Redis => vec![args.redis_addr.clone()],
+        Target::Nats => args.nats_urls().into_iter().map(str::to_owned).collect(),
     };
+    let mut servers = Vec::with_capacity(urls.len());
+    for url in urls {
+        let addr = match args.target {
+            Target::Chatlog => {
+                crate::chatlog_target::Endpoint::parse(&url)?
+                    .resolve()
+                    .await?
+            }
+            Target::Redis => resolve(&url).await?,
+            Target::Nats => resolve(crate::nats_target::host_port(&url)?).await?,
+        };
+        servers.push(Server {
+            source_ip: source_ip(addr, index, args.no_source_bind),
+            addr,
+            url,
+        });
+    }
     let chats_by_user = layout.chats_by_user();
     let sending_connections = (0..layout.connections())
         .filter(|&c| !chats_by_user[layout.user_of_connection(c)].is_empty())
         .count();
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
     let shared = Arc::new(Shared {
-        source_ip: source_ip(server_addr, index, args.no_source_bind),
         send_period: workload::send_period(args.rate, sending_connections),
         connect_permits: Semaphore::new(args.connect_concurrency),
         stats: Mutex::new(Stats::default()),
         inflight: AtomicU64::new(0),
         sends_open: AtomicBool::new(false),
         phase: phase_rx,
-        server_addr,
+        servers,
         chats_by_user,
         plan,
         layout,
@@ -307,6 +335,9 @@ pub async fn run(args: Args, index: usize, workers: usize) -> anyhow::Result<()>
                 shared, connection, ready_tx,
             )),
             Target::Redis => tasks.spawn(crate::redis_target::run_connection(
+                shared, connection, ready_tx,
+            )),
+            Target::Nats => tasks.spawn(crate::nats_target::run_connection(
                 shared, connection, ready_tx,
             )),
         };
@@ -413,8 +444,13 @@ mod tests {
                 run_id: "r".into(),
                 chat_ids: vec!["1".into(); layout.chats()],
             },
-            server_addr: "127.0.0.1:1".parse().unwrap(),
-            source_ip: None,
+            servers: (1..=3)
+                .map(|port| Server {
+                    url: format!("ws://127.0.0.1:{port}/v1/ws"),
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    source_ip: None,
+                })
+                .collect(),
             send_period: None,
             stats: Mutex::new(Stats::default()),
             inflight: AtomicU64::new(0),
@@ -424,6 +460,13 @@ mod tests {
             layout,
             args,
         }
+    }
+
+    #[test]
+    fn connections_round_robin_over_the_servers() {
+        let shared = test_shared();
+        let ports: Vec<u16> = (0..7).map(|c| shared.server_of(c).addr.port()).collect();
+        assert_eq!(ports, vec![1, 2, 3, 1, 2, 3, 1]);
     }
 
     #[test]
