@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
-use chatlog::engine::{ChatError, Engine, EngineConfig, Op, Outcome, Proposer, Responder};
+use chatlog::engine::{ChatError, Engine, EngineConfig, Op, Proposer, Refusal, Responder};
 use chatlog::log::LogConfig;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
@@ -117,7 +117,6 @@ struct Inner {
     raft: Raft,
     client: PeerClient,
     applied: watch::Receiver<u64>,
-    write_timeout: Duration,
     gossip: broadcast::Sender<Gossip>,
     peers: BTreeMap<NodeId, String>,
 }
@@ -146,72 +145,207 @@ fn unavailable(why: String) -> ChatError {
     })
 }
 
-impl Inner {
-    /// Orders `req` through Raft: locally when leader, else forwarded to the leader; answers
-    /// once this node has applied it (read-your-writes on this node).
-    async fn write(&self, req: Request) -> Result<Outcome, ChatError> {
-        let deadline = Instant::now() + self.write_timeout;
-        let timed_out = || {
-            unavailable(format!(
-                "no quorum: the write was not committed within {} ms (safe to retry with the same cmid)",
-                self.write_timeout.as_millis()
-            ))
-        };
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(timed_out());
-            }
-            let result =
-                match tokio::time::timeout(remaining, self.raft.client_write(req.clone())).await {
-                    Err(_) => return Err(timed_out()),
-                    Ok(r) => r,
-                };
-            match result {
-                Ok(resp) => return resp.data.0.map_err(ChatError::from),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    let leader = f
-                        .leader_id
-                        .zip(f.leader_node)
-                        .filter(|(id, _)| *id != self.id);
-                    if let Some((leader, node)) = leader {
-                        let answer = self
-                            .client
-                            .call::<Request, WriteReply>(
-                                leader,
-                                &node.addr,
-                                "/raft/write",
-                                &req,
-                                remaining,
-                            )
-                            .await;
-                        match answer {
-                            Ok(WriteReply::Done { index, response }) => {
-                                self.wait_applied(index, deadline).await;
-                                return response.0.map_err(ChatError::from);
-                            }
-                            Ok(WriteReply::Failed(why)) => return Err(unavailable(why)),
-                            Ok(WriteReply::NotLeader) => {}
-                            Err(e) if e.never_sent() => {}
-                            // The leader may have committed it: the caller decides whether to
-                            // retry (sends are idempotent on their cmid).
-                            Err(e) => return Err(unavailable(e.to_string())),
-                        }
-                    }
-                    // No leader known yet (an election is running): try again shortly.
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-                Err(e) => return Err(unavailable(e.to_string())),
-            }
-        }
-    }
+/// Operations one Raft entry carries at most.
+const BATCH_OPS_MAX: usize = 4096;
+/// Entries the leader has handed to openraft and not yet seen committed; while this many are
+/// in flight, new operations accumulate into the next entry.
+const BATCHES_IN_FLIGHT: usize = 8;
 
+/// An operation waiting to be ordered.
+struct Pending {
+    op: Op,
+    ts: u64,
+    deadline: Instant,
+    reply: Responder,
+}
+
+fn timed_out(timeout: Duration) -> ChatError {
+    unavailable(format!(
+        "no quorum: the write was not committed within {} ms (safe to retry with the same cmid)",
+        timeout.as_millis()
+    ))
+}
+
+/// What the batcher needs (not the node itself: the node owns the batcher's queue).
+#[derive(Clone)]
+struct BatcherCtx {
+    id: NodeId,
+    raft: Raft,
+    client: PeerClient,
+    applied: watch::Receiver<u64>,
+    write_timeout: Duration,
+    requeue: tokio::sync::mpsc::UnboundedSender<Pending>,
+}
+
+impl BatcherCtx {
     /// Waits (until `deadline`) for this node to apply Raft index `index`.
     async fn wait_applied(&self, index: u64, deadline: Instant) {
         let mut applied = self.applied.clone();
         let _ = tokio::time::timeout_at(deadline.into(), applied.wait_for(|&n| n > index)).await;
     }
+
+    fn fail_all(batch: Vec<Pending>, error: impl Fn() -> ChatError) {
+        for p in batch {
+            p.reply.send(Err(error()));
+        }
+    }
+
+    /// Answers each operation of a committed entry (applied at `index`) once this node has
+    /// applied it: read-your-writes on this node.
+    async fn answer(&self, batch: Vec<Pending>, index: u64, response: Response) {
+        let deadline = batch.iter().map(|p| p.deadline).max();
+        if let Some(deadline) = deadline {
+            self.wait_applied(index, deadline).await;
+        }
+        let mut answers = response.0.into_iter();
+        for p in batch {
+            let answer = answers
+                .next()
+                .unwrap_or_else(|| Err(Refusal::Unavailable("missing answer".into())));
+            p.reply.send(answer.map_err(ChatError::from));
+        }
+    }
 }
+
+/// Orders proposed operations through Raft, in the order proposed: operations that arrive
+/// while earlier entries are in flight are batched into one entry (one fsync for all of them
+/// on every node). On the leader, entries are handed to openraft in order with up to
+/// [`BATCHES_IN_FLIGHT`] awaiting commit; on a follower, batches are forwarded to the leader
+/// one after the other. Without a known leader operations wait (an election is running) until
+/// their deadline, then answer `unavailable`.
+async fn run_batcher(
+    ctx: BatcherCtx,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Pending>,
+    stop: CancellationToken,
+) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let first = tokio::select! {
+            p = queue.recv() => match p { Some(p) => p, None => return },
+            () = stop.cancelled() => return,
+        };
+        let leader = ctx.raft.metrics().borrow().current_leader;
+        let permit = if leader == Some(ctx.id) {
+            // Wait for room before draining: what queues meanwhile joins this entry.
+            match in_flight.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_OPS_MAX {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        let (expired, batch): (Vec<Pending>, Vec<Pending>) =
+            batch.into_iter().partition(|p| p.deadline <= now);
+        Batcher::fail_expired(&ctx, expired);
+        if batch.is_empty() {
+            continue;
+        }
+        let ops: Vec<(Op, u64)> = batch.iter().map(|p| (p.op.clone(), p.ts)).collect();
+        match (leader, permit) {
+            (Some(_), Some(permit)) => {
+                let receiver = ctx.raft.client_write_ff(Request { ops }).await;
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let Ok(receiver) = receiver else {
+                        return BatcherCtx::fail_all(batch, || unavailable("raft stopped".into()));
+                    };
+                    let deadline = batch.iter().map(|p| p.deadline).max().unwrap_or(now);
+                    match tokio::time::timeout_at(deadline.into(), receiver).await {
+                        Err(_) => BatcherCtx::fail_all(batch, || timed_out(ctx.write_timeout)),
+                        Ok(Err(_)) => {
+                            BatcherCtx::fail_all(batch, || unavailable("raft stopped".into()))
+                        }
+                        Ok(Ok(Ok(resp))) => ctx.answer(batch, resp.log_id.index, resp.data).await,
+                        // Leadership moved before the entry was appended: nothing was
+                        // written; order the operations again (they go to the new leader).
+                        Ok(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => {
+                            for p in batch {
+                                if let Err(e) = ctx.requeue.send(p) {
+                                    e.0.reply.send(Err(unavailable("node stopping".into())));
+                                }
+                            }
+                        }
+                        Ok(Ok(Err(e))) => {
+                            let why = e.to_string();
+                            BatcherCtx::fail_all(batch, || unavailable(why.clone()))
+                        }
+                    }
+                });
+            }
+            (Some(leader), None) => {
+                let addr = ctx
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&leader)
+                    .map(|n| n.addr.clone());
+                let deadline = batch.iter().map(|p| p.deadline).max().unwrap_or(now);
+                let Some(addr) = addr else {
+                    Batcher::wait_and_requeue(&ctx, batch).await;
+                    continue;
+                };
+                let answer = ctx
+                    .client
+                    .call::<Request, WriteReply>(
+                        leader,
+                        &addr,
+                        "/raft/write",
+                        &Request { ops },
+                        deadline.saturating_duration_since(Instant::now()),
+                    )
+                    .await;
+                match answer {
+                    Ok(WriteReply::Done { index, response }) => {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move { ctx.answer(batch, index, response).await });
+                    }
+                    Ok(WriteReply::Failed(why)) => {
+                        BatcherCtx::fail_all(batch, || unavailable(why.clone()))
+                    }
+                    Ok(WriteReply::NotLeader) => Batcher::wait_and_requeue(&ctx, batch).await,
+                    Err(e) if e.never_sent() => Batcher::wait_and_requeue(&ctx, batch).await,
+                    // The leader may have committed them: the callers decide whether to
+                    // retry (sends are idempotent on their cmid).
+                    Err(e) => {
+                        let why = e.to_string();
+                        BatcherCtx::fail_all(batch, || unavailable(why.clone()))
+                    }
+                }
+            }
+            _ => Batcher::wait_and_requeue(&ctx, batch).await,
+        }
+    }
+}
+
+impl Batcher {
+    fn fail_expired(ctx: &BatcherCtx, expired: Vec<Pending>) {
+        BatcherCtx::fail_all(expired, || timed_out(ctx.write_timeout));
+    }
+
+    /// No leader (or not reachable yet): try again shortly, behind what is queued.
+    async fn wait_and_requeue(ctx: &BatcherCtx, batch: Vec<Pending>) {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        for p in batch {
+            if let Err(e) = ctx.requeue.send(p) {
+                e.0.reply.send(Err(unavailable("node stopping".into())));
+            }
+        }
+    }
+}
+
+/// Namespace of the batcher's helpers.
+struct Batcher;
 
 /// A hash (hex SHA-256) of an engine's chat state ([`Engine::state_bytes`]): equal on
 /// replicas that applied the same operations.
@@ -223,21 +357,25 @@ pub fn digest(engine: &Engine) -> Result<String, ChatError> {
 }
 
 /// Routes an engine's writes through Raft.
-/// Holds the node weakly: the engine holds its proposer, and the node holds the engine.
+/// Queues operations for the batcher, in the order proposed (no task per operation, so one
+/// connection's writes are ordered as it sent them).
 struct RaftProposer {
-    inner: std::sync::Weak<Inner>,
-    runtime: tokio::runtime::Handle,
+    queue: tokio::sync::mpsc::UnboundedSender<Pending>,
+    write_timeout: Duration,
 }
 
 impl Proposer for RaftProposer {
     fn propose(&self, op: Op, ts_ms: u64, reply: Responder) {
-        let Some(inner) = self.inner.upgrade() else {
-            reply.send(Err(unavailable("this node has stopped".into())));
-            return;
+        let pending = Pending {
+            op,
+            ts: ts_ms,
+            deadline: Instant::now() + self.write_timeout,
+            reply,
         };
-        self.runtime.spawn(async move {
-            reply.send(inner.write(Request { op, ts: ts_ms }).await);
-        });
+        if let Err(e) = self.queue.send(pending) {
+            e.0.reply
+                .send(Err(unavailable("this node has stopped".into())));
+        }
     }
 }
 
@@ -298,15 +436,27 @@ impl ClusterNode {
             raft: raft.clone(),
             client,
             applied,
-            write_timeout: config.write_timeout,
             gossip: broadcast::channel(4096).0,
             peers: config.peers.clone(),
         });
-        cell.set_proposer(Arc::new(RaftProposer {
-            inner: Arc::downgrade(&inner),
-            runtime: tokio::runtime::Handle::current(),
-        }));
         let stop = CancellationToken::new();
+        let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(run_batcher(
+            BatcherCtx {
+                id: config.node_id,
+                raft: raft.clone(),
+                client: inner.client.clone(),
+                applied: inner.applied.clone(),
+                write_timeout: config.write_timeout,
+                requeue: queue.clone(),
+            },
+            queued,
+            stop.clone(),
+        ));
+        cell.set_proposer(Arc::new(RaftProposer {
+            queue,
+            write_timeout: config.write_timeout,
+        }));
         let app = router(inner.clone());
         let server_stop = stop.clone();
         let server = tokio::spawn(async move {

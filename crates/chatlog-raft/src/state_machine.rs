@@ -13,7 +13,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use chatlog::engine::{Engine, EngineConfig, Outcome};
+use chatlog::engine::{Engine, EngineConfig};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError};
 use serde::{Deserialize, Serialize};
@@ -296,15 +296,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let mut ops = Vec::new();
-        // Per entry: Some(i) = the i-th operation's answer, None = a Raft-internal entry.
+        // Per entry: Some(range) = its operations' answers, None = a Raft-internal entry.
         let mut slots = Vec::new();
         for entry in entries {
             marker.last_applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => slots.push(None),
                 EntryPayload::Normal(req) => {
-                    slots.push(Some(ops.len()));
-                    ops.push((req.op, req.ts));
+                    slots.push(Some(ops.len()..ops.len() + req.ops.len()));
+                    ops.extend(req.ops);
                 }
                 EntryPayload::Membership(m) => {
                     marker.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -321,8 +321,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let out = slots
             .into_iter()
             .map(|slot| match slot {
-                Some(i) => Response(answers[i].clone()),
-                None => Response(Ok(Outcome::Done)),
+                Some(range) => Response(answers[range].to_vec()),
+                None => Response(Vec::new()),
             })
             .collect();
         let applied = marker.last_applied.map_or(0, |l| l.index + 1);

@@ -8,19 +8,19 @@ use serde::{Deserialize, Serialize};
 /// Node ids are small integers given on the command line (`--node-id`).
 pub type NodeId = u64;
 
-/// A replicated write: one engine operation and the time (ms) the proposing node gave it.
-/// Every replica decides the operation with this timestamp, so all assign the same `ts`.
+/// A replicated write: engine operations, each with the time (ms) the proposing node gave it,
+/// in the order they were proposed. One Raft entry carries every operation a node batched
+/// while earlier entries were being committed. Every replica decides each operation with its
+/// timestamp, so all assign the same `ts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
-    /// The operation.
-    pub op: Op,
-    /// Its timestamp.
-    pub ts: u64,
+    /// The operations and their timestamps.
+    pub ops: Vec<(Op, u64)>,
 }
 
-/// What applying a [`Request`] answered: the same on every replica.
+/// What applying a [`Request`] answered, one result per operation: the same on every replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Response(pub Result<Outcome, Refusal>);
+pub struct Response(pub Vec<Result<Outcome, Refusal>>);
 
 openraft::declare_raft_types!(
     /// chatlog's Raft types: requests are engine operations, nodes are addressed by their

@@ -35,7 +35,10 @@ impl Cluster {
     async fn start(n: u64, snapshot_every: u64) -> Cluster {
         // RUST_LOG=openraft=debug,chatlog_raft=debug shows what the nodes did.
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+            )
             .with_test_writer()
             .try_init();
         let mut listeners = Vec::new();
