@@ -549,3 +549,41 @@ async fn asymmetric_partitions_lose_nothing() {
         c.kill(id).await;
     }
 }
+
+/// Writes submitted one after the other through one node (as one connection's pipelined sends
+/// are) commit in that order: seqs increase in submission order, through the leader and
+/// through a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_writes_through_one_node_commit_in_order() {
+    let mut c = Cluster::start(3, 100_000).await;
+    let leader = c.leader().await;
+    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let follower = c.running().into_iter().find(|id| *id != leader).unwrap();
+    for (node, prefix) in [(leader, "l"), (follower, "f")] {
+        let engine = c.node(node).engine();
+        let tickets: Vec<_> = (0..300)
+            .map(|i| {
+                engine.send_ticket(
+                    "alice",
+                    &chat,
+                    &format!("{prefix}{i}"),
+                    Some("x".into()),
+                    None,
+                )
+            })
+            .collect();
+        let mut last = 0;
+        for (i, t) in tickets.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Answer::Sent(s) => {
+                    assert!(s.seq > last, "{prefix}{i} got seq {} after {last}", s.seq);
+                    last = s.seq;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    for id in c.running() {
+        c.kill(id).await;
+    }
+}
