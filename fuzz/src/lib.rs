@@ -364,3 +364,69 @@ pub mod server_auth;
 /// [`server_auth`].
 #[path = "../../crates/chatlog-server/src/protocol.rs"]
 pub mod server_protocol;
+
+/// `CHATLOG_FUZZ_TRACE=1` makes a target print what it does (to read a crash's input).
+pub fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("CHATLOG_FUZZ_TRACE").is_some())
+}
+
+/// A fresh directory on a real file system for one input (RocksDB, which does not run on
+/// `FaultFs`), removed when dropped. Unique per process and input, so parallel fuzzing jobs
+/// (`-jobs`, `-fork`) do not share one. In `/dev/shm` when there is one: RocksDB fsyncs its
+/// manifest and directory on every open, and on tmpfs that costs nothing (`engine_model` ran
+/// twice as fast there as on the development machine's disk).
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Creates `</dev/shm or the temp dir>/chatlog-fuzz-<name>-<pid>-<n>` (empty).
+    pub fn new(name: &str) -> ScratchDir {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let path = base.join(format!("chatlog-fuzz-{name}-{}-{n}", std::process::id()));
+        if n == 0 {
+            remove_stale_scratch_dirs(&base);
+        }
+        // Left over by an earlier process with the same pid.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create the scratch directory");
+        ScratchDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// Removes the scratch directories of processes that are gone: a crashed input's, and those a
+/// target keeps for the whole process (statics are never dropped).
+fn remove_stale_scratch_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("chatlog-fuzz-")) else {
+            continue;
+        };
+        // `<name>-<pid>-<n>`: the pid is the second field from the end.
+        let pid = rest.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
