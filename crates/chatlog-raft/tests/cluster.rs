@@ -152,6 +152,20 @@ impl Cluster {
         }
     }
 
+    /// Checks `acked` against the history of every running node.
+    fn check_all(&self, chat: &str, acked: &HashMap<String, u64>) {
+        for id in self.running() {
+            check_history(&self.node(id).engine(), chat, acked);
+        }
+    }
+
+    /// Stops every running node.
+    async fn stop_all(&mut self) {
+        for id in self.running() {
+            self.kill(id).await;
+        }
+    }
+
     /// Waits until every running node has applied the same entries, then returns their
     /// digests (which must all be equal).
     async fn converged(&self) -> String {
@@ -355,9 +369,7 @@ async fn leader_kill_under_load_loses_nothing_and_restarted_node_catches_up() {
     // An acknowledgement means applied on the node that answered; the other survivor may
     // still be applying the last entries.
     c.converged().await;
-    for id in c.running() {
-        check_history(&c.node(id).engine(), &chat, &acked);
-    }
+    c.check_all(&chat, &acked);
     c.restart(leader).await;
     let d = c.converged().await;
     check_history(&c.node(leader).engine(), &chat, &acked);
@@ -369,9 +381,7 @@ async fn leader_kill_under_load_loses_nothing_and_restarted_node_catches_up() {
         failover < Duration::from_secs(10),
         "failover took {failover:?}"
     );
-    for id in c.running() {
-        c.kill(id).await;
-    }
+    c.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -426,9 +436,7 @@ async fn minority_partition_refuses_writes_and_heals() {
     // kept, but if it was, exactly once.
     c.faults.heal();
     c.converged().await;
-    for id in c.running() {
-        check_history(&c.node(id).engine(), &chat, &acked);
-    }
+    c.check_all(&chat, &acked);
     // A retry of the refused write through any node lands exactly once.
     let retried = c
         .node(others[0])
@@ -440,12 +448,8 @@ async fn minority_partition_refuses_writes_and_heals() {
         acked.insert("minority-1".into(), s.seq);
     }
     c.converged().await;
-    for id in c.running() {
-        check_history(&c.node(id).engine(), &chat, &acked);
-    }
-    for id in c.running() {
-        c.kill(id).await;
-    }
+    c.check_all(&chat, &acked);
+    c.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -481,9 +485,7 @@ async fn wiped_node_catches_up_from_a_snapshot() {
     let more = send_all(&c, &chat, "alice", "after", 10, Duration::from_secs(10)).await;
     c.converged().await;
     check_history(&c.node(victim).engine(), &chat, &more);
-    for id in c.running() {
-        c.kill(id).await;
-    }
+    c.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -499,13 +501,9 @@ async fn lossy_slow_duplicating_links_lose_nothing() {
     c.faults.set_drop_per_mille(0);
     c.faults.set_duplicate_per_mille(0);
     c.converged().await;
-    for id in c.running() {
-        check_history(&c.node(id).engine(), &chat, &acked);
-    }
+    c.check_all(&chat, &acked);
     let mut c = c;
-    for id in c.running() {
-        c.kill(id).await;
-    }
+    c.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -542,12 +540,8 @@ async fn asymmetric_partitions_lose_nothing() {
     acked.extend(send_all(&c, &chat, "alice", "c", 10, Duration::from_secs(20)).await);
     c.faults.heal();
     c.converged().await;
-    for id in c.running() {
-        check_history(&c.node(id).engine(), &chat, &acked);
-    }
-    for id in c.running() {
-        c.kill(id).await;
-    }
+    c.check_all(&chat, &acked);
+    c.stop_all().await;
 }
 
 /// Writes submitted one after the other through one node (as one connection's pipelined sends
@@ -583,7 +577,5 @@ async fn pipelined_writes_through_one_node_commit_in_order() {
             }
         }
     }
-    for id in c.running() {
-        c.kill(id).await;
-    }
+    c.stop_all().await;
 }
