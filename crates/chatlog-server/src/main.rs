@@ -275,6 +275,15 @@ fn cluster_settings(args: &ServeArgs) -> Result<Option<config::ClusterSettings>,
     }))
 }
 
+/// Builds a runtime with I/O and timers; says why on stderr if it cannot.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("error: cannot start the runtime: {e}"))
+        .ok()
+}
+
 fn restore(args: RestoreArgs) -> ExitCode {
     let dir = args.data_dir.join("engine");
     match chatlog_raft::state_machine::restore_bundle(&args.snapshot, &dir) {
@@ -297,15 +306,8 @@ fn restore(args: RestoreArgs) -> ExitCode {
 /// `chatlog-server cluster ...`: admin requests to a node's replication address; a request
 /// answered "not leader" is sent on to the leader once.
 fn cluster_admin(args: ClusterArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     let (method_post, path, body) = match &args.action {
         ClusterAction::Status => (false, "/admin/metrics", serde_json::Value::Null),
@@ -423,15 +425,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(&args.listen).await {

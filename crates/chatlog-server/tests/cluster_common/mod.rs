@@ -127,6 +127,13 @@ pub async fn connect(port: u16, user: &str) -> Option<Ws> {
     .ok()?;
     let hello = json!({"op":"hello","token":token(user),"device":"d"});
     ws.send(Message::text(hello.to_string())).await.ok()?;
+    next_frame(&mut ws, |v| v["ev"] == "synced").await?;
+    Some(ws)
+}
+
+/// The next JSON frame matching `wanted` (others are skipped), or `None` if the connection
+/// died or stayed silent for 5 s.
+async fn next_frame(ws: &mut Ws, wanted: impl Fn(&Value) -> bool) -> Option<Value> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await
@@ -134,8 +141,8 @@ pub async fn connect(port: u16, user: &str) -> Option<Ws> {
             .ok()?;
         if let Message::Text(t) = msg {
             let v: Value = serde_json::from_str(t.as_str()).ok()?;
-            if v["ev"] == "synced" {
-                return Some(ws);
+            if wanted(&v) {
+                return Some(v);
             }
         }
     }
@@ -145,18 +152,7 @@ pub async fn connect(port: u16, user: &str) -> Option<Ws> {
 pub async fn call(ws: &mut Ws, id: u64, mut request: Value) -> Option<Value> {
     request["id"] = json!(id);
     ws.send(Message::text(request.to_string())).await.ok()?;
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .ok()??
-            .ok()?;
-        if let Message::Text(t) = msg {
-            let v: Value = serde_json::from_str(t.as_str()).ok()?;
-            if v.get("id") == Some(&json!(id)) {
-                return Some(v);
-            }
-        }
-    }
+    next_frame(ws, |v| v.get("id") == Some(&json!(id))).await
 }
 
 /// Every event of `chat` as `user` sees it on the node at `port`.
