@@ -178,6 +178,21 @@ struct BatcherCtx {
 }
 
 impl BatcherCtx {
+    /// No leader (or not reachable yet): try again shortly, behind what is queued.
+    async fn wait_and_requeue(&self, batch: Vec<Pending>) {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        self.requeue(batch);
+    }
+
+    /// Orders the operations again, behind what is queued.
+    fn requeue(&self, batch: Vec<Pending>) {
+        for p in batch {
+            if let Err(e) = self.requeue.send(p) {
+                e.0.reply.send(Err(unavailable("node stopping".into())));
+            }
+        }
+    }
+
     /// Waits (until `deadline`) for this node to apply Raft index `index`.
     async fn wait_applied(&self, index: u64, deadline: Instant) {
         let mut applied = self.applied.clone();
@@ -244,7 +259,7 @@ async fn run_batcher(
         let now = Instant::now();
         let (expired, batch): (Vec<Pending>, Vec<Pending>) =
             batch.into_iter().partition(|p| p.deadline <= now);
-        Batcher::fail_expired(&ctx, expired);
+        BatcherCtx::fail_all(expired, || timed_out(ctx.write_timeout));
         if batch.is_empty() {
             continue;
         }
@@ -267,13 +282,7 @@ async fn run_batcher(
                         Ok(Ok(Ok(resp))) => ctx.answer(batch, resp.log_id.index, resp.data).await,
                         // Leadership moved before the entry was appended: nothing was
                         // written; order the operations again (they go to the new leader).
-                        Ok(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => {
-                            for p in batch {
-                                if let Err(e) = ctx.requeue.send(p) {
-                                    e.0.reply.send(Err(unavailable("node stopping".into())));
-                                }
-                            }
-                        }
+                        Ok(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => ctx.requeue(batch),
                         Ok(Ok(Err(e))) => {
                             let why = e.to_string();
                             BatcherCtx::fail_all(batch, || unavailable(why.clone()))
@@ -292,7 +301,7 @@ async fn run_batcher(
                     .map(|n| n.addr.clone());
                 let deadline = batch.iter().map(|p| p.deadline).max().unwrap_or(now);
                 let Some(addr) = addr else {
-                    Batcher::wait_and_requeue(&ctx, batch).await;
+                    ctx.wait_and_requeue(batch).await;
                     continue;
                 };
                 let answer = ctx
@@ -313,8 +322,8 @@ async fn run_batcher(
                     Ok(WriteReply::Failed(why)) => {
                         BatcherCtx::fail_all(batch, || unavailable(why.clone()))
                     }
-                    Ok(WriteReply::NotLeader) => Batcher::wait_and_requeue(&ctx, batch).await,
-                    Err(e) if e.never_sent() => Batcher::wait_and_requeue(&ctx, batch).await,
+                    Ok(WriteReply::NotLeader) => ctx.wait_and_requeue(batch).await,
+                    Err(e) if e.never_sent() => ctx.wait_and_requeue(batch).await,
                     // The leader may have committed them: the callers decide whether to
                     // retry (sends are idempotent on their cmid).
                     Err(e) => {
@@ -323,29 +332,10 @@ async fn run_batcher(
                     }
                 }
             }
-            _ => Batcher::wait_and_requeue(&ctx, batch).await,
+            _ => ctx.wait_and_requeue(batch).await,
         }
     }
 }
-
-impl Batcher {
-    fn fail_expired(ctx: &BatcherCtx, expired: Vec<Pending>) {
-        BatcherCtx::fail_all(expired, || timed_out(ctx.write_timeout));
-    }
-
-    /// No leader (or not reachable yet): try again shortly, behind what is queued.
-    async fn wait_and_requeue(ctx: &BatcherCtx, batch: Vec<Pending>) {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        for p in batch {
-            if let Err(e) = ctx.requeue.send(p) {
-                e.0.reply.send(Err(unavailable("node stopping".into())));
-            }
-        }
-    }
-}
-
-/// Namespace of the batcher's helpers.
-struct Batcher;
 
 /// A hash (hex SHA-256) of an engine's chat state ([`Engine::state_bytes`]): equal on
 /// replicas that applied the same operations.
