@@ -336,6 +336,7 @@ impl Engine {
             let shared = shared.clone();
             let clock = config.clock.clone();
             threads.push(spawn("chatlog-sequencer", move || {
+                store::quiet_perf_counters();
                 run_sequencer(sequencer, ops_rx, apply_tx, log, shared, clock);
             })?);
         }
@@ -344,6 +345,7 @@ impl Engine {
             let shared = shared.clone();
             let events = events.clone();
             threads.push(spawn("chatlog-applier", move || {
+                store::quiet_perf_counters();
                 run_applier(apply_rx, store, shared, events);
             })?);
         }
