@@ -45,7 +45,10 @@ pub struct ClusterConfig {
     /// Leader heartbeat interval; also the time openraft allows one AppendEntries round trip
     /// (including the follower's fsync), so not too short on a busy disk. Default 100 ms.
     pub heartbeat_ms: u64,
-    /// Election timeout range: a leader silent this long is replaced. Default 500–900 ms.
+    /// Election timeout range: a leader silent this long is replaced. Default 300–500 ms.
+    /// openraft adds a leader lease of the range's maximum after the last heartbeat, and a node
+    /// that saw a longer log waits twice the maximum more, so leader loss costs about
+    /// 0.6–1.0 s plus the election (measured: `docs/benchmarks.md`, "Failover").
     pub election_timeout_ms: (u64, u64),
     /// Build a snapshot every this many applied entries. Default 100,000.
     pub snapshot_every: u64,
@@ -68,7 +71,7 @@ impl ClusterConfig {
             raft_log: LogConfig::default(),
             write_timeout: Duration::from_secs(3),
             heartbeat_ms: 100,
-            election_timeout_ms: (500, 900),
+            election_timeout_ms: (300, 500),
             snapshot_every: 100_000,
             keep_after_snapshot: 10_000,
             initialize: true,
