@@ -3,7 +3,9 @@
 //! The parent creates the chats ([`create_chats`]): one connection per creating user, device
 //! `<run>-setup`, `create_chat` with the other members and the title `load-<run>-<chat>`. Each
 //! worker then runs one task per connection ([`run_connection`]): `hello` with a token minted from
-//! `--secret`, wait for `synced`, then send and receive until told to stop.
+//! `--secret`, wait for `synced`, then send and receive until told to stop. The pacing is the
+//! shared [`crate::send_loop`]; this module's [`Transport`] sends `send` requests and reads the
+//! replies and pushed events from the same socket.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -20,11 +22,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::cli::Args;
+use crate::send_loop::{self, ConnectionLost, Context, Transport};
 use crate::stats::Recorder;
 use crate::worker::{Phase, ReadyReport, Shared};
 use crate::workload::{self, Layout};
@@ -354,9 +357,9 @@ fn follows(last: Option<u64>, seq: u64) -> bool {
     last.is_none_or(|last| seq == last + 1)
 }
 
-/// One worker connection: its user, its chats and what is in flight.
+/// One worker connection: its socket, its user, its chats and what is in flight.
 struct Connection {
-    shared: Arc<Shared>,
+    ws: Ws,
     index: usize,
     user: String,
     /// Server chat ids (JSON text) of the connection's chats, in send order.
@@ -365,68 +368,47 @@ struct Connection {
     slot_by_chat_id: HashMap<String, usize>,
     /// Last seq seen per chat slot.
     last_seq: Vec<Option<u64>>,
-    next_slot: usize,
     next_request: u64,
     /// Request id → when it was sent.
     inflight: HashMap<u64, Instant>,
-    recorder: Recorder,
 }
 
 /// Runs connection `index` of the layout until the worker reaches [`Phase::Done`].
 pub async fn run_connection(shared: Arc<Shared>, index: usize, mut ready: ReadyReport) {
-    let mut recorder = Recorder::default();
-    let opened = {
-        let permit = shared.connect_permits.acquire().await;
-        match permit {
-            Ok(_permit) => set_up(&shared, index).await,
-            Err(_) => Err("setup:cancelled".to_owned()),
-        }
+    let Some(ws) = shared
+        .set_up_connection(&mut ready, set_up(&shared, index))
+        .await
+    else {
+        return;
     };
-    let ws = match opened {
-        Ok(ws) => ws,
-        Err(kind) => {
-            recorder.error(&kind);
-            recorder.flush(&shared.stats);
-            ready.report(false);
-            return;
-        }
-    };
-    ready.report(true);
-    let chat_ids: Vec<String> = shared
-        .chats_of_connection(index)
-        .iter()
-        .map(|&chat| shared.plan.chat_ids[chat].clone())
-        .collect();
+    let chat_ids = shared.chat_ids_of_connection(index);
     let slot_by_chat_id = chat_ids
         .iter()
         .enumerate()
         .map(|(slot, id)| (id.clone(), slot))
         .collect();
-    let user = workload::user_name(
-        &shared.args.user_prefix,
-        shared.layout.user_of_connection(index),
-    );
+    let chats = chat_ids.len();
     let mut connection = Connection {
-        last_seq: vec![None; chat_ids.len()],
-        shared,
+        ws,
         index,
-        user,
+        user: shared.user_name_of_connection(index),
+        last_seq: vec![None; chats],
         chat_ids,
         slot_by_chat_id,
-        next_slot: 0,
         next_request: 0,
         inflight: HashMap::new(),
-        recorder,
     };
-    connection.run(ws).await;
+    let mut recorder = Recorder::default();
+    let phase = send_loop::run(&mut connection, &shared, index, chats, &mut recorder).await;
+    if phase == Phase::Done {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.ws.close(None)).await;
+    }
+    recorder.flush(&shared.stats);
 }
 
 /// Opens, authenticates and waits for `synced`.
 async fn set_up(shared: &Shared, index: usize) -> Result<Ws, String> {
-    let user = workload::user_name(
-        &shared.args.user_prefix,
-        shared.layout.user_of_connection(index),
-    );
+    let user = shared.user_name_of_connection(index);
     let device = workload::device_name(
         &shared.plan.run_id,
         shared.layout.device_of_connection(index),
@@ -438,96 +420,41 @@ async fn set_up(shared: &Shared, index: usize) -> Result<Ws, String> {
     Ok(ws)
 }
 
-impl Connection {
-    async fn run(&mut self, mut ws: Ws) {
-        let mut phase_rx = self.shared.phase.clone();
-        let mut phase = *phase_rx.borrow_and_update();
-        let mut ticker = None;
-        let mut started = false;
-        let as_fast_as_possible = self.shared.send_period.is_none();
-        loop {
-            if phase == Phase::Done {
-                break;
-            }
-            if phase.sending() && !started {
-                started = true;
-                ticker = self.shared.send_ticker(self.index);
-                if as_fast_as_possible && self.fill(&mut ws, phase).await.is_err() {
-                    break;
-                }
-            }
-            if !phase.sending() {
-                ticker = None;
-            }
-            tokio::select! {
-                frame = ws.next() => match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        self.on_text(text.as_str(), phase);
-                        if as_fast_as_possible && phase.sending() && self.fill(&mut ws, phase).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        self.recorder.error(&close_kind(frame.as_ref()));
-                        break;
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) => {
-                        self.recorder.error("websocket_error");
-                        break;
-                    }
-                    None => {
-                        self.recorder.error("disconnected");
-                        break;
-                    }
-                },
-                () = crate::worker::next_tick(&mut ticker) => {
-                    if self.inflight.len() < self.shared.args.inflight {
-                        if self.send_one(&mut ws, phase).await.is_err() {
-                            break;
-                        }
-                    } else if phase == Phase::Measure {
-                        self.recorder.counts().send_slots_skipped += 1;
-                    }
-                }
-                changed = phase_rx.changed() => {
-                    phase = if changed.is_ok() { *phase_rx.borrow_and_update() } else { Phase::Done };
-                }
-            }
-        }
-        let unacked = self.inflight.len() as u64;
-        self.shared.end_sends(unacked);
-        self.recorder.counts().unacked_at_end += unacked;
-        self.inflight.clear();
-        if phase == Phase::Done {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
-        }
-        self.recorder.flush(&self.shared.stats);
+impl Transport for Connection {
+    type Event = Option<Result<Message, WsError>>;
+
+    fn outstanding(&self) -> usize {
+        self.inflight.len()
     }
 
-    /// Sends until `--inflight` sends are outstanding (or sends are closed).
-    async fn fill(&mut self, ws: &mut Ws, phase: Phase) -> Result<(), ()> {
-        while self.inflight.len() < self.shared.args.inflight && !self.chat_ids.is_empty() {
-            let before = self.inflight.len();
-            self.send_one(ws, phase).await?;
-            if self.inflight.len() == before {
-                break;
-            }
-        }
-        Ok(())
+    async fn next_event(&mut self) -> Self::Event {
+        self.ws.next().await
     }
 
-    /// Sends one message to the next chat in turn (if the connection has chats).
-    async fn send_one(&mut self, ws: &mut Ws, phase: Phase) -> Result<(), ()> {
-        if self.chat_ids.is_empty() || !self.shared.begin_send() {
-            return Ok(());
-        }
-        let slot = self.next_slot;
-        self.next_slot = (slot + 1) % self.chat_ids.len();
+    fn on_event(
+        &mut self,
+        frame: Self::Event,
+        context: &mut Context<'_>,
+    ) -> Result<(), ConnectionLost> {
+        let lost = match frame {
+            Some(Ok(Message::Text(text))) => {
+                self.on_text(text.as_str(), context);
+                return Ok(());
+            }
+            Some(Ok(Message::Close(frame))) => close_kind(frame.as_ref()),
+            Some(Ok(_)) => return Ok(()),
+            Some(Err(_)) => "websocket_error".to_owned(),
+            None => "disconnected".to_owned(),
+        };
+        context.recorder.error(&lost);
+        Err(ConnectionLost)
+    }
+
+    async fn send(&mut self, slot: usize, context: &mut Context<'_>) -> Result<(), ConnectionLost> {
         let id = self.next_request;
         self.next_request += 1;
-        let cmid = workload::cmid(&self.shared.plan.run_id, self.index, id);
-        let body = workload::encode_body(workload::now_us(), self.shared.args.body_bytes);
+        let cmid = workload::cmid(&context.shared.plan.run_id, self.index, id);
+        let body = workload::encode_body(workload::now_us(), context.shared.args.body_bytes);
         // The chat id is JSON text from the server; cmid and body are ASCII that needs no
         // escaping (see `workload`).
         let frame = format!(
@@ -535,64 +462,62 @@ impl Connection {
             self.chat_ids[slot]
         );
         self.inflight.insert(id, Instant::now());
-        if phase == Phase::Measure {
-            self.recorder.counts().sent += 1;
-        }
-        ws.send(Message::text(frame)).await.map_err(|_| {
-            self.recorder.error("send_failed");
+        self.ws.send(Message::text(frame)).await.map_err(|_| {
+            context.recorder.error("send_failed");
+            ConnectionLost
         })
     }
+}
 
+impl Connection {
     /// Handles one text frame: a reply to a send, a pushed event, or anything else.
-    fn on_text(&mut self, text: &str, phase: Phase) {
+    fn on_text(&mut self, text: &str, context: &mut Context<'_>) {
+        let recorder = &mut *context.recorder;
         let Ok(incoming) = serde_json::from_str::<Incoming<'_>>(text) else {
-            self.recorder.error("bad_frame");
+            recorder.error("bad_frame");
             return;
         };
         if let Some(id) = incoming.id {
             let Some(sent_at) = self.inflight.remove(&id) else {
-                self.recorder.error("reply_to_unknown_request");
+                recorder.error("reply_to_unknown_request");
                 return;
             };
-            self.shared.end_sends(1);
-            if let Some(error) = incoming.error {
-                self.recorder.error(&format!("error:{}", error.code));
-            } else if phase == Phase::Measure {
-                let latency_us = u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX);
-                self.recorder.ack(latency_us, &self.shared.stats);
-            }
+            let outcome = match incoming.error {
+                Some(error) => Err(format!("error:{}", error.code)),
+                None => Ok(()),
+            };
+            context.end_send(sent_at, outcome);
             return;
         }
         if let Some(error) = incoming.error {
-            self.recorder.error(&format!("error:{}", error.code));
+            recorder.error(&format!("error:{}", error.code));
             return;
         }
         if incoming.ev.as_deref() != Some("event") {
             return;
         }
         let Some(event) = incoming.event else {
-            self.recorder.error("event_without_body");
+            recorder.error("event_without_body");
             return;
         };
         let Some(&slot) = self.slot_by_chat_id.get(event.chat.get()) else {
-            self.recorder.error("event_of_unknown_chat");
+            recorder.error("event_of_unknown_chat");
             return;
         };
         if !follows(self.last_seq[slot], event.seq) {
-            self.recorder.counts().order_violations += 1;
+            recorder.counts().order_violations += 1;
         }
         self.last_seq[slot] = Some(event.seq);
-        if event.kind != "message" || phase != Phase::Measure {
+        if event.kind != "message" || context.phase != Phase::Measure {
             return;
         }
         let Some(sent_us) = event.body.as_deref().and_then(workload::decode_body) else {
-            self.recorder.error("message_without_timestamp");
+            recorder.error("message_without_timestamp");
             return;
         };
         let latency_us = workload::now_us().saturating_sub(sent_us);
         let to_other_user = event.sender.as_deref() != Some(self.user.as_str());
-        self.recorder
-            .delivery(latency_us, to_other_user, &self.shared.stats);
+        recorder.delivery(latency_us, to_other_user, &context.shared.stats);
     }
 }
 

@@ -29,6 +29,7 @@ mod cli;
 mod nats_target;
 mod probe;
 mod redis_target;
+mod send_loop;
 mod stats;
 mod worker;
 mod workload;

@@ -8,7 +8,8 @@
 //! of its chats, reads an ordered push consumer filtered to the chat's subject, delivering only
 //! messages published after it was created (`DeliverPolicy::New`): the counterpart of chatlog's
 //! pushes, which are also sent only once a message is committed. Stream sequences must grow on
-//! each consumer, as seqs must on a chatlog connection.
+//! each consumer, as seqs must on a chatlog connection. The publishes are paced by the shared
+//! [`crate::send_loop`] (this module issues one publish).
 //!
 //! Client sockets are opened by the NATS client itself, so `--no-source-bind` is implied (runs
 //! here stay far below one source address's ephemeral ports).
@@ -21,15 +22,14 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::push::OrderedConfig;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesUnordered, SelectAll};
+use futures_util::stream::SelectAll;
 use futures_util::{FutureExt as _, StreamExt as _};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cli::Args;
+use crate::send_loop::{self, AckFutures, PendingAck};
 use crate::stats::Recorder;
-use crate::worker::{Phase, ReadyReport, Shared};
+use crate::worker::{Phase, ReadyReport, Shared, until_done};
 use crate::workload;
 
 /// Longest wait for a TCP connection and the NATS handshake.
@@ -134,58 +134,24 @@ async fn set_up(shared: &Shared, index: usize, subjects: &[String]) -> Result<Op
 
 /// Runs connection `index` of the layout until the worker reaches [`Phase::Done`].
 pub async fn run_connection(shared: Arc<Shared>, index: usize, mut ready: ReadyReport) {
-    let mut recorder = Recorder::default();
-    let subjects: Vec<String> = shared
-        .chats_of_connection(index)
-        .iter()
-        .map(|&chat| shared.plan.chat_ids[chat].clone())
-        .collect();
-    let opened = {
-        let permit = shared.connect_permits.acquire().await;
-        match permit {
-            Ok(_permit) => set_up(&shared, index, &subjects).await,
-            Err(_) => Err("setup:cancelled".to_owned()),
-        }
+    let subjects = shared.chat_ids_of_connection(index);
+    let Some(opened) = shared
+        .set_up_connection(&mut ready, set_up(&shared, index, &subjects))
+        .await
+    else {
+        return;
     };
-    let opened = match opened {
-        Ok(opened) => opened,
-        Err(kind) => {
-            recorder.error(&kind);
-            recorder.flush(&shared.stats);
-            ready.report(false);
-            return;
-        }
-    };
-    ready.report(true);
-    let user = workload::user_name(
-        &shared.args.user_prefix,
-        shared.layout.user_of_connection(index),
-    );
-    let reader = tokio::spawn(read_loop(
+    let user = shared.user_name_of_connection(index);
+    let reader = read_loop(
         Arc::clone(&shared),
         opened.messages,
         subjects.len(),
         user.clone(),
-    ));
-    send_loop(
-        &shared,
-        index,
-        &opened.context,
-        &subjects,
-        &user,
-        &mut recorder,
-    )
-    .await;
-    recorder.flush(&shared.stats);
-    if reader.await.is_err() {
-        recorder.error("reader_panicked");
-        recorder.flush(&shared.stats);
-    }
-}
-
-/// Waits until the worker is done (or gone).
-async fn until_done(phase: &mut watch::Receiver<Phase>) {
-    let _ = phase.wait_for(|&p| p == Phase::Done).await;
+    );
+    let (context, subjects, user) = (&opened.context, &subjects, &user);
+    let body_bytes = shared.args.body_bytes;
+    let transport = AckFutures::new(|slot| publish(context, &subjects[slot], user, body_bytes));
+    send_loop::run_beside_reader(transport, &shared, index, subjects.len(), reader).await;
 }
 
 /// Splits a payload into sender and body.
@@ -251,109 +217,34 @@ async fn read_loop(
     recorder.flush(&shared.stats);
 }
 
-/// A publish in flight: when it was sent, and its acknowledgement (or the error kind).
-type PendingPublish = BoxFuture<'static, (Instant, Result<(), String>)>;
-
-/// Publishes at the worker's pace until the window ends, then waits for the outstanding
-/// acknowledgements until the worker is done.
-async fn send_loop(
-    shared: &Shared,
-    index: usize,
+/// Publishes `<user>|<body>` to `subject` through `context`: one send of the workload. The
+/// future both hands the message to the client and awaits its acknowledgement; the send loop
+/// polls it first right away.
+fn publish(
     context: &jetstream::Context,
-    subjects: &[String],
+    subject: &str,
     user: &str,
-    recorder: &mut Recorder,
-) {
-    let mut phase_rx = shared.phase.clone();
-    let mut phase = *phase_rx.borrow_and_update();
-    let mut pending: FuturesUnordered<PendingPublish> = FuturesUnordered::new();
-    let mut ticker = None;
-    let mut started = false;
-    let mut next_slot = 0usize;
-    let as_fast_as_possible = shared.send_period.is_none();
-    let inflight_max = shared.args.inflight;
-    // Returns whether a publish was issued (not when the connection has no chats or sends are
-    // closed). The future both hands the message to the client and awaits its acknowledgement;
-    // it is first polled by the loop below right away.
-    let mut add =
-        |phase: Phase, recorder: &mut Recorder, pending: &mut FuturesUnordered<PendingPublish>| {
-            if subjects.is_empty() || !shared.begin_send() {
-                return false;
-            }
-            let subject = subjects[next_slot].clone();
-            next_slot = (next_slot + 1) % subjects.len();
-            let body = workload::encode_body(workload::now_us(), shared.args.body_bytes);
-            let mut payload = Vec::with_capacity(user.len() + 1 + body.len());
-            payload.extend_from_slice(user.as_bytes());
-            payload.push(SENDER_SEPARATOR);
-            payload.extend_from_slice(body.as_bytes());
-            let context = context.clone();
-            let sent_at = Instant::now();
-            pending.push(
-                async move {
-                    let acked = match context.publish(subject, Bytes::from(payload)).await {
-                        Ok(ack) => ack.await.map(drop),
-                        Err(e) => Err(e),
-                    };
-                    (
-                        sent_at,
-                        acked.map_err(|e| format!("publish:{:?}", e.kind())),
-                    )
-                }
-                .boxed(),
-            );
-            if phase == Phase::Measure {
-                recorder.counts().sent += 1;
-            }
-            true
+    body_bytes: usize,
+) -> PendingAck {
+    let subject = subject.to_owned();
+    let body = workload::encode_body(workload::now_us(), body_bytes);
+    let mut payload = Vec::with_capacity(user.len() + 1 + body.len());
+    payload.extend_from_slice(user.as_bytes());
+    payload.push(SENDER_SEPARATOR);
+    payload.extend_from_slice(body.as_bytes());
+    let context = context.clone();
+    let sent_at = Instant::now();
+    async move {
+        let acked = match context.publish(subject, Bytes::from(payload)).await {
+            Ok(ack) => ack.await.map(drop),
+            Err(e) => Err(e),
         };
-    loop {
-        if phase == Phase::Done {
-            break;
-        }
-        if phase.sending() && !started {
-            started = true;
-            ticker = shared.send_ticker(index);
-            while as_fast_as_possible
-                && pending.len() < inflight_max
-                && add(phase, recorder, &mut pending)
-            {}
-        }
-        if !phase.sending() {
-            ticker = None;
-        }
-        tokio::select! {
-            Some((sent_at, acked)) = pending.next(), if !pending.is_empty() => {
-                shared.end_sends(1);
-                match acked {
-                    Ok(()) if phase == Phase::Measure => {
-                        let latency_us = u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        recorder.ack(latency_us, &shared.stats);
-                    }
-                    Ok(()) => {}
-                    Err(kind) => recorder.error(&kind),
-                }
-                while as_fast_as_possible
-                    && phase.sending()
-                    && pending.len() < inflight_max
-                    && add(phase, recorder, &mut pending)
-                {}
-            }
-            () = crate::worker::next_tick(&mut ticker) => {
-                if pending.len() < inflight_max {
-                    add(phase, recorder, &mut pending);
-                } else if phase == Phase::Measure {
-                    recorder.counts().send_slots_skipped += 1;
-                }
-            }
-            changed = phase_rx.changed() => {
-                phase = if changed.is_ok() { *phase_rx.borrow_and_update() } else { Phase::Done };
-            }
-        }
+        (
+            sent_at,
+            acked.map_err(|e| format!("publish:{:?}", e.kind())),
+        )
     }
-    let unacked = pending.len() as u64;
-    shared.end_sends(unacked);
-    recorder.counts().unacked_at_end += unacked;
+    .boxed()
 }
 
 #[cfg(test)]

@@ -5,22 +5,20 @@
 //! `appendfsync always`, after the AOF fsync). Each connection is two TCP connections: one sends,
 //! the other loops on `XREAD COUNT n BLOCK 0 STREAMS <its chats> <last ids>`, the counterpart of
 //! chatlog's pushes. Stream ids must grow on each reader, as seqs must on a chatlog connection.
+//! The sends are paced by the shared [`crate::send_loop`] (this module issues one `XADD`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamRangeReply;
-use redis::{AsyncCommands as _, AsyncConnectionConfig, RedisConnectionInfo, RedisResult, Value};
-use tokio::sync::watch;
+use redis::{AsyncCommands as _, AsyncConnectionConfig, RedisConnectionInfo, Value};
 use tokio::time::Instant;
 
+use crate::send_loop::{self, AckFutures, PendingAck};
 use crate::stats::Recorder;
-use crate::worker::{Phase, ReadyReport, Shared};
+use crate::worker::{Phase, ReadyReport, Shared, until_done};
 use crate::workload;
 
 /// Entries one `XREAD` returns at most per stream.
@@ -100,51 +98,25 @@ async fn set_up(shared: &Shared, keys: &[String]) -> Result<Opened, String> {
 
 /// Runs connection `index` of the layout until the worker reaches [`Phase::Done`].
 pub async fn run_connection(shared: Arc<Shared>, index: usize, mut ready: ReadyReport) {
-    let mut recorder = Recorder::default();
-    let keys: Vec<String> = shared
-        .chats_of_connection(index)
-        .iter()
-        .map(|&chat| shared.plan.chat_ids[chat].clone())
-        .collect();
-    let opened = {
-        let permit = shared.connect_permits.acquire().await;
-        match permit {
-            Ok(_permit) => set_up(&shared, &keys).await,
-            Err(_) => Err("setup:cancelled".to_owned()),
-        }
+    let keys = shared.chat_ids_of_connection(index);
+    let Some(opened) = shared
+        .set_up_connection(&mut ready, set_up(&shared, &keys))
+        .await
+    else {
+        return;
     };
-    let opened = match opened {
-        Ok(opened) => opened,
-        Err(kind) => {
-            recorder.error(&kind);
-            recorder.flush(&shared.stats);
-            ready.report(false);
-            return;
-        }
-    };
-    ready.report(true);
-    let user = workload::user_name(
-        &shared.args.user_prefix,
-        shared.layout.user_of_connection(index),
-    );
-    let reader = tokio::spawn(read_loop(
+    let user = shared.user_name_of_connection(index);
+    let reader = read_loop(
         Arc::clone(&shared),
         opened.reader,
         keys.clone(),
         opened.last_ids,
         user.clone(),
-    ));
-    send_loop(&shared, index, opened.writer, &keys, &user, &mut recorder).await;
-    recorder.flush(&shared.stats);
-    if reader.await.is_err() {
-        recorder.error("reader_panicked");
-        recorder.flush(&shared.stats);
-    }
-}
-
-/// Waits until the worker is done (or gone).
-async fn until_done(phase: &mut watch::Receiver<Phase>) {
-    let _ = phase.wait_for(|&p| p == Phase::Done).await;
+    );
+    let (writer, keys, user) = (opened.writer, &keys, &user);
+    let body_bytes = shared.args.body_bytes;
+    let transport = AckFutures::new(move |slot| xadd(&writer, &keys[slot], user, body_bytes));
+    send_loop::run_beside_reader(transport, &shared, index, keys.len(), reader).await;
 }
 
 /// One stream entry as the reader needs it, borrowed from the reply.
@@ -301,106 +273,27 @@ async fn read_loop(
     recorder.flush(&shared.stats);
 }
 
-/// An `XADD` in flight: when it was sent, and its reply.
-type PendingAdd = BoxFuture<'static, (Instant, RedisResult<String>)>;
-
-/// Sends `XADD`s at the worker's pace until the window ends, then waits for the outstanding ones
-/// until the worker is done.
-async fn send_loop(
-    shared: &Shared,
-    index: usize,
-    writer: MultiplexedConnection,
-    keys: &[String],
-    user: &str,
-    recorder: &mut Recorder,
-) {
-    let mut phase_rx = shared.phase.clone();
-    let mut phase = *phase_rx.borrow_and_update();
-    let mut pending: FuturesUnordered<PendingAdd> = FuturesUnordered::new();
-    let mut ticker = None;
-    let mut started = false;
-    let mut next_slot = 0usize;
-    let as_fast_as_possible = shared.send_period.is_none();
-    let inflight_max = shared.args.inflight;
-    // Returns whether an XADD was issued (not when the connection has no chats or sends are
-    // closed).
-    let mut add =
-        |phase: Phase, recorder: &mut Recorder, pending: &mut FuturesUnordered<PendingAdd>| {
-            if keys.is_empty() || !shared.begin_send() {
-                return false;
-            }
-            let key = keys[next_slot].clone();
-            next_slot = (next_slot + 1) % keys.len();
-            let sent_us = workload::now_us();
-            let body = workload::encode_body(sent_us, shared.args.body_bytes);
-            let mut command = redis::cmd("XADD");
-            command
-                .arg(key)
-                .arg("*")
-                .arg("ts")
-                .arg(sent_us)
-                .arg("sender")
-                .arg(user)
-                .arg("body")
-                .arg(body);
-            let mut writer = writer.clone();
-            let sent_at = Instant::now();
-            if phase == Phase::Measure {
-                recorder.counts().sent += 1;
-            }
-            pending.push(Box::pin(async move {
-                let reply = command.query_async::<String>(&mut writer).await;
-                (sent_at, reply)
-            }));
-            true
-        };
-    loop {
-        if phase == Phase::Done {
-            break;
-        }
-        if phase.sending() && !started {
-            started = true;
-            ticker = shared.send_ticker(index);
-            while as_fast_as_possible
-                && pending.len() < inflight_max
-                && add(phase, recorder, &mut pending)
-            {}
-        }
-        if !phase.sending() {
-            ticker = None;
-        }
-        tokio::select! {
-            Some((sent_at, reply)) = pending.next(), if !pending.is_empty() => {
-                shared.end_sends(1);
-                match reply {
-                    Ok(_) if phase == Phase::Measure => {
-                        let latency_us = u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        recorder.ack(latency_us, &shared.stats);
-                    }
-                    Ok(_) => {}
-                    Err(e) => recorder.error(&format!("xadd:{:?}", e.kind())),
-                }
-                while as_fast_as_possible
-                    && phase.sending()
-                    && pending.len() < inflight_max
-                    && add(phase, recorder, &mut pending)
-                {}
-            }
-            () = crate::worker::next_tick(&mut ticker) => {
-                if pending.len() < inflight_max {
-                    add(phase, recorder, &mut pending);
-                } else if phase == Phase::Measure {
-                    recorder.counts().send_slots_skipped += 1;
-                }
-            }
-            changed = phase_rx.changed() => {
-                phase = if changed.is_ok() { *phase_rx.borrow_and_update() } else { Phase::Done };
-            }
-        }
-    }
-    let unacked = pending.len() as u64;
-    shared.end_sends(unacked);
-    recorder.counts().unacked_at_end += unacked;
+/// Issues `XADD key * ts <now> sender <user> body <body>` on `writer`: one send of the workload.
+fn xadd(writer: &MultiplexedConnection, key: &str, user: &str, body_bytes: usize) -> PendingAck {
+    let sent_us = workload::now_us();
+    let body = workload::encode_body(sent_us, body_bytes);
+    let mut command = redis::cmd("XADD");
+    command
+        .arg(key)
+        .arg("*")
+        .arg("ts")
+        .arg(sent_us)
+        .arg("sender")
+        .arg(user)
+        .arg("body")
+        .arg(body);
+    let mut writer = writer.clone();
+    let sent_at = Instant::now();
+    Box::pin(async move {
+        let reply = command.query_async::<String>(&mut writer).await;
+        let acked = reply.map(drop).map_err(|e| format!("xadd:{:?}", e.kind()));
+        (sent_at, acked)
+    })
 }
 
 #[cfg(test)]

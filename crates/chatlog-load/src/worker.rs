@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::cli::{Args, Target};
-use crate::stats::Stats;
+use crate::stats::{Recorder, Stats};
 use crate::workload::{self, Layout};
 
 /// Command that starts sending.
@@ -159,6 +159,49 @@ impl Shared {
         &self.chats_by_user[self.layout.user_of_connection(connection)]
     }
 
+    /// The target's ids of connection `connection`'s chats (see [`WorkerPlan::chat_ids`]), in
+    /// send order.
+    pub fn chat_ids_of_connection(&self, connection: usize) -> Vec<String> {
+        self.chats_of_connection(connection)
+            .iter()
+            .map(|&chat| self.plan.chat_ids[chat].clone())
+            .collect()
+    }
+
+    /// The user id of connection `connection`.
+    pub fn user_name_of_connection(&self, connection: usize) -> String {
+        workload::user_name(
+            &self.args.user_prefix,
+            self.layout.user_of_connection(connection),
+        )
+    }
+
+    /// Sets up one connection with `set_up` while holding a connect permit, and reports to the
+    /// worker whether it could. A failure is counted under its kind (the error of `set_up`).
+    pub async fn set_up_connection<T>(
+        &self,
+        ready: &mut ReadyReport,
+        set_up: impl Future<Output = Result<T, String>>,
+    ) -> Option<T> {
+        let opened = match self.connect_permits.acquire().await {
+            Ok(_permit) => set_up.await,
+            Err(_) => Err("setup:cancelled".to_owned()),
+        };
+        match opened {
+            Ok(opened) => {
+                ready.report(true);
+                Some(opened)
+            }
+            Err(kind) => {
+                let mut recorder = Recorder::default();
+                recorder.error(&kind);
+                recorder.flush(&self.stats);
+                ready.report(false);
+                None
+            }
+        }
+    }
+
     /// The send ticker of connection `connection` at `--rate`, first tick spread over one period
     /// so that connections do not send together; `None` when sending as fast as possible.
     pub fn send_ticker(&self, connection: usize) -> Option<Interval> {
@@ -210,14 +253,9 @@ impl Drop for ReadyReport {
     }
 }
 
-/// Waits for the next tick of `ticker`, or forever when there is none.
-pub async fn next_tick(ticker: &mut Option<Interval>) {
-    match ticker {
-        Some(ticker) => {
-            ticker.tick().await;
-        }
-        None => std::future::pending().await,
-    }
+/// Waits until the worker is done (or gone).
+pub async fn until_done(phase: &mut watch::Receiver<Phase>) {
+    let _ = phase.wait_for(|&p| p == Phase::Done).await;
 }
 
 /// The source address of worker `worker` when the server is on IPv4 loopback: 127.0.0.(k+1), so
@@ -413,6 +451,39 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 #[cfg(test)]
+impl Shared {
+    /// A worker's shared state for unit tests: the default flags plus `extra_args`, three
+    /// servers on ports 1 to 3 (never connected to), sends closed, and the phase from `phase`.
+    pub fn for_tests(extra_args: &[&str], phase: watch::Receiver<Phase>) -> Self {
+        use clap::Parser as _;
+        let args = Args::parse_from(["chatlog-load", "--secret", "s"].iter().chain(extra_args));
+        let layout = args.validate().unwrap();
+        Shared {
+            send_period: workload::send_period(args.rate, layout.connections()),
+            chats_by_user: layout.chats_by_user(),
+            plan: WorkerPlan {
+                run_id: "r".into(),
+                chat_ids: vec!["1".into(); layout.chats()],
+            },
+            servers: (1..=3)
+                .map(|port| Server {
+                    url: format!("ws://127.0.0.1:{port}/v1/ws"),
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    source_ip: None,
+                })
+                .collect(),
+            stats: Mutex::new(Stats::default()),
+            inflight: AtomicU64::new(0),
+            sends_open: AtomicBool::new(false),
+            connect_permits: Semaphore::new(1),
+            phase,
+            layout,
+            args,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -434,32 +505,8 @@ mod tests {
     }
 
     fn test_shared() -> Shared {
-        use clap::Parser as _;
-        let args = Args::parse_from(["chatlog-load", "--secret", "s"]);
-        let layout = args.validate().unwrap();
         let (_phase_tx, phase) = watch::channel(Phase::Setup);
-        Shared {
-            chats_by_user: layout.chats_by_user(),
-            plan: WorkerPlan {
-                run_id: "r".into(),
-                chat_ids: vec!["1".into(); layout.chats()],
-            },
-            servers: (1..=3)
-                .map(|port| Server {
-                    url: format!("ws://127.0.0.1:{port}/v1/ws"),
-                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                    source_ip: None,
-                })
-                .collect(),
-            send_period: None,
-            stats: Mutex::new(Stats::default()),
-            inflight: AtomicU64::new(0),
-            sends_open: AtomicBool::new(false),
-            connect_permits: Semaphore::new(1),
-            phase,
-            layout,
-            args,
-        }
+        Shared::for_tests(&[], phase)
     }
 
     #[test]
