@@ -2,11 +2,13 @@
 //! segment log runs on the fault-injecting `FaultFs` with an I/O countdown (every I/O fails
 //! after N), checked against a model of what was acknowledged after every reopen.
 //!
-//! The model (a simpler form of `crates/chatlog/tests/engine_model.rs`: group chats, valid ids,
-//! no titles, a fixed clock) holds per chat the acknowledged events (`events[k]` has seq
-//! `k + 1`), the current members, the `(chat, sender, cmid) → seq` of acknowledged sends and the
-//! acknowledged cursors. Every write's result must be the model's (the seq, or the refusal's
-//! error code) unless a fault is armed, and then it may also be `ChatError::Unavailable`.
+//! The model, and the comparison of the engine's answers with it, is the one the proptest
+//! model test uses (`crates/chatlog/tests/support/engine_model.rs`, included below as `model`):
+//! this file decodes operations from the fuzz input and drives the faults and crashes. The
+//! operations are a part of the test's: group chats (no titles, no direct chats), valid ids,
+//! no device registration or resume, and the clock never moves. Every write's result must be
+//! the model's (the seq, or the refusal's error code) unless a fault is armed, and then it may
+//! also be `ChatError::Unavailable`.
 //!
 //! A write that fails when the log fails stops the engine (`Engine::failure` is set): every
 //! later write must answer `Unavailable` until the engine is reopened, and the failed write may
@@ -17,10 +19,10 @@
 //! happened. A write that fails on a *read* inside the sequencer (an edit's target, a dedup's
 //! timestamp) does not stop the engine and did not happen.
 //!
-//! After every fault-free open, and at the end: every chat's last seq, members, and whole
-//! history (seqs gapless `1..=last_seq`, each acknowledged message at its acknowledged seq with
-//! its body, its latest acknowledged edit's body, or none once deleted), every cursor, and
-//! that the next group id is still free.
+//! After every fault-free open, everything the model knows against the engine
+//! (`model::check_state`: `list_chats` of every user; every chat's last seq, members, whole
+//! history, receipts; every device's cursor; the next group id still free); at the end also
+//! that seqs are gapless and no cmid repeats (`model::check_gapless_and_deduplicated`).
 //!
 //! Crashes are process crashes only (`Crash::Process`: the page cache survives). The indexes
 //! are RocksDB on a real temporary directory, which no simulated crash touches; a simulated
@@ -32,47 +34,44 @@
 
 #![no_main]
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use arbitrary::{Arbitrary, Unstructured};
-use chatlog::engine::{
-    Answer, ChatError, Cursor, Engine, EngineConfig, Event, EventKind, HISTORY_LIMIT_MAX,
-    HistoryEvent, Sent,
-};
+use chatlog::engine::{ChatError, Engine, EngineConfig};
 use chatlog::io::fault::{Crash, FaultFs, Faults};
 use chatlog::{Durability, LogConfig, Preallocate, RecoveryMode};
 use chatlog_fuzz::{ScratchDir, trace};
 use libfuzzer_sys::fuzz_target;
 
-const USERS: [&str; 4] = ["u0", "u1", "u2", "u3"];
-const DEVICES: [&str; 2] = ["d0", "d1"];
-/// Few cmids, so a sender often repeats one (dedup) in a chat.
-const CMIDS: [&str; 3] = ["c0", "c1", "c2"];
-/// Members per chat, creator included: below `USERS.len()` so the limit is reachable.
-const MEMBERS_MAX: usize = 3;
-const BODY_BYTES_MAX: usize = 12;
+#[path = "../../crates/chatlog/tests/support/engine_model.rs"]
+mod model;
+
+use model::{
+    BODY_BYTES_MAX, CLOCK_START_MS, Call, HISTORY_LIMIT_MAX, HistoryQuery, MEMBERS_MAX, Mismatch,
+    Model, TITLE_BYTES_MAX, Text, USER_REF_SELF, USERS, Write,
+};
+
+/// Cmids drawn: few, so a sender often repeats one (dedup) in a chat.
+const CMIDS_DRAWN: u8 = 3;
 /// Bodies are drawn up to this length, so some are over the limit.
 const BODY_BYTES_DRAWN_MAX: usize = BODY_BYTES_MAX + 2;
+/// Other members a created chat is drawn with: up to the limit, so it is sometimes over it.
+const CREATE_MEMBERS_DRAWN_MAX: usize = MEMBERS_MAX;
 /// Operations per input: each reopen opens RocksDB, which is most of an input's time.
 const OPS_MAX: usize = 32;
 /// Largest I/O countdown: an operation does a handful of I/Os, an open a few dozen.
 const COUNTDOWN_MAX: u64 = 64;
-/// The engine's clock: every event's timestamp.
-const CLOCK_MS: u64 = 1_000;
-/// Small segments so the log rolls over within an input (records are 40–90 bytes).
+/// Small segments so the log rolls over within an input.
 const SEGMENT_SIZE_BYTES: u64 = 1024;
 const ENTRY_SIZE_BYTES_MAX: usize = 256;
 
-const _: () = assert!(MEMBERS_MAX < USERS.len());
+const _: () = assert!((CMIDS_DRAWN as usize) <= model::CMIDS.len());
+const _: () = assert!(BODY_BYTES_DRAWN_MAX < u8::MAX as usize);
 const _: () = assert!(
     OPS_MAX < HISTORY_LIMIT_MAX,
     "one history page holds a whole chat"
 );
-
-type Code = &'static str;
-type Expected = Result<Answer, Code>;
 
 #[derive(Debug, Clone, Copy, Arbitrary)]
 struct Body {
@@ -81,20 +80,29 @@ struct Body {
 }
 
 impl Body {
-    fn text(self) -> String {
-        let letter = char::from(b'a' + self.letter % 26);
-        std::iter::repeat_n(letter, usize::from(self.len) % (BODY_BYTES_DRAWN_MAX + 1)).collect()
+    fn text(self) -> Text {
+        Text {
+            len: self.len % (BODY_BYTES_DRAWN_MAX as u8 + 1),
+            letter: self.letter,
+            wide: false,
+        }
     }
 }
 
+/// One of `USERS`, as a user reference.
+fn user(v: u8) -> u8 {
+    v % USERS.len() as u8
+}
+
 /// Operations. Chats, users and seqs are small numbers resolved against the model when the
-/// operation runs, so most hit existing chats and members while some miss.
+/// operation runs (the writes by `Model::resolve`), so most hit existing chats and members
+/// while some miss.
 #[derive(Debug, Clone, Arbitrary)]
 enum Op {
-    /// Create a group chat with up to three other members.
+    /// Create a group chat with up to `CREATE_MEMBERS_DRAWN_MAX` other members.
     Create {
         creator: u8,
-        members: [u8; 3],
+        members: [u8; CREATE_MEMBERS_DRAWN_MAX],
         count: u8,
     },
     Send {
@@ -126,6 +134,7 @@ enum Op {
         actor: u8,
         user: u8,
     },
+    /// Half the time the actor leaves; else someone is removed.
     Remove {
         chat: u8,
         actor: u8,
@@ -151,535 +160,104 @@ enum Op {
     },
 }
 
-/// An operation resolved to concrete ids.
-#[derive(Debug, Clone)]
-enum Call {
-    Create {
-        creator: String,
-        members: Vec<String>,
-    },
-    Add {
-        user: String,
-        chat: String,
-        users: Vec<String>,
-    },
-    Remove {
-        user: String,
-        chat: String,
-        users: Vec<String>,
-    },
-    Send {
-        user: String,
-        chat: String,
-        cmid: String,
-        body: String,
-    },
-    Edit {
-        user: String,
-        chat: String,
-        target: u64,
-        body: String,
-    },
-    Delete {
-        user: String,
-        chat: String,
-        target: u64,
-    },
-    Mark {
-        user: String,
-        device: String,
-        chat: String,
-        seq: u64,
-        read: bool,
-    },
-}
-
-#[derive(Debug, Clone)]
-enum Kind {
-    Message {
-        cmid: String,
-        body: Option<String>,
-        edited: bool,
-        deleted: bool,
-    },
-    Edit {
-        target: u64,
-        body: String,
-    },
-    Delete {
-        target: u64,
-    },
-    Members {
-        added: BTreeSet<String>,
-        removed: BTreeSet<String>,
-    },
-}
-
-#[derive(Debug, Clone)]
-struct ModelEvent {
-    sender: String,
-    kind: Kind,
-}
-
-#[derive(Debug, Clone)]
-struct ModelChat {
-    creator: String,
-    members: BTreeSet<String>,
-    /// `events[k]` has seq `k + 1`.
-    events: Vec<ModelEvent>,
-}
-
-impl ModelChat {
-    fn last_seq(&self) -> u64 {
-        self.events.len() as u64
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-struct Model {
-    /// Group chats created; the next is `g{groups + 1}`.
-    groups: u64,
-    chats: BTreeMap<String, ModelChat>,
-    /// (chat, sender, cmid) → seq of the acknowledged message.
-    dedup: BTreeMap<(String, String, String), u64>,
-    /// (user, device, chat) → (delivered, read).
-    cursors: BTreeMap<(String, String, String), (u64, u64)>,
-}
-
-fn user(v: u8) -> String {
-    USERS[usize::from(v) % USERS.len()].to_owned()
-}
-
-impl Model {
-    fn next_group(&self) -> String {
-        format!("g{}", self.groups + 1)
-    }
-
-    /// An existing chat, or (one time in 8, or when there is none) the next group id.
-    fn chat_ref(&self, v: u8) -> String {
-        if v.is_multiple_of(8) || self.chats.is_empty() {
-            return self.next_group();
-        }
-        let k = usize::from(v / 8) % self.chats.len();
-        self.chats.keys().nth(k).expect("index below len").clone()
-    }
-
-    /// Mostly a current member of `chat`, sometimes any user.
-    fn actor_ref(&self, chat: &str, v: u8) -> String {
-        match self.chats.get(chat) {
-            Some(c) if !v.is_multiple_of(4) && !c.members.is_empty() => c
-                .members
-                .iter()
-                .nth(usize::from(v / 4) % c.members.len())
-                .expect("index below len")
-                .clone(),
-            _ => user(v),
-        }
-    }
-
-    /// A seq in `0..=last_seq + 1`.
-    fn seq_ref(&self, chat: &str, v: u8) -> u64 {
-        let last = self.chats.get(chat).map_or(1, ModelChat::last_seq);
-        u64::from(v) % (last + 2)
-    }
-
-    /// Mostly a message of `chat`, else its last event or any seq.
-    fn target_ref(&self, chat: &str, v: u8) -> u64 {
-        let Some(c) = self.chats.get(chat) else {
-            return self.seq_ref(chat, v);
-        };
-        let messages: Vec<u64> = (1..=c.last_seq())
-            .filter(|&s| matches!(c.events[(s - 1) as usize].kind, Kind::Message { .. }))
-            .collect();
-        match v % 4 {
-            0 => self.seq_ref(chat, v / 4),
-            1 => c.last_seq(),
-            _ if messages.is_empty() => c.last_seq(),
-            _ => messages[usize::from(v / 4) % messages.len()],
-        }
-    }
-
-    /// The call `op` makes, or `None` for operations that are not writes.
-    fn resolve(&self, op: &Op) -> Option<Call> {
-        Some(match *op {
+impl Op {
+    /// The model's write this operation is, or `None` for operations that are not writes.
+    fn write(&self) -> Option<Write> {
+        Some(match *self {
             Op::Create {
                 creator,
                 members,
                 count,
-            } => Call::Create {
+            } => Write::Create {
                 creator: user(creator),
-                members: members[..usize::from(count % 4)]
+                members: members[..usize::from(count) % (CREATE_MEMBERS_DRAWN_MAX + 1)]
                     .iter()
                     .map(|&m| user(m))
                     .collect(),
+                // `model::title_of`: no title.
+                title: 0,
+                direct: false,
             },
             Op::Send {
                 chat,
                 actor,
                 cmid,
                 body,
-            } => {
-                let chat = self.chat_ref(chat);
-                Call::Send {
-                    user: self.actor_ref(&chat, actor),
-                    cmid: CMIDS[usize::from(cmid) % CMIDS.len()].to_owned(),
-                    body: body.text(),
-                    chat,
-                }
-            }
+            } => Write::Send {
+                chat,
+                actor,
+                cmid: cmid % CMIDS_DRAWN,
+                body: Some(body.text()),
+            },
             Op::Edit {
                 chat,
                 actor,
                 target,
                 body,
-            } => {
-                let chat = self.chat_ref(chat);
-                Call::Edit {
-                    user: self.actor_ref(&chat, actor),
-                    target: self.target_ref(&chat, target),
-                    body: body.text(),
-                    chat,
-                }
-            }
+            } => Write::Edit {
+                chat,
+                actor,
+                target,
+                body: body.text(),
+            },
             Op::Delete {
                 chat,
                 actor,
                 target,
-            } => {
-                let chat = self.chat_ref(chat);
-                Call::Delete {
-                    user: self.actor_ref(&chat, actor),
-                    target: self.target_ref(&chat, target),
-                    chat,
-                }
-            }
+            } => Write::Delete {
+                chat,
+                actor,
+                target,
+            },
             Op::Mark {
                 chat,
                 actor,
                 device,
                 seq,
                 read,
-            } => {
-                let chat = self.chat_ref(chat);
-                Call::Mark {
-                    user: self.actor_ref(&chat, actor),
-                    device: DEVICES[usize::from(device) % DEVICES.len()].to_owned(),
-                    seq: self.seq_ref(&chat, seq),
-                    read,
-                    chat,
-                }
-            }
+            } => Write::Mark {
+                chat,
+                actor,
+                device,
+                seq,
+                read,
+            },
             Op::Add {
                 chat,
                 actor,
                 user: added,
-            } => {
-                let chat = self.chat_ref(chat);
-                Call::Add {
-                    user: self.actor_ref(&chat, actor),
-                    users: vec![user(added)],
-                    chat,
-                }
-            }
+            } => Write::Add {
+                chat,
+                actor,
+                users: vec![user(added)],
+            },
             Op::Remove {
                 chat,
                 actor,
                 user: removed,
-            } => {
-                let chat = self.chat_ref(chat);
-                let actor = self.actor_ref(&chat, actor);
-                // Half the time the actor leaves; else someone else is removed.
-                let removed = if removed.is_multiple_of(2) {
-                    actor.clone()
+            } => Write::Remove {
+                chat,
+                actor,
+                users: vec![if removed.is_multiple_of(2) {
+                    USER_REF_SELF
                 } else {
                     user(removed / 2)
-                };
-                Call::Remove {
-                    user: actor,
-                    users: vec![removed],
-                    chat,
-                }
-            }
-            _ => return None,
-        })
-    }
-
-    // --- the rules (PROTOCOL.md, as in crates/chatlog/tests/engine_model.rs) ---
-
-    /// `not_found` for an unknown chat, `forbidden` for a non-member.
-    fn member_chat(&self, user: &str, chat: &str) -> Result<&ModelChat, Code> {
-        let c = self.chats.get(chat).ok_or("not_found")?;
-        if !c.members.contains(user) {
-            return Err("forbidden");
-        }
-        Ok(c)
-    }
-
-    fn append(&mut self, chat: &str, sender: &str, kind: Kind) -> u64 {
-        let c = self.chats.get_mut(chat).expect("appending to a known chat");
-        c.events.push(ModelEvent {
-            sender: sender.to_owned(),
-            kind,
-        });
-        c.last_seq()
-    }
-
-    /// Applies `call` if the rules accept it; a refusal changes nothing.
-    fn apply(&mut self, call: &Call) -> Expected {
-        match call {
-            Call::Create { creator, members } => {
-                let mut all: BTreeSet<String> = members.iter().cloned().collect();
-                all.insert(creator.clone());
-                if all.len() > MEMBERS_MAX {
-                    return Err("too_many_members");
-                }
-                self.groups += 1;
-                let id = format!("g{}", self.groups);
-                self.chats.insert(
-                    id.clone(),
-                    ModelChat {
-                        creator: creator.clone(),
-                        members: all.clone(),
-                        events: Vec::new(),
-                    },
-                );
-                let kind = Kind::Members {
-                    added: all,
-                    removed: BTreeSet::new(),
-                };
-                self.append(&id, creator, kind);
-                Ok(Answer::Chat(id))
-            }
-            Call::Add { user, chat, users } => {
-                let c = self.member_chat(user, chat)?;
-                let new: BTreeSet<String> = users
-                    .iter()
-                    .filter(|u| !c.members.contains(*u))
-                    .cloned()
-                    .collect();
-                if new.is_empty() {
-                    return Ok(Answer::Seq(c.last_seq()));
-                }
-                if c.members.len() + new.len() > MEMBERS_MAX {
-                    return Err("too_many_members");
-                }
-                let c = self.chats.get_mut(chat).expect("checked above");
-                c.members.extend(new.iter().cloned());
-                let kind = Kind::Members {
-                    added: new,
-                    removed: BTreeSet::new(),
-                };
-                Ok(Answer::Seq(self.append(chat, user, kind)))
-            }
-            Call::Remove { user, chat, users } => {
-                let c = self.member_chat(user, chat)?;
-                let gone: BTreeSet<String> = users
-                    .iter()
-                    .filter(|u| c.members.contains(*u))
-                    .cloned()
-                    .collect();
-                if c.creator != *user && gone.iter().any(|u| u != user) {
-                    return Err("forbidden");
-                }
-                if gone.is_empty() {
-                    return Ok(Answer::Seq(c.last_seq()));
-                }
-                let c = self.chats.get_mut(chat).expect("checked above");
-                c.members.retain(|m| !gone.contains(m));
-                let kind = Kind::Members {
-                    added: BTreeSet::new(),
-                    removed: gone,
-                };
-                Ok(Answer::Seq(self.append(chat, user, kind)))
-            }
-            Call::Send {
-                user,
-                chat,
-                cmid,
-                body,
-            } => {
-                if body.len() > BODY_BYTES_MAX {
-                    return Err("too_large");
-                }
-                self.member_chat(user, chat)?;
-                let key = (chat.clone(), user.clone(), cmid.clone());
-                if let Some(&seq) = self.dedup.get(&key) {
-                    return Ok(Answer::Sent(Sent { seq, ts: CLOCK_MS }));
-                }
-                let kind = Kind::Message {
-                    cmid: cmid.clone(),
-                    body: Some(body.clone()),
-                    edited: false,
-                    deleted: false,
-                };
-                let seq = self.append(chat, user, kind);
-                self.dedup.insert(key, seq);
-                Ok(Answer::Sent(Sent { seq, ts: CLOCK_MS }))
-            }
-            Call::Edit {
-                user,
-                chat,
-                target,
-                body,
-            } => {
-                if body.len() > BODY_BYTES_MAX {
-                    return Err("too_large");
-                }
-                let (sender, _) = self.target(user, chat, *target)?;
-                if sender != *user {
-                    return Err("forbidden");
-                }
-                let kind = Kind::Edit {
-                    target: *target,
-                    body: body.clone(),
-                };
-                let seq = self.append(chat, user, kind);
-                if let Kind::Message {
-                    body: current,
-                    edited,
-                    ..
-                } = self.message_mut(chat, *target)
-                {
-                    *current = Some(body.clone());
-                    *edited = true;
-                }
-                Ok(Answer::Seq(seq))
-            }
-            Call::Delete { user, chat, target } => {
-                let (sender, creator) = self.target(user, chat, *target)?;
-                if sender != *user && creator != *user {
-                    return Err("forbidden");
-                }
-                let seq = self.append(chat, user, Kind::Delete { target: *target });
-                if let Kind::Message { body, deleted, .. } = self.message_mut(chat, *target) {
-                    *body = None;
-                    *deleted = true;
-                }
-                Ok(Answer::Seq(seq))
-            }
-            Call::Mark {
-                user,
-                device,
-                chat,
-                seq,
-                read,
-            } => {
-                let c = self.member_chat(user, chat)?;
-                if *seq > c.last_seq() {
-                    return Err("bad_request");
-                }
-                let cursor = self
-                    .cursors
-                    .entry((user.clone(), device.clone(), chat.clone()))
-                    .or_default();
-                cursor.0 = cursor.0.max(*seq);
-                if *read {
-                    cursor.1 = cursor.1.max(*seq);
-                }
-                Ok(Answer::Done)
-            }
-        }
-    }
-
-    /// The sender of the message at `target` and the chat's creator: `not_found` for a seq
-    /// outside the chat, `bad_request` for an event that is not a message or a deleted one.
-    fn target(&self, user: &str, chat: &str, target: u64) -> Result<(String, String), Code> {
-        let c = self.member_chat(user, chat)?;
-        if target == 0 || target > c.last_seq() {
-            return Err("not_found");
-        }
-        let event = &c.events[(target - 1) as usize];
-        match event.kind {
-            Kind::Message { deleted: false, .. } => Ok((event.sender.clone(), c.creator.clone())),
-            _ => Err("bad_request"),
-        }
-    }
-
-    fn message_mut(&mut self, chat: &str, target: u64) -> &mut Kind {
-        &mut self.chats.get_mut(chat).expect("known chat").events[(target - 1) as usize].kind
-    }
-
-    /// What history shows for the event at `seq` of `chat`.
-    fn history_event(&self, chat: &str, seq: u64) -> HistoryEvent {
-        let e = &self.chats[chat].events[(seq - 1) as usize];
-        let (kind, edited, deleted) = match &e.kind {
-            Kind::Message {
-                cmid,
-                body,
-                edited,
-                deleted,
-            } => (
-                EventKind::Message {
-                    cmid: cmid.clone(),
-                    body: body.clone(),
-                    file: None,
-                },
-                *edited,
-                *deleted,
-            ),
-            Kind::Edit { target, body } => (
-                EventKind::Edit {
-                    target: *target,
-                    body: body.clone(),
-                },
-                false,
-                false,
-            ),
-            Kind::Delete { target } => (EventKind::Delete { target: *target }, false, false),
-            Kind::Members { added, removed } => (
-                EventKind::Members {
-                    added: added.iter().cloned().collect(),
-                    removed: removed.iter().cloned().collect(),
-                    title: None,
-                },
-                false,
-                false,
-            ),
-        };
-        HistoryEvent {
-            event: Event {
-                chat: chat.to_owned(),
-                seq,
-                ts: CLOCK_MS,
-                sender: e.sender.clone(),
-                kind,
+                }],
             },
-            edited,
-            deleted,
-        }
+            Op::Read { .. }
+            | Op::Reopen
+            | Op::Crash
+            | Op::CrashWithFault { .. }
+            | Op::Arm { .. } => return None,
+        })
     }
 }
 
-/// Runs `call` on the engine and waits for it.
-fn call_engine(engine: &Engine, call: &Call) -> Result<Answer, ChatError> {
-    let ticket = match call {
-        Call::Create { creator, members } => {
-            engine.create_chat_ticket(creator, members, None, false)
-        }
-        Call::Add { user, chat, users } => engine.add_members_ticket(user, chat, users),
-        Call::Remove { user, chat, users } => engine.remove_members_ticket(user, chat, users),
-        Call::Send {
-            user,
-            chat,
-            cmid,
-            body,
-        } => engine.send_ticket(user, chat, cmid, Some(body.clone()), None),
-        Call::Edit {
-            user,
-            chat,
-            target,
-            body,
-        } => engine.edit_ticket(user, chat, *target, body.clone()),
-        Call::Delete { user, chat, target } => engine.delete_ticket(user, chat, *target),
-        Call::Mark {
-            user,
-            device,
-            chat,
-            seq,
-            read,
-        } => engine.mark_ticket(user, device, chat, *seq, *read),
-    };
-    ticket.wait()
+/// Panics with `mismatch`, the engine's answer that differs from the model's.
+fn agree(checked: Result<(), Mismatch>) {
+    if let Err(mismatch) = checked {
+        panic!("engine and model disagree: {mismatch}");
+    }
 }
 
 fn countdown(n: u8) -> Faults {
@@ -689,10 +267,9 @@ fn countdown(n: u8) -> Faults {
     }
 }
 
-/// Fields drop in order: the engine before the directory it works in.
-/// The directory of a new, empty engine (its indexes in `index/`), made once per process. Every input starts
-/// from a copy of it: opening RocksDB is most of an input's time, and creating its column
-/// families (what a first open does) is a third of that.
+/// The directory of a new, empty engine (its indexes in `index/`), made once per process. Every
+/// input starts from a copy of it: opening RocksDB is most of an input's time, and creating its
+/// column families (what a first open does) is a third of that.
 fn template_dir() -> &'static Path {
     static TEMPLATE: OnceLock<ScratchDir> = OnceLock::new();
     TEMPLATE
@@ -732,13 +309,15 @@ fn config(fs: &FaultFs) -> EngineConfig {
         },
         members_max: MEMBERS_MAX,
         body_bytes_max: BODY_BYTES_MAX,
+        title_bytes_max: TITLE_BYTES_MAX,
         queue_depth_max: 64,
         subscriber_buffer: 16,
-        clock: Arc::new(|| CLOCK_MS),
+        clock: Arc::new(|| CLOCK_START_MS),
         ..EngineConfig::default()
     }
 }
 
+/// Fields drop in order: the engine before the directory it works in.
 struct Harness {
     engine: Option<Engine>,
     /// Real directory of the indexes (RocksDB); the log lives at `<dir>/log` inside `fs`.
@@ -762,7 +341,7 @@ fuzz_target!(|data: &[u8]| {
         engine: None,
         dir,
         fs: FaultFs::new(),
-        model: Model::default(),
+        model: Model::new(),
         pending: None,
         armed: false,
     };
@@ -779,6 +358,7 @@ fuzz_target!(|data: &[u8]| {
     }
     // Whatever happened, a process crash now must give back everything acknowledged.
     h.crash_and_reopen();
+    agree(model::check_gapless_and_deduplicated(h.engine(), &h.model));
     h.engine.take().expect("engine is open").close();
 });
 
@@ -797,8 +377,8 @@ impl Harness {
     }
 
     fn step(&mut self, op: Op) {
-        if let Some(call) = self.model.resolve(&op) {
-            self.write(call);
+        if let Some(write) = op.write() {
+            self.write(self.model.resolve(&write));
             return;
         }
         match op {
@@ -821,7 +401,7 @@ impl Harness {
                 match self.open(&self.fs) {
                     Ok(engine) => {
                         // Opened (replay done); its reads may now fail, so only the indexes
-                        // are consulted. The history is checked at the next fault-free open.
+                        // are consulted. Everything is checked at the next fault-free open.
                         self.engine = Some(engine);
                         self.armed = true;
                         self.settle();
@@ -877,7 +457,7 @@ impl Harness {
             }
         }
         if !self.armed {
-            self.check_all();
+            agree(model::check_state(self.engine(), &self.model));
         }
     }
 
@@ -909,19 +489,19 @@ impl Harness {
             Call::Mark {
                 user, device, chat, ..
             } => {
-                let key = (user.clone(), device.clone(), chat.clone());
-                let old = self.model.cursors.get(&key).copied().unwrap_or_default();
+                let old = self.model.cursor(user, device, chat).as_cursor();
                 let mut next = self.model.clone();
                 next.apply(call).expect("pending call is accepted");
-                let new = next.cursors[&key];
+                let new = next.cursor(user, device, chat).as_cursor();
                 let got = engine.cursor(user, device, chat).expect("cursor read");
-                let got = (got.delivered, got.read);
                 assert!(
                     got == old || got == new,
-                    "cursor {key:?} is {got:?} after a failed mark, model has {old:?} or {new:?}"
+                    "cursor of {user}/{device} in {chat} is {got:?} after a failed mark, \
+                     model has {old:?} or {new:?}"
                 );
                 got == new && new != old
             }
+            Call::Register { .. } => unreachable!("this target registers no devices"),
         }
     }
 
@@ -930,7 +510,7 @@ impl Harness {
         let mut next = self.model.clone();
         let expected = next.apply(&call);
         let failed_before = self.engine().failure().is_some();
-        let got = call_engine(self.engine(), &call);
+        let got = model::submit(self.engine(), &call).wait();
         if trace() {
             eprintln!("  {call:?} -> {got:?} (model: {expected:?})");
         }
@@ -959,79 +539,28 @@ impl Harness {
                     !failed_before,
                     "{call:?} answered {got:?} after the engine failed (must be unavailable)"
                 );
-                let got = got.map_err(|e| e.code());
+                let got = model::code(got);
                 assert_eq!(got, expected, "{call:?}: engine and model disagree");
                 self.model = next;
             }
         }
     }
 
-    /// A history page of `chat` read by `user`, against the model.
+    /// A history page of `chat` read by `user` (the whole chat), against the model; with a
+    /// fault armed it may also fail as unavailable.
     fn check_history(&self, user: &str, chat: &str) {
-        let got = self
-            .engine()
-            .history(user, chat, None, Some(0), Some(HISTORY_LIMIT_MAX));
-        let page = match got {
-            Ok(page) => page,
-            Err(ChatError::Unavailable(error)) => {
-                assert!(self.armed, "history of {chat} failed unarmed: {error}");
-                return;
-            }
-            Err(error) => {
-                assert_eq!(
-                    Err(error.code()),
-                    self.model.member_chat(user, chat).map(|_| ()),
-                    "history of {chat} for {user}"
-                );
-                return;
-            }
+        let q = HistoryQuery {
+            user,
+            chat,
+            before: None,
+            after: Some(0),
+            limit: Some(HISTORY_LIMIT_MAX),
         };
-        let c = self
-            .model
-            .member_chat(user, chat)
-            .unwrap_or_else(|e| panic!("history of {chat} for {user} succeeded; model: {e}"));
-        assert_eq!(page.last_seq, c.last_seq(), "{chat}: last seq");
-        let seqs: Vec<u64> = page.events.iter().map(|e| e.event.seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=c.last_seq()).collect::<Vec<_>>(),
-            "{chat}: seqs are not gapless 1..=last_seq"
-        );
-        for got in &page.events {
-            let want = self.model.history_event(chat, got.event.seq);
-            assert_eq!(got, &want, "{chat}: event {} differs", got.event.seq);
-        }
-    }
-
-    /// Every chat, cursor and the next group id against the model (no fault armed).
-    fn check_all(&self) {
-        let engine = self.engine();
-        for (id, c) in &self.model.chats {
-            let last = engine.store().last_seq(id).expect("indexes read");
-            assert_eq!(last, c.last_seq(), "{id}: last seq");
-            let members = engine.members(id).expect("members of a known chat");
-            assert_eq!(
-                members,
-                c.members.iter().cloned().collect::<Vec<_>>(),
-                "{id}: members"
-            );
-            if let Some(member) = c.members.first() {
-                self.check_history(member, id);
+        match q.ask(self.engine()) {
+            Err(ChatError::Unavailable(error)) => {
+                assert!(self.armed, "{q} failed unarmed: {error}");
             }
+            got => agree(model::compare_history_page(&self.model, &q, got)),
         }
-        for ((user, device, chat), &(delivered, read)) in &self.model.cursors {
-            let got = engine.cursor(user, device, chat).expect("cursor read");
-            let want = Cursor {
-                start: 0,
-                delivered,
-                read,
-            };
-            assert_eq!(got, want, "cursor of {user}/{device} in {chat}");
-        }
-        let next = self.model.next_group();
-        assert!(
-            matches!(engine.members(&next), Err(ChatError::NotFound(_))),
-            "{next} exists before it was created"
-        );
     }
 }
