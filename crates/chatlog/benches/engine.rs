@@ -143,6 +143,63 @@ fn settle(scale: &Scale) -> f64 {
     load()
 }
 
+/// CPU time (clock ticks of 10 ms) used so far by this process, per engine thread name
+/// (`chatlog-*`, `rocksdb*`); everything else (the callers, ended or not, and the main
+/// thread) is "callers".
+fn cpu_by_thread() -> HashMap<String, u64> {
+    /// `utime + stime` of a `stat` line: `pid (comm) state ...`, where comm may hold spaces.
+    fn ticks(stat: &str) -> Option<(String, u64)> {
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+        let t = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((stat[open + 1..close].to_owned(), t))
+    }
+    let mut out = HashMap::new();
+    let total = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| ticks(&s))
+        .map_or(0, |(_, t)| t);
+    let mut named = 0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some((comm, t)) = std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|s| ticks(&s))
+        else {
+            continue;
+        };
+        if comm.starts_with("chatlog-") || comm.starts_with("rocksdb") {
+            let group = comm.trim_end_matches(|c: char| c.is_ascii_digit() || c == ':');
+            *out.entry(group.to_owned()).or_default() += t;
+            named += t;
+        }
+    }
+    out.insert("callers".to_owned(), total.saturating_sub(named));
+    out
+}
+
+/// CPU µs per message between two [`cpu_by_thread`] samples: the total and each thread group
+/// using at least 2 % of it. (Threads that ended between the samples are not counted.)
+fn cpu_per_msg(before: &HashMap<String, u64>, after: &HashMap<String, u64>, msgs: u64) -> String {
+    const TICK_US: f64 = 10_000.0;
+    let mut used: Vec<(String, u64)> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v.saturating_sub(*before.get(k).unwrap_or(&0))))
+        .collect();
+    used.sort_by_key(|b| std::cmp::Reverse(b.1));
+    let total: u64 = used.iter().map(|(_, v)| v).sum();
+    let per = |t: u64| t as f64 * TICK_US / msgs.max(1) as f64;
+    let parts: Vec<String> = used
+        .iter()
+        .filter(|(_, v)| *v * 50 >= total)
+        .map(|(k, v)| format!("{k} {:.1}", per(*v)))
+        .collect();
+    format!("{:.1} µs CPU/msg ({})", per(total), parts.join(", "))
+}
+
 fn body() -> String {
     "x".repeat(BODY_BYTES)
 }
@@ -197,6 +254,7 @@ fn append_and_resume(dir: &Path, scale: &Scale, filter: &str) {
         );
         for depth in [1, TICKETS_IN_FLIGHT] {
             let l = settle(scale);
+            let cpu_before = cpu_by_thread();
             let (n, el) = throughput(
                 &engine,
                 &chats,
@@ -204,9 +262,10 @@ fn append_and_resume(dir: &Path, scale: &Scale, filter: &str) {
                 depth,
                 scale.throughput_for,
             );
+            let cpu = cpu_per_msg(&cpu_before, &cpu_by_thread(), n);
             println!(
                 "append {CALLERS} callers x {depth} in flight: {n} msgs in {el:.2?} = {:.0} msg/s \
-                 (load {l:.2} → {:.2})",
+                 (load {l:.2} → {:.2}); {cpu}",
                 n as f64 / el.as_secs_f64(),
                 load()
             );

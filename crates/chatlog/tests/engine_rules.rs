@@ -512,9 +512,54 @@ fn retention_by_count_and_age_keeps_seqs_gapless_and_removes_segments() {
             .len(),
         1
     );
+    // Everything too old: no event is left, and the chat still knows its last seq.
+    now.fetch_add(120_000, Ordering::SeqCst);
+    e.enforce_retention().unwrap();
+    let h = e.history("bob", &chat, None, None, None).unwrap();
+    assert_eq!((h.horizon, h.last_seq), (204, 203));
+    assert!(h.events.is_empty());
+    drop(e);
+    let e = Engine::open(dir.path(), config.clone()).unwrap();
+    assert_eq!(e.list_chats("bob").unwrap()[0].last_seq, 203);
+    assert_eq!(
+        e.send("alice", &chat, "after", Some(s("y")), None)
+            .unwrap()
+            .seq,
+        204,
+        "seqs continue after a reopen with an empty history"
+    );
     drop(e);
     // Without the indexes, the purged log cannot rebuild them: a clear error, not wrong data.
     std::fs::remove_dir_all(dir.path().join("index")).unwrap();
     let err = Engine::open(dir.path(), config).unwrap_err();
     assert!(err.to_string().contains("cannot be rebuilt"), "{err}");
+}
+
+#[test]
+fn indexes_of_an_earlier_version_with_a_seqs_column_family_still_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = config();
+    let e = Engine::open(dir.path(), config.clone()).unwrap();
+    let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
+    e.send("alice", &chat, "m1", Some(s("hi")), None).unwrap();
+    drop(e);
+    // Earlier versions kept chat → last seq in a "seqs" column family.
+    let index = dir.path().join("index");
+    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &index).unwrap();
+    let mut db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &index, &cfs).unwrap();
+    db.create_cf("seqs", &rocksdb::Options::default()).unwrap();
+    let seqs = db.cf_handle("seqs").unwrap();
+    db.put_cf(seqs, chat.as_bytes(), 1u64.to_le_bytes())
+        .unwrap();
+    drop(db);
+    let e = Engine::open(dir.path(), config).unwrap();
+    assert_eq!(
+        e.send("alice", &chat, "m2", Some(s("again")), None)
+            .unwrap()
+            .seq,
+        3
+    );
+    drop(e);
+    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &index).unwrap();
+    assert!(!cfs.iter().any(|c| c == "seqs"), "dropped at open: {cfs:?}");
 }
