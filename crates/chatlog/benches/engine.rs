@@ -252,7 +252,12 @@ fn append_and_resume(dir: &Path, scale: &Scale, filter: &str) {
             1,
             Duration::from_secs(1).min(scale.throughput_for),
         );
-        for depth in [1, TICKETS_IN_FLIGHT] {
+        // CHATLOG_BENCH_APPEND_DEPTHS (e.g. "16") runs only the listed depths, for profiling.
+        let depths: Vec<usize> = std::env::var("CHATLOG_BENCH_APPEND_DEPTHS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|d| d.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, TICKETS_IN_FLIGHT]);
+        for depth in depths {
             let l = settle(scale);
             let cpu_before = cpu_by_thread();
             let (n, el) = throughput(

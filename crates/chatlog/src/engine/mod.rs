@@ -1139,7 +1139,6 @@ fn run_sequencer(
                 }
             }
         }
-        seq.end();
         let pending = if records.is_empty() {
             None
         } else {

@@ -371,7 +371,7 @@ impl Store {
             store: self,
             wb: WriteBatch::default(),
             pending: Vec::new(),
-            overlay: HashMap::new(),
+            overlay: HashMap::default(),
             last_index: None,
         }
     }
@@ -391,7 +391,7 @@ pub struct Batch<'a> {
     /// each memtable insert lands near the previous one and RocksDB's skiplist reuses its
     /// insert position instead of searching from the top (the applier's main cost).
     pending: Vec<PendingWrite>,
-    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>, foldhash::fast::RandomState>,
     last_index: Option<u64>,
 }
 
