@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 /// `hashbrown`). std's SipHash was a tenth of the sequencer's time in the append benchmark.
 type FastHash = foldhash::fast::RandomState;
 
+/// The overlay size below which it is never pruned.
+const OVERLAY_PRUNE_MIN: usize = 4096;
+
 /// A reply channel for an operation.
 pub(crate) type Reply = oneshot::Sender<Result<Outcome, ChatError>>;
 
@@ -168,8 +171,10 @@ pub(crate) struct Sequencer {
     chat_counter: u64,
     /// Decided but maybe not yet applied: value and the batch that wrote it.
     overlay: HashMap<OverlayKey, (OverlayValue, u64), FastHash>,
-    /// Batches up to this one are applied and pruned from the overlay.
-    pruned: u64,
+    /// Batches up to this one are applied.
+    applied: u64,
+    /// Overlay size at which [`Sequencer::prune`] runs next.
+    prune_at: usize,
     batch: u64,
 }
 
@@ -218,20 +223,30 @@ impl Sequencer {
             chats: HashMap::default(),
             chat_counter,
             overlay: HashMap::default(),
-            pruned: 0,
+            applied: 0,
+            prune_at: OVERLAY_PRUNE_MIN,
             batch: 0,
         })
     }
 
-    /// Starts deciding batch `batch`; forgets overlay entries of batches up to `applied`.
+    /// Starts deciding batch `batch`; batches up to `applied` are applied.
     pub(crate) fn begin(&mut self, batch: u64, applied: u64) {
-        // One pass over the overlay (entries of the few batches in flight) whenever the
-        // applier moved on: cheaper than remembering every key written per batch.
-        if applied > self.pruned {
-            self.overlay.retain(|_, (_, b)| *b > applied);
-            self.pruned = applied;
+        self.applied = applied;
+        if self.overlay.len() >= self.prune_at {
+            self.prune();
         }
         self.batch = batch;
+    }
+
+    /// Forgets the overlay entries of applied batches (the indexes hold them now). One pass
+    /// over the overlay, run when it doubled since the last: amortized O(1) per entry, where
+    /// a pass per batch cost O(in flight) per batch, and tiny batches made that dear.
+    /// Entries of applied batches that linger until then are still right: every write goes
+    /// through the sequencer, so the overlay's value is the latest decided one.
+    fn prune(&mut self) {
+        let applied = self.applied;
+        self.overlay.retain(|_, (_, b)| *b > applied);
+        self.prune_at = (2 * self.overlay.len()).max(OVERLAY_PRUNE_MIN);
     }
 
     fn remember(&mut self, key: OverlayKey, value: OverlayValue) {
@@ -756,6 +771,9 @@ impl Sequencer {
         if limits.max_age_ms.is_none() && limits.max_events_per_chat.is_none() {
             return Ok(Outcome::Seq(0));
         }
+        // Retention drops events: no message entry of an applied batch may outlive its event
+        // (an edit would then be decided against an event the indexes no longer have).
+        self.prune();
         let mut changed = 0;
         for (chat, last) in self.store.all_last_seqs()? {
             let hkey = OverlayKey::Horizon(chat.clone());
