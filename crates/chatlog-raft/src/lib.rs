@@ -31,3 +31,19 @@ pub use cell::EngineCell;
 pub use network::NetFaults;
 pub use node::{ClusterConfig, ClusterNode, StartError};
 pub use types::{NodeId, Request, Response, TypeConfig};
+
+/// Names of the histograms (seconds unless said) that time the stages of a replicated write,
+/// recorded through the `metrics` facade (the server exports them at `/metrics`).
+pub mod stages {
+    /// A proposer's wait from a write's arrival until its batch leaves the queue (on the
+    /// leader: until one of the entries in flight is answered).
+    pub const QUEUE: &str = "chatlog_raft_queue_seconds";
+    /// Operations per Raft entry the leader proposes (a count, not seconds).
+    pub const ENTRY_OPS: &str = "chatlog_raft_entry_ops";
+    /// From proposing an entry on the leader until it is committed and applied there.
+    pub const ENTRY: &str = "chatlog_raft_entry_seconds";
+    /// From a Raft log append until its group commit is durable.
+    pub const LOG_FLUSH: &str = "chatlog_raft_log_flush_seconds";
+    /// Applying one batch of committed entries to the engine (durable and indexed).
+    pub const APPLY: &str = "chatlog_raft_apply_seconds";
+}

@@ -267,8 +267,16 @@ async fn run_batcher(
             continue;
         }
         let ops: Vec<(Op, u64)> = batch.iter().map(|p| (p.op.clone(), p.ts)).collect();
+        if let Some(oldest) = batch.iter().map(|p| p.deadline).min() {
+            let queued = ctx
+                .write_timeout
+                .saturating_sub(oldest.saturating_duration_since(now));
+            metrics::histogram!(crate::stages::QUEUE).record(queued.as_secs_f64());
+        }
         match (leader, permit) {
             (Some(_), Some(permit)) => {
+                metrics::histogram!(crate::stages::ENTRY_OPS).record(ops.len() as f64);
+                let proposed = Instant::now();
                 let receiver = ctx.raft.client_write_ff(Request { ops }).await;
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
@@ -277,7 +285,10 @@ async fn run_batcher(
                         return BatcherCtx::fail_all(batch, || unavailable("raft stopped".into()));
                     };
                     let deadline = batch.iter().map(|p| p.deadline).max().unwrap_or(now);
-                    match tokio::time::timeout_at(deadline.into(), receiver).await {
+                    let answered = tokio::time::timeout_at(deadline.into(), receiver).await;
+                    metrics::histogram!(crate::stages::ENTRY)
+                        .record(proposed.elapsed().as_secs_f64());
+                    match answered {
                         Err(_) => BatcherCtx::fail_all(batch, || timed_out(ctx.write_timeout)),
                         Ok(Err(_)) => {
                             BatcherCtx::fail_all(batch, || unavailable("raft stopped".into()))
