@@ -228,6 +228,69 @@ struct ApplyBatch {
     replies: Vec<(Reply, Outcome)>,
 }
 
+/// The deciding state: the sequencer plus the batch and log index counters. Whoever decides a
+/// batch (the sequencer thread, or [`Engine::apply_replicated`] on its caller's task) holds it
+/// from deciding until the batch's records are queued on the log, so log order is decision
+/// order.
+struct Decider {
+    seq: Sequencer,
+    batch_id: u64,
+    next_index: u64,
+}
+
+impl Decider {
+    /// Decides `ops` as batch `batch_id + 1` and queues their records on the log. Returns the
+    /// batch to apply and the operations' outcomes; `Err` when the log refused the append.
+    fn decide_and_append(
+        &mut self,
+        ops: Vec<(Op, Reply)>,
+        now: u64,
+        log: &Log,
+        shared: &Shared,
+    ) -> Option<ApplyBatch> {
+        self.batch_id += 1;
+        self.seq
+            .begin(self.batch_id, shared.applied_batch.load(Ordering::Acquire));
+        let mut records = Vec::new();
+        let mut replies = Vec::with_capacity(ops.len());
+        for (op, reply) in ops {
+            match self.seq.decide(op, now, &mut records) {
+                Ok(outcome) => replies.push((reply, outcome)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        let pending = if records.is_empty() {
+            None
+        } else {
+            let entries: Vec<Bytes> = records
+                .iter()
+                .map(|r| Bytes::from(postcard::to_allocvec(r).expect("postcard encoding")))
+                .collect();
+            match log.append_batch_deferred(entries) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    shared.fail(&e);
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(shared.unavailable()));
+                    }
+                    return None;
+                }
+            }
+        };
+        let first_index = self.next_index;
+        self.next_index += records.len() as u64;
+        Some(ApplyBatch {
+            id: self.batch_id,
+            first_index,
+            records,
+            pending,
+            replies,
+        })
+    }
+}
+
 /// The chat engine. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct Engine {
     log: Arc<Log>,
@@ -239,6 +302,9 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     dir: PathBuf,
     proposer: std::sync::OnceLock<Arc<dyn Proposer>>,
+    decider: Arc<Mutex<Decider>>,
+    /// Replicated groups are applied one at a time, in the order `apply_replicated` was called.
+    replicated_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Where a replicated engine sends the write operations its callers submit: the replication
@@ -329,15 +395,20 @@ impl Engine {
         let (events, _) = broadcast::channel(config.subscriber_buffer);
         let (ops_tx, ops_rx) = flume::bounded::<(Op, Reply)>(config.queue_depth_max);
         let (apply_tx, apply_rx) = flume::bounded::<ApplyBatch>(APPLY_QUEUE_DEPTH);
-        let sequencer = Sequencer::new(store.clone(), log.clone(), config.clone())?;
+        let decider = Arc::new(Mutex::new(Decider {
+            seq: Sequencer::new(store.clone(), log.clone(), config.clone())?,
+            batch_id: 0,
+            next_index: next,
+        }));
         let mut threads = Vec::new();
         {
             let log = log.clone();
             let shared = shared.clone();
             let clock = config.clock.clone();
+            let decider = decider.clone();
             threads.push(spawn("chatlog-sequencer", move || {
                 store::quiet_perf_counters();
-                run_sequencer(sequencer, ops_rx, apply_tx, log, shared, clock);
+                run_sequencer(&decider, ops_rx, apply_tx, log, shared, clock);
             })?);
         }
         {
@@ -359,6 +430,8 @@ impl Engine {
             threads: Mutex::new(threads),
             dir,
             proposer: std::sync::OnceLock::new(),
+            decider,
+            replicated_turn: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -408,6 +481,12 @@ impl Engine {
     /// durable and indexed, to one answer per operation. Every replica that applies the same
     /// groups from the same state decides the same seqs, ids and refusals. An `Err` is a
     /// storage failure: the engine stops accepting writes.
+    ///
+    /// On a replicated engine ([`EngineConfig::replicated`]) the group is decided and indexed
+    /// on the calling task (the indexes' RocksDB write runs there, blocking it briefly) and
+    /// only the log's group commit runs on another thread: a replica applies one group at a
+    /// time, so handing it to the sequencer and applier threads bought no batching, only two
+    /// more thread switches per group. Groups are applied in the order of the calls.
     pub fn apply_replicated(
         &self,
         ops: Vec<(Op, u64)>,
@@ -418,20 +497,55 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         let ops_tx = self.ops.clone();
         let shared = self.shared.clone();
+        let inline = self.config.replicated.then(|| {
+            (
+                self.decider.clone(),
+                self.replicated_turn.clone(),
+                self.log.clone(),
+                self.store.clone(),
+                self.events.clone(),
+            )
+        });
         async move {
             if shared.failed.load(Ordering::Acquire) {
                 return Err(shared.unavailable());
             }
-            let tx = ops_tx.ok_or(ChatError::Unavailable(crate::Error::Closed))?;
-            // Replicated groups are never refused as busy: every replica must apply them.
-            tx.send_async((Op::Group { ops, marker }, reply))
-                .await
-                .map_err(|_| ChatError::Unavailable(crate::Error::Closed))?;
+            let group = (Op::Group { ops, marker }, reply);
+            if let Some((decider, turn, log, store, events)) = inline {
+                let _turn = turn.lock_owned().await;
+                let decided = decider
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .decide_and_append(vec![group], 0, &log, &shared);
+                if let Some(mut batch) = decided {
+                    let durable = match batch.pending.take() {
+                        None => Ok(batch.first_index),
+                        Some(pending) => pending.await.map_err(|e| e.to_string()),
+                    };
+                    match durable {
+                        Ok(first) if first == batch.first_index => {
+                            apply_group(vec![batch], &store, &shared, &events)
+                        }
+                        Ok(first) => shared.fail(&format!(
+                            "log assigned index {first} where {} was expected",
+                            batch.first_index
+                        )),
+                        Err(e) => shared.fail(&e),
+                    }
+                }
+            } else {
+                let tx = ops_tx.ok_or(ChatError::Unavailable(crate::Error::Closed))?;
+                // Replicated groups are never refused as busy: every replica must apply them.
+                tx.send_async(group)
+                    .await
+                    .map_err(|_| ChatError::Unavailable(crate::Error::Closed))?;
+            }
             match rx.await {
                 Ok(Ok(Outcome::Group(answers))) => Ok(answers),
                 Ok(Ok(other)) => unreachable!("a group answered {other:?}"),
                 Ok(Err(e)) => Err(e),
-                Err(_) => Err(ChatError::Unavailable(crate::Error::Closed)),
+                // Dropped unanswered: the engine failed (or closed) on the way.
+                Err(_) => Err(shared.unavailable()),
             }
         }
     }
@@ -523,6 +637,9 @@ impl Engine {
         }
         let result = match &self.ops {
             _ if self.shared.failed.load(Ordering::Acquire) => Err(self.shared.unavailable()),
+            // A replica writes only what replication ordered (`apply_replicated`); a local
+            // write now would diverge from the other replicas.
+            _ if self.config.replicated => Err(ChatError::Unavailable(crate::Error::Closed)),
             None => Err(ChatError::Unavailable(crate::Error::Closed)),
             Some(tx) => tx.try_send((op, reply)).map_err(|e| match e {
                 flume::TrySendError::Full(_) => ChatError::Busy,
@@ -1103,15 +1220,13 @@ fn replay(log: &Log, store: &Store, from: u64, to: u64) -> Result<(), ChatError>
 }
 
 fn run_sequencer(
-    mut seq: Sequencer,
+    decider: &Mutex<Decider>,
     ops: flume::Receiver<(Op, Reply)>,
     apply: flume::Sender<ApplyBatch>,
     log: Arc<Log>,
     shared: Arc<Shared>,
     clock: Clock,
 ) {
-    let mut batch_id = 0;
-    let mut next_index = log.next_index();
     while let Ok(first) = ops.recv() {
         let mut batch = vec![first];
         while batch.len() < OPS_PER_BATCH_MAX {
@@ -1126,47 +1241,13 @@ fn run_sequencer(
             }
             continue;
         }
-        batch_id += 1;
-        seq.begin(batch_id, shared.applied_batch.load(Ordering::Acquire));
-        let now = clock();
-        let mut records = Vec::new();
-        let mut replies = Vec::with_capacity(batch.len());
-        for (op, reply) in batch {
-            match seq.decide(op, now, &mut records) {
-                Ok(outcome) => replies.push((reply, outcome)),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            }
-        }
-        let pending = if records.is_empty() {
-            None
-        } else {
-            let entries: Vec<Bytes> = records
-                .iter()
-                .map(|r| Bytes::from(postcard::to_allocvec(r).expect("postcard encoding")))
-                .collect();
-            match log.append_batch_deferred(entries) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    shared.fail(&e);
-                    for (reply, _) in replies {
-                        let _ = reply.send(Err(shared.unavailable()));
-                    }
-                    continue;
-                }
-            }
-        };
-        let first_index = next_index;
-        next_index += records.len() as u64;
-        let batch = ApplyBatch {
-            id: batch_id,
-            first_index,
-            records,
-            pending,
-            replies,
-        };
-        if apply.send(batch).is_err() {
+        let decided = decider
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .decide_and_append(batch, clock(), &log, &shared);
+        if let Some(batch) = decided
+            && apply.send(batch).is_err()
+        {
             break;
         }
     }
