@@ -46,4 +46,10 @@ pub mod stages {
     pub const LOG_FLUSH: &str = "chatlog_raft_log_flush_seconds";
     /// Applying one batch of committed entries to the engine (durable and indexed).
     pub const APPLY: &str = "chatlog_raft_apply_seconds";
+    /// On a follower: forwarding one batch to the leader until the leader answers (it answers
+    /// once the entry is committed and applied there).
+    pub const FORWARD: &str = "chatlog_raft_forward_seconds";
+    /// After the leader's answer: waiting until this node applied the entry too, before its
+    /// callers are answered (read-your-writes on this node).
+    pub const APPLIED_WAIT: &str = "chatlog_raft_applied_wait_seconds";
 }

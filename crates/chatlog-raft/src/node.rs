@@ -215,7 +215,10 @@ impl BatcherCtx {
     async fn answer(&self, batch: Vec<Pending>, index: u64, response: Response) {
         let deadline = batch.iter().map(|p| p.deadline).max();
         if let Some(deadline) = deadline {
+            let started = Instant::now();
             self.wait_applied(index, deadline).await;
+            metrics::histogram!(crate::stages::APPLIED_WAIT)
+                .record(started.elapsed().as_secs_f64());
         }
         let mut answers = response.0.into_iter();
         for p in batch {
@@ -320,6 +323,7 @@ async fn run_batcher(
                     ctx.wait_and_requeue(batch).await;
                     continue;
                 };
+                let forwarded = Instant::now();
                 let answer = ctx
                     .client
                     .call::<Request, WriteReply>(
@@ -330,6 +334,8 @@ async fn run_batcher(
                         deadline.saturating_duration_since(Instant::now()),
                     )
                     .await;
+                metrics::histogram!(crate::stages::FORWARD)
+                    .record(forwarded.elapsed().as_secs_f64());
                 match answer {
                     Ok(WriteReply::Done { index, response }) => {
                         let ctx = ctx.clone();
