@@ -240,7 +240,8 @@ struct Decider {
 
 impl Decider {
     /// Decides `ops` as batch `batch_id + 1` and queues their records on the log. Returns the
-    /// batch to apply and the operations' outcomes; `Err` when the log refused the append.
+    /// batch to apply once durable (refused operations are already answered), or `None` when
+    /// the log refused the append (the engine failed and every operation is answered).
     fn decide_and_append(
         &mut self,
         ops: Vec<(Op, Reply)>,
@@ -522,15 +523,8 @@ impl Engine {
                         None => Ok(batch.first_index),
                         Some(pending) => pending.await.map_err(|e| e.to_string()),
                     };
-                    match durable {
-                        Ok(first) if first == batch.first_index => {
-                            apply_group(vec![batch], &store, &shared, &events)
-                        }
-                        Ok(first) => shared.fail(&format!(
-                            "log assigned index {first} where {} was expected",
-                            batch.first_index
-                        )),
-                        Err(e) => shared.fail(&e),
+                    if durable_as_counted(&shared, batch.first_index, durable) {
+                        apply_group(vec![batch], &store, &shared, &events);
                     }
                 }
             } else {
@@ -1288,25 +1282,33 @@ fn run_applier(
                 None => Ok(b.first_index),
                 Some(pending) => pending.wait().map_err(|e| e.to_string()),
             };
-            match result {
-                Ok(first) if first == b.first_index => durable.push(b),
-                Ok(first) => {
-                    shared.fail(&format!(
-                        "log assigned index {first} where {} was expected",
-                        b.first_index
-                    ));
-                    fail_all(vec![b]);
-                    break;
-                }
-                Err(e) => {
-                    shared.fail(&e);
-                    fail_all(vec![b]);
-                    break;
-                }
+            if durable_as_counted(&shared, b.first_index, result) {
+                durable.push(b);
+            } else {
+                fail_all(vec![b]);
+                break;
             }
         }
         apply_group(durable, &store, &shared, &events);
         fail_all(rest.collect());
+    }
+}
+
+/// Whether a batch's log append came back durable at the first index the decider counted on;
+/// otherwise the engine fails (and the caller answers the batch's operations).
+fn durable_as_counted(shared: &Shared, counted: u64, result: Result<u64, String>) -> bool {
+    match result {
+        Ok(first) if first == counted => true,
+        Ok(first) => {
+            shared.fail(&format!(
+                "log assigned index {first} where {counted} was expected"
+            ));
+            false
+        }
+        Err(e) => {
+            shared.fail(&e);
+            false
+        }
     }
 }
 
