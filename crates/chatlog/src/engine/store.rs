@@ -370,7 +370,6 @@ impl Store {
         Batch {
             store: self,
             wb: WriteBatch::default(),
-            pending: Vec::new(),
             overlay: HashMap::default(),
             last_index: None,
         }
@@ -380,17 +379,10 @@ impl Store {
 /// Column families [`Batch::apply`] reads (and so must see the batch's own writes in).
 const READ_BACK_CFS: [&str; 4] = [CF_HISTORY, CF_CHATS, CF_CURSORS, CF_HORIZONS];
 
-/// A put (`Some(value)`) or delete (`None`) of a key in a column family.
-type PendingWrite = (&'static str, Vec<u8>, Option<Vec<u8>>);
-
 /// Applies records into one RocksDB write batch. Reads inside the batch see its own writes.
 pub struct Batch<'a> {
     store: &'a Store,
     wb: WriteBatch,
-    /// Puts and deletes not yet in `wb`: they go in sorted by (column family, key), so that
-    /// each memtable insert lands near the previous one and RocksDB's skiplist reuses its
-    /// insert position instead of searching from the top (the applier's main cost).
-    pending: Vec<PendingWrite>,
     overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>, foldhash::fast::RandomState>,
     last_index: Option<u64>,
 }
@@ -409,29 +401,15 @@ impl Batch<'_> {
         let bytes = encode(value);
         // Only column families that `apply` reads back need the overlay; skipping the others
         // saves two allocations and a hash insert per write on the hot path.
+        self.wb.put_cf(self.store.cf(cf), &key, &bytes);
         if READ_BACK_CFS.contains(&cf) {
-            self.overlay.insert((cf, key.clone()), Some(bytes.clone()));
+            self.overlay.insert((cf, key), Some(bytes));
         }
-        self.pending.push((cf, key, Some(bytes)));
     }
 
     fn delete(&mut self, cf: &'static str, key: Vec<u8>) {
-        self.overlay.insert((cf, key.clone()), None);
-        self.pending.push((cf, key, None));
-    }
-
-    /// Moves the pending writes into the write batch, sorted by (column family, key). The sort
-    /// is stable, so later writes of one key still come later and win.
-    fn flush_pending(&mut self) {
-        let mut pending = std::mem::take(&mut self.pending);
-        pending.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        for (cf, key, value) in pending {
-            let handle = self.store.cf(cf);
-            match value {
-                Some(v) => self.wb.put_cf(handle, &key, &v),
-                None => self.wb.delete_cf(handle, &key),
-            }
-        }
+        self.wb.delete_cf(self.store.cf(cf), &key);
+        self.overlay.insert((cf, key), None);
     }
 
     fn get<T: DeserializeOwned>(&self, cf: &'static str, key: &[u8]) -> Result<Option<T>> {
@@ -488,8 +466,6 @@ impl Batch<'_> {
             Record::Horizon { chat, seq } => {
                 let old: u64 = self.get(CF_HORIZONS, chat.as_bytes())?.unwrap_or(1);
                 if *seq > old {
-                    // Writes before the range delete stay before it.
-                    self.flush_pending();
                     self.wb.delete_range_cf(
                         self.store.cf(CF_HISTORY),
                         history_key(chat, old),
@@ -587,7 +563,6 @@ impl Batch<'_> {
         if let Some(last) = self.last_index {
             self.put(CF_META, KEY_APPLIED.to_vec(), &last);
         }
-        self.flush_pending();
         self.store.db.write(self.wb).map_err(rocks)
     }
 }
