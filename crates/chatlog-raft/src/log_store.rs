@@ -200,7 +200,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
             return Ok(out);
         }
         for item in log.iter_from(start) {
-            let (index, bytes) = item.map_err(read_io)?;
+            let (index, bytes) = match item {
+                Ok(item) => item,
+                // Truncated (or purged) since the bounds were read: the entries up to here
+                // are what the log held. openraft takes fewer entries than asked for; an
+                // error would be fatal to the node.
+                Err(chatlog::Error::OutOfRange { index, .. })
+                    if index >= log.next_index() || index < log.first_index() =>
+                {
+                    break;
+                }
+                Err(e) => return Err(read_io(e)),
+            };
             if index >= end {
                 break;
             }

@@ -153,7 +153,8 @@ async fn random_node_sigkill_cycles_lose_nothing() {
         }
         assert!(
             Instant::now() < deadline,
-            "nodes did not converge: {digests:?}"
+            "nodes did not converge: {digests:?}{}",
+            log_tails(&nodes)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };

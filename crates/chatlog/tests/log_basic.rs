@@ -294,3 +294,72 @@ fn stats_count_syncs_and_batch_sizes() {
     assert_eq!(stats.batch_entries_buckets[4], 1);
     assert_eq!(stats.batch_entries_buckets.iter().sum::<u64>(), 2);
 }
+
+/// Readers racing a truncate of the entries they read get either an entry that was at that
+/// index (the old one or its replacement) or `OutOfRange`, never an I/O or corruption error.
+/// (A Raft leader that steps down still has replication tasks reading its log while the new
+/// leader's entries make it truncate; openraft treats any read error as fatal.)
+#[test]
+fn reads_racing_a_truncate_see_an_entry_or_out_of_range() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), LogConfig::default()).unwrap());
+    let base = 50u64;
+    for i in 1..=base {
+        log.append(entry(i)).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|r| {
+            let (log, stop) = (log.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for i in base + 1..base + 40 {
+                        let result = if r == 0 {
+                            log.read(i)
+                        } else {
+                            log.iter_from(i)
+                                .next()
+                                .unwrap_or_else(|| {
+                                    Err(Error::OutOfRange {
+                                        index: i,
+                                        first: 1,
+                                        next: i,
+                                    })
+                                })
+                                .map(|(_, b)| b)
+                        };
+                        match result {
+                            Ok(bytes) => {
+                                // Some generation of entry i.
+                                let text = String::from_utf8(bytes.to_vec()).unwrap();
+                                assert!(text.starts_with(&format!("entry {i} ")), "{text}");
+                                reads += 1;
+                            }
+                            Err(Error::OutOfRange { .. }) => {}
+                            Err(e) => panic!("read of {i} racing a truncate: {e}"),
+                        }
+                    }
+                }
+                reads
+            })
+        })
+        .collect();
+    for round in 0..3000u64 {
+        log.truncate_from(base + 1).unwrap();
+        let batch: Vec<Bytes> = (base + 1..base + 40)
+            .map(|i| {
+                Bytes::from(format!(
+                    "entry {i} round {round} {}",
+                    "x".repeat(i as usize % 7 * 5)
+                ))
+            })
+            .collect();
+        log.append_batch(batch).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+}

@@ -11,12 +11,31 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::{SECRET, token};
 
+/// A port that is free now, below the kernel's ephemeral range (32768–60999 on Linux).
+///
+/// Binding port 0 and dropping the listener would hand out an ephemeral port, and another
+/// process's outgoing connection may take that port before the node binds it (a node of a
+/// cluster test once failed to start that way). Ports below the range are only ever taken by
+/// an explicit bind; this process walks them from a start derived from its pid, so test
+/// binaries do not reuse each other's ports either.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(2_654_435_761) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 pub struct Node {
@@ -45,18 +64,54 @@ pub fn peers_flag(nodes: &[Node]) -> String {
         .join(",")
 }
 
-/// Each node's stderr, appended across restarts (kept if `CHATLOG_TEST_LOGS` names a dir).
-pub fn log_file(node: &Node) -> Stdio {
+fn log_path(node: &Node) -> std::path::PathBuf {
     let dir = std::env::var_os("CHATLOG_TEST_LOGS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| node.dir.parent().unwrap().to_path_buf());
-    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("node{}.log", node.id))
+}
+
+/// Each node's stderr, appended across restarts (kept if `CHATLOG_TEST_LOGS` names a dir).
+pub fn log_file(node: &Node) -> Stdio {
+    let path = log_path(node);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dir.join(format!("node{}.log", node.id)))
+        .open(path)
         .unwrap();
     Stdio::from(file)
+}
+
+/// For a failing test's message: each node's last warnings and errors and its last lines
+/// (the logs themselves go with the test's temp directory).
+pub fn log_tails(nodes: &[Node]) -> String {
+    let mut out = String::new();
+    for node in nodes {
+        let text = std::fs::read_to_string(log_path(node)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let warnings: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("panicked"))
+            .collect();
+        out += &format!("\n==== node {}: last warnings and errors ====\n", node.id);
+        for l in &warnings[warnings.len().saturating_sub(30)..] {
+            out += &format!("{}\n", truncate(l));
+        }
+        out += &format!("==== node {}: last lines ====\n", node.id);
+        for l in &lines[lines.len().saturating_sub(15)..] {
+            out += &format!("{}\n", truncate(l));
+        }
+    }
+    out
+}
+
+fn truncate(line: &str) -> &str {
+    match line.char_indices().nth(600) {
+        Some((i, _)) => &line[..i],
+        None => line,
+    }
 }
 
 pub fn start(node: &mut Node, peers: &str) {
@@ -75,11 +130,15 @@ pub fn start(node: &mut Node, peers: &str) {
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    assert!(
-        line.contains("ws://"),
-        "node {} did not start: {line:?}",
-        node.id
-    );
+    if !line.contains("ws://") {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "node {} did not start: {line:?}{}",
+            node.id,
+            log_tails(std::slice::from_ref(node))
+        );
+    }
     node.child = Some(child);
 }
 

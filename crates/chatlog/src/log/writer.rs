@@ -555,16 +555,18 @@ impl Writer {
                 .sync_dir(&self.dir)
                 .map_err(|e| Error::io("fsync directory", &self.dir, e))?;
         }
-        // The active segment is read with positional reads only, so it is cut in place.
-        if Arc::ptr_eq(&active, &view.active) {
-            cut_file(active.file.as_ref(), &active.path, cut)?;
-        }
+        // Drop the removed frames before cutting the file: a reader whose read fails then
+        // finds its entry gone (see `Active::read`).
         {
             let mut frames = active.frames.write().unwrap_or_else(|e| e.into_inner());
             frames
                 .offsets
                 .truncate((from - active.first_index) as usize);
             frames.data_end = cut as u32;
+        }
+        // The active segment is read with positional reads only, so it is cut in place.
+        if Arc::ptr_eq(&active, &view.active) {
+            cut_file(active.file.as_ref(), &active.path, cut)?;
         }
         self.shared.set_view(View {
             sealed: view.sealed[..keep.min(view.sealed.len())]

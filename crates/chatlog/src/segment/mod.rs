@@ -109,23 +109,47 @@ pub struct Active {
 
 impl Active {
     /// Reads entry `index`, or `None` if it is not (or no longer) in this segment.
+    ///
+    /// A truncate may cut the entry while it is being read (the writer drops it from
+    /// `frames` before it cuts the file). A read that fails is therefore checked against
+    /// `frames` again: if the entry is gone it is `None`, if its place changed (truncated and
+    /// written again) it is read again, and only a failure at an unchanged place is an error.
     pub(crate) fn read(&self, index: u64) -> Result<Option<Bytes>> {
         let Some(k) = index.checked_sub(self.first_index) else {
             return Ok(None);
         };
-        let (start, end) = {
-            let frames = self.frames.read().unwrap_or_else(|e| e.into_inner());
-            let k = k as usize;
-            let Some(&start) = frames.offsets.get(k) else {
-                return Ok(None);
-            };
-            let end = frames
-                .offsets
-                .get(k + 1)
-                .copied()
-                .unwrap_or(frames.data_end);
-            (start as usize, end as usize)
+        let Some(mut place) = self.place(k) else {
+            return Ok(None);
         };
+        let mut attempts = 0;
+        loop {
+            let result = self.read_place(index, place);
+            attempts += 1;
+            if result.is_ok() || attempts == 8 {
+                return result.map(Some);
+            }
+            match self.place(k) {
+                None => return Ok(None),
+                Some(now) if now == place => return result.map(Some),
+                Some(now) => place = now,
+            }
+        }
+    }
+
+    /// Byte range `[start, end)` of the `k`-th visible frame.
+    fn place(&self, k: u64) -> Option<(usize, usize)> {
+        let frames = self.frames.read().unwrap_or_else(|e| e.into_inner());
+        let k = usize::try_from(k).ok()?;
+        let start = *frames.offsets.get(k)?;
+        let end = frames
+            .offsets
+            .get(k + 1)
+            .copied()
+            .unwrap_or(frames.data_end);
+        Some((start as usize, end as usize))
+    }
+
+    fn read_place(&self, index: u64, (start, end): (usize, usize)) -> Result<Bytes> {
         let mut buf = vec![0u8; end - start];
         self.file
             .read_at(&mut buf, start as u64)
@@ -145,7 +169,7 @@ impl Active {
                 ),
             });
         }
-        Ok(Some(Bytes::from(buf).slice(frame.data)))
+        Ok(Bytes::from(buf).slice(frame.data))
     }
 }
 
