@@ -21,6 +21,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cell;
+mod forward;
 pub mod log_store;
 pub mod network;
 pub mod node;

@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cell::EngineCell;
+use crate::forward::{Forwarded, Order, Stamps, Turn, WriteReply};
 use crate::log_store::LogStore;
 use crate::network::{NetFaults, Network, PeerClient};
 use crate::state_machine::StateMachine;
@@ -94,17 +95,6 @@ pub enum StartError {
     Config(String),
 }
 
-/// The answer of the leader to a forwarded write.
-#[derive(Debug, Serialize, Deserialize)]
-enum WriteReply {
-    /// Committed and applied at this Raft index.
-    Done { index: u64, response: Response },
-    /// The receiver is not the leader (nothing was written).
-    NotLeader,
-    /// The write failed on the leader.
-    Failed(String),
-}
-
 /// Gossip between nodes: opaque bytes for the embedding server (presence).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Gossip {
@@ -122,6 +112,9 @@ struct Inner {
     applied: watch::Receiver<u64>,
     gossip: broadcast::Sender<Gossip>,
     peers: BTreeMap<NodeId, String>,
+    /// Followers' forwarded batches, proposed in each follower's order (on the leader).
+    order: Order,
+    write_timeout: Duration,
 }
 
 /// A running cluster node.
@@ -155,6 +148,10 @@ const BATCH_OPS_MAX: usize = 4096;
 /// per operation: at 10,000 msg/s with all clients on the leader, 1–3 in flight measured p99
 /// 19–38 ms against 27–73 ms with 8, at the same throughput (docs/benchmarks.md).
 const BATCHES_IN_FLIGHT: usize = 2;
+/// Batches a follower has forwarded to the leader and not yet seen answered; while this many
+/// are in flight, new operations accumulate into the next batch. The leader proposes them in
+/// the follower's order ([`crate::forward`]).
+const FORWARDS_IN_FLIGHT: usize = 2;
 
 /// An operation waiting to be ordered.
 struct Pending {
@@ -180,6 +177,7 @@ struct BatcherCtx {
     applied: watch::Receiver<u64>,
     write_timeout: Duration,
     requeue: tokio::sync::mpsc::UnboundedSender<Pending>,
+    stamps: Arc<std::sync::Mutex<Stamps>>,
 }
 
 impl BatcherCtx {
@@ -202,6 +200,48 @@ impl BatcherCtx {
     async fn wait_applied(&self, index: u64, deadline: Instant) {
         let mut applied = self.applied.clone();
         let _ = tokio::time::timeout_at(deadline.into(), applied.wait_for(|&n| n > index)).await;
+    }
+
+    /// Forwards a batch to the leader and answers its operations.
+    async fn forward(&self, batch: Vec<Pending>, leader: NodeId, addr: String, fwd: Forwarded) {
+        let deadline = batch
+            .iter()
+            .map(|p| p.deadline)
+            .max()
+            .unwrap_or_else(Instant::now);
+        let epoch = fwd.epoch;
+        let started = Instant::now();
+        let answer = self
+            .client
+            .call::<Forwarded, WriteReply>(
+                leader,
+                &addr,
+                "/raft/write",
+                &fwd,
+                deadline.saturating_duration_since(Instant::now()),
+            )
+            .await;
+        metrics::histogram!(crate::stages::FORWARD).record(started.elapsed().as_secs_f64());
+        if !matches!(answer, Ok(WriteReply::Done { .. })) {
+            // Later batches start a new epoch: the leader must not wait for this one.
+            self.stamps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .failed(epoch);
+        }
+        match answer {
+            Ok(WriteReply::Done { index, response }) => self.answer(batch, index, response).await,
+            Ok(WriteReply::Failed(why)) => Self::fail_all(batch, || unavailable(why.clone())),
+            Ok(WriteReply::Retry) => self.requeue(batch),
+            Ok(WriteReply::NotLeader) => self.wait_and_requeue(batch).await,
+            Err(e) if e.never_sent() => self.wait_and_requeue(batch).await,
+            // The leader may have committed them: the callers decide whether to retry
+            // (sends are idempotent on their cmid).
+            Err(e) => {
+                let why = e.to_string();
+                Self::fail_all(batch, || unavailable(why.clone()))
+            }
+        }
     }
 
     fn fail_all(batch: Vec<Pending>, error: impl Fn() -> ChatError) {
@@ -234,7 +274,8 @@ impl BatcherCtx {
 /// while earlier entries are in flight are batched into one entry (one fsync for all of them
 /// on every node). On the leader, entries are handed to openraft in order with up to
 /// [`BATCHES_IN_FLIGHT`] awaiting commit; on a follower, batches are forwarded to the leader
-/// one after the other. Without a known leader operations wait (an election is running) until
+/// with up to [`FORWARDS_IN_FLIGHT`] awaiting an answer, and the leader proposes them in the
+/// follower's order ([`crate::forward`]). Without a known leader operations wait (an election is running) until
 /// their deadline, then answer `unavailable`.
 async fn run_batcher(
     ctx: BatcherCtx,
@@ -242,20 +283,25 @@ async fn run_batcher(
     stop: CancellationToken,
 ) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let forwards = Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT));
     loop {
         let first = tokio::select! {
             p = queue.recv() => match p { Some(p) => p, None => return },
             () = stop.cancelled() => return,
         };
         let leader = ctx.raft.metrics().borrow().current_leader;
-        let permit = if leader == Some(ctx.id) {
-            // Wait for room before draining: what queues meanwhile joins this entry.
-            match in_flight.clone().acquire_owned().await {
+        // Wait for room before draining: what queues meanwhile joins this batch.
+        let room = match leader {
+            Some(l) if l == ctx.id => Some(&in_flight),
+            Some(_) => Some(&forwards),
+            None => None,
+        };
+        let permit = match room {
+            Some(room) => match room.clone().acquire_owned().await {
                 Ok(p) => Some(p),
                 Err(_) => return,
-            }
-        } else {
-            None
+            },
+            None => None,
         };
         let mut batch = vec![first];
         while batch.len() < BATCH_OPS_MAX {
@@ -279,7 +325,7 @@ async fn run_batcher(
             metrics::histogram!(crate::stages::QUEUE).record(queued.as_secs_f64());
         }
         match (leader, permit) {
-            (Some(_), Some(permit)) => {
+            (Some(leader), Some(permit)) if leader == ctx.id => {
                 metrics::histogram!(crate::stages::ENTRY_OPS).record(ops.len() as f64);
                 let proposed = Instant::now();
                 let receiver = ctx.raft.client_write_ff(Request { ops }).await;
@@ -309,7 +355,7 @@ async fn run_batcher(
                     }
                 });
             }
-            (Some(leader), None) => {
+            (Some(leader), Some(permit)) => {
                 let addr = ctx
                     .raft
                     .metrics()
@@ -318,41 +364,28 @@ async fn run_batcher(
                     .membership()
                     .get_node(&leader)
                     .map(|n| n.addr.clone());
-                let deadline = batch.iter().map(|p| p.deadline).max().unwrap_or(now);
                 let Some(addr) = addr else {
+                    drop(permit);
                     ctx.wait_and_requeue(batch).await;
                     continue;
                 };
-                let forwarded = Instant::now();
-                let answer = ctx
-                    .client
-                    .call::<Request, WriteReply>(
-                        leader,
-                        &addr,
-                        "/raft/write",
-                        &Request { ops },
-                        deadline.saturating_duration_since(Instant::now()),
-                    )
-                    .await;
-                metrics::histogram!(crate::stages::FORWARD)
-                    .record(forwarded.elapsed().as_secs_f64());
-                match answer {
-                    Ok(WriteReply::Done { index, response }) => {
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move { ctx.answer(batch, index, response).await });
-                    }
-                    Ok(WriteReply::Failed(why)) => {
-                        BatcherCtx::fail_all(batch, || unavailable(why.clone()))
-                    }
-                    Ok(WriteReply::NotLeader) => ctx.wait_and_requeue(batch).await,
-                    Err(e) if e.never_sent() => ctx.wait_and_requeue(batch).await,
-                    // The leader may have committed them: the callers decide whether to
-                    // retry (sends are idempotent on their cmid).
-                    Err(e) => {
-                        let why = e.to_string();
-                        BatcherCtx::fail_all(batch, || unavailable(why.clone()))
-                    }
-                }
+                // Stamped here, in batch order; sent concurrently.
+                let (epoch, seq) = ctx
+                    .stamps
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .stamp(leader);
+                let forwarded = Forwarded {
+                    from: ctx.id,
+                    epoch,
+                    seq,
+                    request: Request { ops },
+                };
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    ctx.forward(batch, leader, addr, forwarded).await
+                });
             }
             _ => ctx.wait_and_requeue(batch).await,
         }
@@ -450,6 +483,8 @@ impl ClusterNode {
             applied,
             gossip: broadcast::channel(4096).0,
             peers: config.peers.clone(),
+            order: Order::default(),
+            write_timeout: config.write_timeout,
         });
         let stop = CancellationToken::new();
         let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
@@ -461,6 +496,7 @@ impl ClusterNode {
                 applied: inner.applied.clone(),
                 write_timeout: config.write_timeout,
                 requeue: queue.clone(),
+                stamps: Arc::new(std::sync::Mutex::new(Stamps::new())),
             },
             queued,
             stop.clone(),
@@ -663,17 +699,39 @@ async fn snapshot(State(inner): Shared, body: Bytes) -> HttpResponse {
 }
 
 async fn forwarded_write(State(inner): Shared, body: Bytes) -> HttpResponse {
-    let req: Request = match decode(&body) {
+    let fwd: Forwarded = match decode(&body) {
         Ok(r) => r,
         Err(r) => return r,
     };
-    let reply = match inner.raft.client_write(req).await {
-        Ok(resp) => WriteReply::Done {
-            index: resp.log_id.index,
-            response: resp.data,
+    let deadline = Instant::now() + inner.write_timeout;
+    let reply = match inner
+        .order
+        .turn(fwd.from, fwd.epoch, fwd.seq, deadline)
+        .await
+    {
+        Turn::Retry => WriteReply::Retry,
+        Turn::Duplicate(mut answer) => match answer.wait_for(Option::is_some).await {
+            Ok(a) => a.clone().expect("waited for an answer"),
+            Err(_) => WriteReply::Failed("the original of this duplicate was not answered".into()),
         },
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => WriteReply::NotLeader,
-        Err(e) => WriteReply::Failed(e.to_string()),
+        Turn::Go(mut ticket) => {
+            let written = inner.raft.client_write_ff(fwd.request).await;
+            ticket.proposed();
+            let reply = match written {
+                Err(e) => WriteReply::Failed(e.to_string()),
+                Ok(rx) => match rx.await {
+                    Err(_) => WriteReply::Failed("raft stopped".into()),
+                    Ok(Ok(resp)) => WriteReply::Done {
+                        index: resp.log_id.index,
+                        response: resp.data,
+                    },
+                    Ok(Err(ClientWriteError::ForwardToLeader(_))) => WriteReply::NotLeader,
+                    Ok(Err(e)) => WriteReply::Failed(e.to_string()),
+                },
+            };
+            ticket.answer(&reply);
+            reply
+        }
     };
     postcard_reply(&reply)
 }
