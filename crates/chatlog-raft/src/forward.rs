@@ -7,7 +7,9 @@
 //! up to `FORWARDS_IN_FLIGHT` (in `node.rs`) are in flight. Separate HTTP requests may
 //! overtake each other, but one connection's writes must be ordered as it sent them, so every
 //! batch carries the follower's *epoch* and its *sequence number* in that epoch, and the
-//! leader proposes a follower's batches strictly in sequence ([`Order`]).
+//! leader queues a follower's batches strictly in sequence ([`Order`]) into its own batcher,
+//! where they join the leader's next entry with the leader's own clients' operations (one
+//! entry and one fsync per node for all of them).
 //!
 //! - A follower starts a new epoch (sequence 0) whenever it forwards to a different leader
 //!   and after any forward that failed, so a lost batch never blocks the ones behind it for

@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
-use chatlog::engine::{ChatError, Engine, EngineConfig, Op, Proposer, Refusal, Responder};
+use chatlog::engine::{ChatError, Engine, EngineConfig, Op, Outcome, Proposer, Refusal, Responder};
 use chatlog::log::LogConfig;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
@@ -115,6 +115,8 @@ struct Inner {
     /// Followers' forwarded batches, proposed in each follower's order (on the leader).
     order: Order,
     write_timeout: Duration,
+    /// The batcher's queue (forwarded operations join the leader's entries through it).
+    queue: tokio::sync::mpsc::UnboundedSender<Pending>,
 }
 
 /// A running cluster node.
@@ -158,7 +160,46 @@ struct Pending {
     op: Op,
     ts: u64,
     deadline: Instant,
-    reply: Responder,
+    reply: Reply,
+}
+
+/// Who waits for an operation's answer.
+enum Reply {
+    /// A client of this node: answered once this node has applied the entry
+    /// (read-your-writes on this node).
+    Local(Responder),
+    /// On the leader, an operation a follower forwarded: it joins the leader's next entry
+    /// like the leader's own operations (one entry, one fsync per node for all of them) and
+    /// is answered with the entry's index once committed; the follower waits for its own
+    /// apply.
+    Forwarded(tokio::sync::oneshot::Sender<ForwardAnswer>),
+}
+
+/// The leader's answer to one forwarded operation: the Raft index of its entry and what
+/// applying it answered.
+type ForwardAnswer = Result<(u64, Result<Outcome, Refusal>), ForwardFail>;
+
+/// Why a forwarded operation was not written.
+enum ForwardFail {
+    /// This node is not (or no longer) the leader; nothing was written.
+    NotLeader,
+    /// It failed (timed out, Raft stopped): it may or may not have been written.
+    Failed(String),
+}
+
+impl Pending {
+    fn fail(self, error: ChatError) {
+        match self.reply {
+            Reply::Local(r) => r.send(Err(error)),
+            Reply::Forwarded(r) => {
+                let _ = r.send(Err(ForwardFail::Failed(error.to_string())));
+            }
+        }
+    }
+
+    fn is_forwarded(&self) -> bool {
+        matches!(self.reply, Reply::Forwarded(_))
+    }
 }
 
 fn timed_out(timeout: Duration) -> ChatError {
@@ -191,7 +232,7 @@ impl BatcherCtx {
     fn requeue(&self, batch: Vec<Pending>) {
         for p in batch {
             if let Err(e) = self.requeue.send(p) {
-                e.0.reply.send(Err(unavailable("node stopping".into())));
+                e.0.fail(unavailable("node stopping".into()));
             }
         }
     }
@@ -246,26 +287,35 @@ impl BatcherCtx {
 
     fn fail_all(batch: Vec<Pending>, error: impl Fn() -> ChatError) {
         for p in batch {
-            p.reply.send(Err(error()));
+            p.fail(error());
         }
     }
 
-    /// Answers each operation of a committed entry (applied at `index`) once this node has
-    /// applied it: read-your-writes on this node.
+    /// Answers each operation of a committed entry (applied at `index`): forwarded ones at
+    /// once, this node's clients once this node has applied it (read-your-writes).
     async fn answer(&self, batch: Vec<Pending>, index: u64, response: Response) {
-        let deadline = batch.iter().map(|p| p.deadline).max();
+        let mut answers = response.0.into_iter();
+        let mut local = Vec::with_capacity(batch.len());
+        for p in batch {
+            let answer = answers
+                .next()
+                .unwrap_or_else(|| Err(Refusal::Unavailable("missing answer".into())));
+            match p.reply {
+                Reply::Forwarded(r) => {
+                    let _ = r.send(Ok((index, answer)));
+                }
+                Reply::Local(r) => local.push((p.deadline, r, answer)),
+            }
+        }
+        let deadline = local.iter().map(|(d, _, _)| *d).max();
         if let Some(deadline) = deadline {
             let started = Instant::now();
             self.wait_applied(index, deadline).await;
             metrics::histogram!(crate::stages::APPLIED_WAIT)
                 .record(started.elapsed().as_secs_f64());
         }
-        let mut answers = response.0.into_iter();
-        for p in batch {
-            let answer = answers
-                .next()
-                .unwrap_or_else(|| Err(Refusal::Unavailable("missing answer".into())));
-            p.reply.send(answer.map_err(ChatError::from));
+        for (_, r, answer) in local {
+            r.send(answer.map_err(ChatError::from));
         }
     }
 }
@@ -314,6 +364,20 @@ async fn run_batcher(
         let (expired, batch): (Vec<Pending>, Vec<Pending>) =
             batch.into_iter().partition(|p| p.deadline <= now);
         BatcherCtx::fail_all(expired, || timed_out(ctx.write_timeout));
+        // Operations forwarded to this node while it led, and it no longer does: their
+        // follower sends them to the new leader.
+        let batch = if leader == Some(ctx.id) {
+            batch
+        } else {
+            let (forwarded, batch): (Vec<Pending>, Vec<Pending>) =
+                batch.into_iter().partition(Pending::is_forwarded);
+            for p in forwarded {
+                if let Reply::Forwarded(r) = p.reply {
+                    let _ = r.send(Err(ForwardFail::NotLeader));
+                }
+            }
+            batch
+        };
         if batch.is_empty() {
             continue;
         }
@@ -415,11 +479,10 @@ impl Proposer for RaftProposer {
             op,
             ts: ts_ms,
             deadline: Instant::now() + self.write_timeout,
-            reply,
+            reply: Reply::Local(reply),
         };
         if let Err(e) = self.queue.send(pending) {
-            e.0.reply
-                .send(Err(unavailable("this node has stopped".into())));
+            e.0.fail(unavailable("this node has stopped".into()));
         }
     }
 }
@@ -475,6 +538,7 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             id: config.node_id,
             cell: cell.clone(),
@@ -485,9 +549,9 @@ impl ClusterNode {
             peers: config.peers.clone(),
             order: Order::default(),
             write_timeout: config.write_timeout,
+            queue: queue.clone(),
         });
         let stop = CancellationToken::new();
-        let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(run_batcher(
             BatcherCtx {
                 id: config.node_id,
@@ -715,19 +779,50 @@ async fn forwarded_write(State(inner): Shared, body: Bytes) -> HttpResponse {
             Err(_) => WriteReply::Failed("the original of this duplicate was not answered".into()),
         },
         Turn::Go(mut ticket) => {
-            let written = inner.raft.client_write_ff(fwd.request).await;
+            // Into the leader's own queue, in the follower's order: the operations join the
+            // next entry the leader proposes.
+            let n = fwd.request.ops.len();
+            let mut answers = Vec::with_capacity(n);
+            for (op, ts) in fwd.request.ops {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let pending = Pending {
+                    op,
+                    ts,
+                    deadline,
+                    reply: Reply::Forwarded(tx),
+                };
+                if inner.queue.send(pending).is_err() {
+                    break;
+                }
+                answers.push(rx);
+            }
             ticket.proposed();
-            let reply = match written {
-                Err(e) => WriteReply::Failed(e.to_string()),
-                Ok(rx) => match rx.await {
-                    Err(_) => WriteReply::Failed("raft stopped".into()),
-                    Ok(Ok(resp)) => WriteReply::Done {
-                        index: resp.log_id.index,
-                        response: resp.data,
-                    },
-                    Ok(Err(ClientWriteError::ForwardToLeader(_))) => WriteReply::NotLeader,
-                    Ok(Err(e)) => WriteReply::Failed(e.to_string()),
-                },
+            let mut index = 0;
+            let mut not_leader = 0;
+            let mut response = Vec::with_capacity(n);
+            for rx in answers {
+                response.push(match rx.await {
+                    Ok(Ok((i, answer))) => {
+                        index = index.max(i);
+                        answer
+                    }
+                    Ok(Err(ForwardFail::NotLeader)) => {
+                        not_leader += 1;
+                        Err(Refusal::Unavailable("the leader changed".into()))
+                    }
+                    Ok(Err(ForwardFail::Failed(why))) => Err(Refusal::Unavailable(why)),
+                    Err(_) => Err(Refusal::Unavailable("the leader is stopping".into())),
+                });
+            }
+            let reply = if response.len() < n {
+                WriteReply::Failed("the leader is stopping".into())
+            } else if not_leader == n {
+                WriteReply::NotLeader
+            } else {
+                WriteReply::Done {
+                    index,
+                    response: Response(response),
+                }
             };
             ticket.answer(&reply);
             reply
