@@ -28,6 +28,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use chatlog::engine::{Engine, EngineConfig};
+
+/// The allocator `chatlog-server` uses (an embedding service picks its own).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
