@@ -317,7 +317,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let bytes = postcard::to_allocvec(&marker).map_err(sm_err)?;
         let engine = self.shared.cell.get();
+        let started = std::time::Instant::now();
         let answers = engine.apply_replicated(ops, bytes).await.map_err(sm_err)?;
+        metrics::histogram!(crate::stages::APPLY).record(started.elapsed().as_secs_f64());
         let out = slots
             .into_iter()
             .map(|slot| match slot {
