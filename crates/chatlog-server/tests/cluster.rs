@@ -196,6 +196,44 @@ async fn minority_refuses_and_membership_changes_through_the_cli() {
             .unwrap();
         r["result"]["chat"].as_str().unwrap().to_owned()
     };
+    for (k, node) in all[..3].iter().enumerate() {
+        let reply = send(node.client_port, &chat, &format!("m0-{k}")).await;
+        assert!(reply.get("result").is_some(), "{reply}");
+    }
+    // Every replicated-write stage docs/protocol.md lists is at /metrics, on some node (a
+    // write went through each, so through the leader and through followers).
+    let documented: Vec<String> = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol.md"),
+    )
+    .unwrap()
+    .lines()
+    .filter_map(|l| l.strip_prefix("| `chatlog_raft_"))
+    .filter_map(|rest| rest.split('`').next())
+    .map(|name| format!("chatlog_raft_{name}"))
+    .collect();
+    assert!(documented.len() >= 7, "{documented:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut text = String::new();
+        for node in &all[..3] {
+            let url = format!("http://127.0.0.1:{}/metrics", node.client_port);
+            if let Ok(resp) = reqwest::get(&url).await {
+                text += &resp.text().await.unwrap_or_default();
+            }
+        }
+        let missing: Vec<&String> = documented
+            .iter()
+            .filter(|name| !text.lines().any(|l| l.starts_with(name.as_str())))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "documented but not at /metrics: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(
         send(all[1].client_port, &chat, "m1")
             .await
@@ -276,7 +314,11 @@ async fn minority_refuses_and_membership_changes_through_the_cli() {
     start_single(&mut single);
     let events = all_events(single.client_port, "owner", &chat).await;
     let cmids: Vec<&str> = events.iter().filter_map(|e| e["cmid"].as_str()).collect();
-    assert_eq!(cmids, ["m1", "m2"], "restored history");
+    assert_eq!(
+        cmids,
+        ["m0-0", "m0-1", "m0-2", "m1", "m2"],
+        "restored history"
+    );
     kill(&mut single);
 
     // Remove node 1, then stop it: the other three go on.
