@@ -18,7 +18,9 @@
 //! - The leader keeps, per follower, the newest epoch it has seen and the next sequence it
 //!   expects. A batch ahead of its turn waits (until its deadline); a batch of an older epoch,
 //!   or one whose predecessor never came, is answered `Retry`: nothing was written, the
-//!   follower queues its operations again.
+//!   follower queues its operations again. So is a batch past the first of an epoch from a
+//!   follower this leader process has not heard from yet (it just became leader, or
+//!   restarted): the batches before it went elsewhere and will never come.
 //! - A duplicate of a batch (the network may deliver a request twice) gets the answer of the
 //!   original, never a second write.
 
@@ -109,6 +111,13 @@ impl Order {
             changed.as_mut().enable();
             {
                 let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+                if seq > 0 && !streams.contains_key(&from) {
+                    // A follower this leader has not heard from (it just became leader, or
+                    // restarted) is mid-epoch: its earlier batches went to another leader or
+                    // process and will never come here. Waiting for them would stall its
+                    // writes until the deadline; it starts a new epoch instead.
+                    return Turn::Retry;
+                }
                 let stream = streams.entry(from).or_insert_with(|| Stream {
                     epoch,
                     next: 0,
@@ -252,9 +261,13 @@ mod tests {
     #[tokio::test]
     async fn batches_go_in_sequence_whatever_order_they_arrive_in() {
         let order = Arc::new(Order::default());
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Mutex::new(vec![0]));
+        let Turn::Go(mut first) = order.turn(7, 100, 0, soon()).await else {
+            panic!("first batch")
+        };
+        first.proposed();
         let mut tasks = Vec::new();
-        for seq in (0..20u64).rev() {
+        for seq in (1..20u64).rev() {
             let (order, log) = (order.clone(), log.clone());
             tasks.push(tokio::spawn(async move {
                 match order.turn(7, 100, seq, soon()).await {
@@ -306,8 +319,23 @@ mod tests {
     #[tokio::test]
     async fn a_batch_whose_predecessor_never_comes_is_retried_at_its_deadline() {
         let order = Order::default();
+        let Turn::Go(ticket) = order.turn(3, 1, 0, soon()).await else {
+            panic!("first batch")
+        };
+        drop(ticket);
         let deadline = Instant::now() + Duration::from_millis(50);
-        assert!(matches!(order.turn(3, 1, 1, deadline).await, Turn::Retry));
+        assert!(matches!(order.turn(3, 1, 2, deadline).await, Turn::Retry));
+    }
+
+    #[tokio::test]
+    async fn a_follower_met_mid_epoch_is_told_to_start_a_new_one_at_once() {
+        // A restarted leader process, or a new leader, knows nothing of this follower's
+        // epoch 9: batch 5 of it is refused without waiting, and the new epoch goes.
+        let order = Order::default();
+        let started = Instant::now();
+        assert!(matches!(order.turn(4, 9, 5, soon()).await, Turn::Retry));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(matches!(order.turn(4, 10, 0, soon()).await, Turn::Go(_)));
     }
 
     #[test]
