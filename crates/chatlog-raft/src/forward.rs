@@ -135,11 +135,12 @@ impl Order {
                 if epoch < stream.epoch {
                     return Turn::Retry;
                 }
+                // Its turn was given already (maybe not yet proposed): a duplicate.
+                if let Some((_, answer)) = stream.recent.iter().find(|(s, _)| *s == seq) {
+                    return Turn::Duplicate(answer.clone());
+                }
                 if seq < stream.next {
-                    return match stream.recent.iter().find(|(s, _)| *s == seq) {
-                        Some((_, answer)) => Turn::Duplicate(answer.clone()),
-                        None => Turn::Retry,
-                    };
+                    return Turn::Retry;
                 }
                 if seq == stream.next {
                     let (tx, rx) = watch::channel(None);
@@ -314,6 +315,23 @@ mod tests {
         // The old epoch stays retired; an unanswered ticket lets the next one go.
         assert!(matches!(order.turn(1, 5, 1, soon()).await, Turn::Retry));
         assert!(matches!(order.turn(1, 6, 1, soon()).await, Turn::Go(_)));
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_arriving_before_the_original_is_proposed_is_not_given_a_turn() {
+        let order = Order::default();
+        let Turn::Go(mut original) = order.turn(2, 1, 0, soon()).await else {
+            panic!("first batch")
+        };
+        assert!(matches!(
+            order.turn(2, 1, 0, soon()).await,
+            Turn::Duplicate(_)
+        ));
+        original.proposed();
+        assert!(matches!(
+            order.turn(2, 1, 0, soon()).await,
+            Turn::Duplicate(_)
+        ));
     }
 
     #[tokio::test]
