@@ -19,8 +19,9 @@
 //!   expects. A batch ahead of its turn waits (until its deadline); a batch of an older epoch,
 //!   or one whose predecessor never came, is answered `Retry`: nothing was written, the
 //!   follower queues its operations again. So is a batch past the first of an epoch from a
-//!   follower this leader process has not heard from yet (it just became leader, or
-//!   restarted): the batches before it went elsewhere and will never come.
+//!   follower this leader process has not heard from, once it has waited 200 ms for the
+//!   epoch's first batch (this leader just took over or restarted, and the batches before it
+//!   went elsewhere).
 //! - A duplicate of a batch (the network may deliver a request twice) gets the answer of the
 //!   original, never a second write.
 
@@ -59,6 +60,10 @@ pub(crate) enum WriteReply {
     /// The write failed on the leader.
     Failed(String),
 }
+
+/// How long a batch past the first of an epoch waits for that epoch's first batch when the
+/// leader has not heard from its follower yet.
+const UNKNOWN_FOLLOWER_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Answers of recently proposed batches kept per follower, for duplicates.
 const RECENT_MAX: usize = 64;
@@ -105,59 +110,66 @@ impl Order {
         seq: u64,
         deadline: Instant,
     ) -> Turn<'_> {
+        let arrived = Instant::now();
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            let mut wait_until = deadline;
             {
                 let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
                 if seq > 0 && !streams.contains_key(&from) {
-                    // A follower this leader has not heard from (it just became leader, or
-                    // restarted) is mid-epoch: its earlier batches went to another leader or
-                    // process and will never come here. Waiting for them would stall its
-                    // writes until the deadline; it starts a new epoch instead.
-                    return Turn::Retry;
-                }
-                let stream = streams.entry(from).or_insert_with(|| Stream {
-                    epoch,
-                    next: 0,
-                    recent: VecDeque::new(),
-                });
-                if epoch > stream.epoch {
-                    *stream = Stream {
+                    // A follower this leader has not heard from: either the first batch of
+                    // its epoch is a moment behind (they were sent together), or this leader
+                    // just took over (or restarted) and the batches before went elsewhere
+                    // and will never come. Wait briefly for the first; then the follower
+                    // starts a new epoch rather than stalling until the deadline.
+                    wait_until = deadline.min(arrived + UNKNOWN_FOLLOWER_WAIT);
+                    if Instant::now() >= wait_until {
+                        return Turn::Retry;
+                    }
+                } else {
+                    let stream = streams.entry(from).or_insert_with(|| Stream {
                         epoch,
                         next: 0,
                         recent: VecDeque::new(),
-                    };
-                    // Batches waiting in the older epoch give up.
-                    self.changed.notify_waiters();
-                }
-                if epoch < stream.epoch {
-                    return Turn::Retry;
-                }
-                // Its turn was given already (maybe not yet proposed): a duplicate.
-                if let Some((_, answer)) = stream.recent.iter().find(|(s, _)| *s == seq) {
-                    return Turn::Duplicate(answer.clone());
-                }
-                if seq < stream.next {
-                    return Turn::Retry;
-                }
-                if seq == stream.next {
-                    let (tx, rx) = watch::channel(None);
-                    if stream.recent.len() == RECENT_MAX {
-                        stream.recent.pop_front();
-                    }
-                    stream.recent.push_back((seq, rx));
-                    return Turn::Go(Ticket {
-                        order: self,
-                        from,
-                        epoch,
-                        answer: Some(tx),
-                        advanced: false,
                     });
+                    if epoch > stream.epoch {
+                        *stream = Stream {
+                            epoch,
+                            next: 0,
+                            recent: VecDeque::new(),
+                        };
+                        // Batches waiting in the older epoch give up.
+                        self.changed.notify_waiters();
+                    }
+                    if epoch < stream.epoch {
+                        return Turn::Retry;
+                    }
+                    // Its turn was given already (maybe not yet proposed): a duplicate.
+                    if let Some((_, answer)) = stream.recent.iter().find(|(s, _)| *s == seq) {
+                        return Turn::Duplicate(answer.clone());
+                    }
+                    if seq < stream.next {
+                        return Turn::Retry;
+                    }
+                    if seq == stream.next {
+                        let (tx, rx) = watch::channel(None);
+                        if stream.recent.len() == RECENT_MAX {
+                            stream.recent.pop_front();
+                        }
+                        stream.recent.push_back((seq, rx));
+                        return Turn::Go(Ticket {
+                            order: self,
+                            from,
+                            epoch,
+                            answer: Some(tx),
+                            advanced: false,
+                        });
+                    }
                 }
             }
-            if tokio::time::timeout_at(deadline.into(), changed)
+            if tokio::time::timeout_at(wait_until.into(), changed)
                 .await
                 .is_err()
             {
