@@ -544,6 +544,37 @@ async fn asymmetric_partitions_lose_nothing() {
     c.stop_all().await;
 }
 
+/// Submits `count` sends from alice (cmids `{prefix}{i}`) through `engine` all at once, as
+/// one connection's pipelined sends are, then awaits them in order: each must be sent at a seq
+/// above the one before (and above `last`, which ends at the last seq). Returns cmid → seq.
+async fn send_pipelined(
+    engine: &Engine,
+    chat: &str,
+    prefix: &str,
+    count: usize,
+    last: &mut u64,
+) -> HashMap<String, u64> {
+    let tickets: Vec<_> = (0..count)
+        .map(|i| {
+            let cmid = format!("{prefix}{i}");
+            let ticket = engine.send_ticket("alice", chat, &cmid, Some("x".into()), None);
+            (cmid, ticket)
+        })
+        .collect();
+    let mut acked = HashMap::new();
+    for (cmid, t) in tickets {
+        match t.await.unwrap() {
+            Answer::Sent(s) => {
+                assert!(s.seq > *last, "{cmid} got seq {} after {last}", s.seq);
+                *last = s.seq;
+                acked.insert(cmid, s.seq);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    acked
+}
+
 /// Writes submitted one after the other through one node (as one connection's pipelined sends
 /// are) commit in that order: seqs increase in submission order, through the leader and
 /// through a follower.
@@ -554,28 +585,7 @@ async fn pipelined_writes_through_one_node_commit_in_order() {
     let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
     let follower = c.running().into_iter().find(|id| *id != leader).unwrap();
     for (node, prefix) in [(leader, "l"), (follower, "f")] {
-        let engine = c.node(node).engine();
-        let tickets: Vec<_> = (0..300)
-            .map(|i| {
-                engine.send_ticket(
-                    "alice",
-                    &chat,
-                    &format!("{prefix}{i}"),
-                    Some("x".into()),
-                    None,
-                )
-            })
-            .collect();
-        let mut last = 0;
-        for (i, t) in tickets.into_iter().enumerate() {
-            match t.await.unwrap() {
-                Answer::Sent(s) => {
-                    assert!(s.seq > last, "{prefix}{i} got seq {} after {last}", s.seq);
-                    last = s.seq;
-                }
-                other => panic!("{other:?}"),
-            }
-        }
+        send_pipelined(&c.node(node).engine(), &chat, prefix, 300, &mut 0).await;
     }
     c.stop_all().await;
 }
@@ -595,27 +605,7 @@ async fn pipelined_writes_through_a_follower_keep_their_order_on_a_reordering_ne
     let mut last = 0;
     let mut acked = HashMap::new();
     for round in 0..4 {
-        let tickets: Vec<_> = (0..150)
-            .map(|i| {
-                engine.send_ticket(
-                    "alice",
-                    &chat,
-                    &format!("r{round}-{i}"),
-                    Some("x".into()),
-                    None,
-                )
-            })
-            .collect();
-        for (i, t) in tickets.into_iter().enumerate() {
-            match t.await.unwrap() {
-                Answer::Sent(s) => {
-                    assert!(s.seq > last, "r{round}-{i} got seq {} after {last}", s.seq);
-                    last = s.seq;
-                    acked.insert(format!("r{round}-{i}"), s.seq);
-                }
-                other => panic!("{other:?}"),
-            }
-        }
+        acked.extend(send_pipelined(&engine, &chat, &format!("r{round}-"), 150, &mut last).await);
     }
     c.faults.set_delay_ms_max(0);
     c.faults.set_duplicate_per_mille(0);

@@ -216,10 +216,7 @@ async fn minority_refuses_and_membership_changes_through_the_cli() {
     loop {
         let mut text = String::new();
         for node in &all[..3] {
-            let url = format!("http://127.0.0.1:{}/metrics", node.client_port);
-            if let Ok(resp) = reqwest::get(&url).await {
-                text += &resp.text().await.unwrap_or_default();
-            }
+            text += &common::metrics_text(([127, 0, 0, 1], node.client_port).into()).await;
         }
         let missing: Vec<&String> = documented
             .iter()
