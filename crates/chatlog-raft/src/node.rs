@@ -505,7 +505,7 @@ impl ClusterNode {
         let sm_dir = config.data_dir.join("sm");
         let raft_log = config.raft_log.clone();
         let engine_config = config.engine.clone();
-        let (log_store, sm) = tokio::task::spawn_blocking(move || {
+        let (mut log_store, mut sm) = tokio::task::spawn_blocking(move || {
             Ok::<_, crate::types::StorageError>((
                 LogStore::open(&log_dir, raft_log)?,
                 StateMachine::open(&sm_dir, engine_config)?,
@@ -513,6 +513,25 @@ impl ClusterNode {
         })
         .await
         .map_err(|e| StartError::Config(e.to_string()))??;
+        // The engine must hold every entry the Raft log no longer does (it is synced before
+        // each snapshot, and entries are purged only up to a snapshot). If it does not, its
+        // synced data was lost or damaged: applying the Raft log onto it would diverge.
+        {
+            use openraft::storage::{RaftLogStorage, RaftStateMachine};
+            let purged = log_store.get_log_state().await?.last_purged_log_id;
+            let (applied, _) = sm.applied_state().await?;
+            if purged.map(|p| p.index) > applied.map(|a| a.index) {
+                return Err(StartError::Config(format!(
+                    "the state machine in {} has applied up to {:?} but the Raft log in {} \
+                     starts after {:?}: its data was lost or damaged; remove this node's data \
+                     directory to resynchronise it from a snapshot",
+                    config.data_dir.join("sm").display(),
+                    applied.map(|a| a.index),
+                    config.data_dir.join("raft").display(),
+                    purged.map(|p| p.index),
+                )));
+            }
+        }
         let cell = sm.cell();
         let applied = sm.applied();
         let raft_config = openraft::Config {

@@ -358,9 +358,27 @@ impl Engine {
     pub fn open(dir: impl AsRef<Path>, config: EngineConfig) -> Result<Engine, ChatError> {
         let dir = dir.as_ref().to_path_buf();
         let log = Arc::new(Log::open(dir.join("log"), config.log.clone())?);
-        let store = Arc::new(Store::open(&dir.join("index"))?);
-        let applied = store.applied_index()?;
+        let mut store = Arc::new(Store::open(&dir.join("index"))?);
+        let mut applied = store.applied_index()?;
         if config.replicated {
+            if applied >= log.next_index() && log.first_index() == 1 {
+                // A replica's log is not synced per group (the Raft log is the durable copy,
+                // see `chatlog_raft::StateMachine`): after a power loss the indexes may have
+                // kept records the log lost. Rebuild them from what the log kept; the
+                // replication layer applies the rest again from the Raft log.
+                tracing::warn!(
+                    applied,
+                    log_next = log.next_index(),
+                    "replica: the indexes are ahead of the log (unsynced tail lost); \
+                     rebuilding them from the log"
+                );
+                drop(store);
+                let index_dir = dir.join("index");
+                std::fs::remove_dir_all(&index_dir)
+                    .map_err(|e| crate::Error::io("remove_dir_all", &index_dir, e))?;
+                store = Arc::new(Store::open(&index_dir)?);
+                applied = 0;
+            }
             cut_after_last_group(&log, applied)?;
         }
         let next = log.next_index();
