@@ -27,6 +27,7 @@ pub mod network;
 pub mod node;
 pub mod state_machine;
 pub mod types;
+pub mod wire;
 
 pub use cell::EngineCell;
 pub use network::NetFaults;

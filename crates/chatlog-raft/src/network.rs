@@ -1,5 +1,5 @@
-//! Messages between nodes: postcard bodies over HTTP/1.1 (reqwest → axum) on each node's
-//! replication address (`--peer-listen`).
+//! Messages between nodes: postcard bodies in binary frames over one TCP connection per peer
+//! ([`crate::wire`]) to each node's replication address (`--peer-listen`).
 //!
 //! Client side: [`Network`] implements openraft's `RaftNetworkFactory`; every request has the
 //! timeout openraft gives it; an unreachable peer is retried with a short constant backoff.
@@ -9,7 +9,7 @@
 //! Server side: [`router`] serves `/raft/{append,vote,snapshot}` to openraft,
 //! `/raft/write` (writes forwarded by followers to the leader) and the admin endpoints.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use std::sync::Arc;
 
 use crate::types::{NodeId, TypeConfig};
+use crate::wire::{self, CallError, Conn, Route};
 
 /// Injected network faults, shared by every node of an in-process test cluster (or private to
 /// one node). All off by default.
@@ -37,17 +38,6 @@ pub struct NetFaults {
     delay_ms_max: AtomicU64,
     drop_per_mille: AtomicU32,
     duplicate_per_mille: AtomicU32,
-}
-
-impl SendError {
-    /// Whether the peer certainly never received the message (so a retry cannot duplicate it).
-    pub fn never_sent(&self) -> bool {
-        match self {
-            SendError::Dropped(_) => true,
-            SendError::Transport { source, .. } => source.is_connect(),
-            _ => false,
-        }
-    }
 }
 
 impl NetFaults {
@@ -133,17 +123,20 @@ pub enum SendError {
     /// The message was delivered but its answer was lost (a link cut one way back).
     #[error("answer from node {0} lost")]
     AnswerLost(NodeId),
-    /// Could not connect or the connection failed.
-    #[error("node {node} at {addr}: {source}")]
+    /// Could not connect, the connection failed, or no answer came in time.
+    #[error("node {node} at {addr}: {why}")]
     Transport {
         /// Target.
         node: NodeId,
         /// Its address.
         addr: String,
         /// Why.
-        source: reqwest::Error,
+        why: String,
+        /// The message certainly did not leave this node (no connection, or it was closed
+        /// before the message was queued).
+        never_sent: bool,
     },
-    /// The peer answered with an HTTP error or an undecodable body.
+    /// The peer answered with an error or an undecodable body.
     #[error("node {node}: {why}")]
     Protocol {
         /// Target.
@@ -153,26 +146,52 @@ pub enum SendError {
     },
 }
 
-/// The HTTP client shared by a node's connections to its peers.
+impl SendError {
+    /// Whether the peer certainly never received the message (so a retry cannot duplicate it).
+    pub fn never_sent(&self) -> bool {
+        match self {
+            SendError::Dropped(_) => true,
+            SendError::Transport { never_sent, .. } => *never_sent,
+            _ => false,
+        }
+    }
+}
+
+/// How long a connection attempt to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A node's connections to its peers ([`crate::wire`]: one multiplexed TCP connection per
+/// peer address, opened on first use and again after it fails).
 #[derive(Debug, Clone)]
 pub struct PeerClient {
     from: NodeId,
-    http: reqwest::Client,
+    conns: Arc<tokio::sync::Mutex<HashMap<String, Arc<Conn>>>>,
     faults: Arc<NetFaults>,
 }
 
 impl PeerClient {
     /// A client for node `from`.
     pub fn new(from: NodeId, faults: Arc<NetFaults>) -> PeerClient {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .pool_max_idle_per_host(8)
-            .build()
-            .expect("reqwest client without TLS builds");
-        PeerClient { from, http, faults }
+        PeerClient {
+            from,
+            conns: Arc::default(),
+            faults,
+        }
     }
 
-    /// POSTs `body` (postcard) to `http://addr/path`; decodes a postcard answer.
+    /// The open connection to `addr`, or a new one.
+    async fn conn(&self, addr: &str) -> std::io::Result<Arc<Conn>> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(addr).filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Conn::connect(addr, CONNECT_TIMEOUT).await?;
+        conns.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Sends `body` (postcard) to the peer API `path` of node `to` at `addr`; decodes a
+    /// postcard answer.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         to: NodeId,
@@ -181,6 +200,10 @@ impl PeerClient {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, SendError> {
+        let route = Route::from_path(path).ok_or_else(|| SendError::Protocol {
+            node: to,
+            why: format!("no peer route {path}"),
+        })?;
         let (delay, twice) = self
             .faults
             .fate(self.from, to)
@@ -192,41 +215,32 @@ impl PeerClient {
             node: to,
             why: format!("encode: {e}"),
         })?;
-        let url = format!("http://{addr}{path}");
-        if twice {
-            // The duplicate goes first, unanswered; the receiver must cope with both.
-            let dup = self
-                .http
-                .post(&url)
-                .timeout(timeout)
-                .body(bytes.clone())
-                .send();
-            tokio::spawn(async move {
-                let _ = dup.await;
-            });
-        }
-        let resp = self
-            .http
-            .post(&url)
-            .timeout(timeout)
-            .body(bytes)
-            .send()
-            .await
-            .map_err(|source| SendError::Transport {
-                node: to,
-                addr: addr.to_owned(),
-                source,
-            })?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|source| SendError::Transport {
+        let transport = |why: String, never_sent: bool| SendError::Transport {
             node: to,
             addr: addr.to_owned(),
-            source,
-        })?;
-        if !status.is_success() {
+            why,
+            never_sent,
+        };
+        let conn = self
+            .conn(addr)
+            .await
+            .map_err(|e| transport(format!("connect: {e}"), true))?;
+        if twice {
+            // The duplicate goes first, unanswered; the receiver must cope with both.
+            let _ = conn.send_only(route, &bytes);
+        }
+        let (code, body) = conn
+            .call(route, &bytes, timeout)
+            .await
+            .map_err(|e| match e {
+                CallError::Closed => transport("connection closed".into(), true),
+                CallError::Lost(why) => transport(why, false),
+                CallError::TimedOut => transport(format!("no answer within {timeout:?}"), false),
+            })?;
+        if code != wire::OK {
             return Err(SendError::Protocol {
                 node: to,
-                why: format!("HTTP {status}: {}", String::from_utf8_lossy(&body)),
+                why: String::from_utf8_lossy(&body).into_owned(),
             });
         }
         // A cut link drops answers too (an asymmetric cut `to → from` loses the reply).

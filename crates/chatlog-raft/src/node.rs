@@ -27,6 +27,7 @@ use crate::log_store::LogStore;
 use crate::network::{NetFaults, Network, PeerClient};
 use crate::state_machine::StateMachine;
 use crate::types::{NodeId, Raft, Request, Response};
+use crate::wire::{self, Route};
 
 /// Configuration of a cluster node.
 #[derive(Debug, Clone)]
@@ -589,12 +590,7 @@ impl ClusterNode {
             write_timeout: config.write_timeout,
         }));
         let app = router(inner.clone());
-        let server_stop = stop.clone();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(peer_listener, app)
-                .with_graceful_shutdown(async move { server_stop.cancelled().await })
-                .await;
-        });
+        let server = tokio::spawn(serve_peers(inner.clone(), peer_listener, app, stop.clone()));
         let fresh = !raft
             .is_initialized()
             .await
@@ -723,26 +719,24 @@ impl ClusterNode {
 
 type Shared = State<Arc<Inner>>;
 
-fn postcard_reply<T: Serialize>(value: &T) -> HttpResponse {
-    match postcard::to_allocvec(value) {
-        Ok(bytes) => bytes.into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-}
-
-fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HttpResponse> {
-    postcard::from_bytes(body)
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("undecodable request: {e}")).into_response())
+async fn peer_http(State(inner): Shared, body: Bytes, route: Route) -> HttpResponse {
+    http_rpc(&inner, route, body).await
 }
 
 /// The peer HTTP API of a node.
 fn router(inner: Arc<Inner>) -> Router {
     Router::new()
-        .route("/raft/append", post(append))
-        .route("/raft/vote", post(vote))
-        .route("/raft/snapshot", post(snapshot))
-        .route("/raft/write", post(forwarded_write))
-        .route("/cluster/gossip", post(gossip))
+        .route("/raft/append", post(|s, b| peer_http(s, b, Route::Append)))
+        .route("/raft/vote", post(|s, b| peer_http(s, b, Route::Vote)))
+        .route(
+            "/raft/snapshot",
+            post(|s, b| peer_http(s, b, Route::Snapshot)),
+        )
+        .route("/raft/write", post(|s, b| peer_http(s, b, Route::Write)))
+        .route(
+            "/cluster/gossip",
+            post(|s, b| peer_http(s, b, Route::Gossip)),
+        )
         .route("/admin/metrics", get(admin_metrics))
         .route("/admin/digest", get(admin_digest))
         .route("/admin/snapshot", post(admin_snapshot))
@@ -752,42 +746,174 @@ fn router(inner: Arc<Inner>) -> Router {
         .with_state(inner)
 }
 
-async fn append(State(inner): Shared, body: Bytes) -> HttpResponse {
-    let started = Instant::now();
-    let req: openraft::raft::AppendEntriesRequest<crate::types::TypeConfig> = match decode(&body) {
-        Ok(req) => req,
-        Err(r) => return r,
+/// Answers one peer request (the same for HTTP and for [`crate::wire`] frames): the postcard
+/// answer, or why the request was refused.
+async fn peer_rpc(inner: &Arc<Inner>, route: Route, body: Bytes) -> Result<Vec<u8>, String> {
+    fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+        postcard::from_bytes(body).map_err(|e| format!("undecodable request: {e}"))
+    }
+    fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+        postcard::to_allocvec(value).map_err(|e| format!("encode answer: {e}"))
+    }
+    match route {
+        Route::Append => {
+            let started = Instant::now();
+            let req: openraft::raft::AppendEntriesRequest<crate::types::TypeConfig> =
+                decode(&body)?;
+            let n = req.entries.len();
+            let reply = encode(&inner.raft.append_entries(req).await);
+            let took = started.elapsed();
+            if took > Duration::from_millis(100) {
+                tracing::warn!(entries = n, bytes = body.len(), ?took, "slow AppendEntries");
+            }
+            reply
+        }
+        Route::Vote => encode(&inner.raft.vote(decode(&body)?).await),
+        Route::Snapshot => encode(&inner.raft.install_snapshot(decode(&body)?).await),
+        Route::Write => encode(&forwarded_write(inner, decode(&body)?).await),
+        Route::Gossip => {
+            let msg: Gossip = decode(&body)?;
+            let _ = inner.gossip.send(msg);
+            encode(&())
+        }
+    }
+}
+
+/// The HTTP form of a peer request.
+async fn http_rpc(inner: &Arc<Inner>, route: Route, body: Bytes) -> HttpResponse {
+    match peer_rpc(inner, route, body).await {
+        Ok(bytes) => bytes.into_response(),
+        Err(why) => (StatusCode::BAD_REQUEST, why).into_response(),
+    }
+}
+
+/// Serves [`crate::wire`] frames on one peer connection (its magic already read) until it
+/// closes or the node stops. Requests are answered concurrently.
+async fn serve_frames(inner: Arc<Inner>, stream: tokio::net::TcpStream, stop: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let (mut read, write) = stream.into_split();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(wire::write_frames(write, rx));
+    loop {
+        let frame = tokio::select! {
+            f = wire::read_frame(&mut read) => f,
+            () = stop.cancelled() => break,
+        };
+        let (id, code, payload) = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "peer connection: bad frame; closing it");
+                break;
+            }
+        };
+        let inner = inner.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let answer = match wire::Route::from_code(code) {
+                Some(route) => peer_rpc(&inner, route, payload).await,
+                None => Err(format!("unknown peer route code {code}")),
+            };
+            let frame = match answer {
+                Ok(bytes) => wire::frame(id, wire::OK, &bytes),
+                Err(why) => wire::frame(id, wire::FAILED, why.as_bytes()),
+            };
+            let _ = tx.send(frame);
+        });
+    }
+    drop(tx);
+    // Answers still being computed hold senders; the writer ends once they are sent.
+    let _ = writer.await;
+}
+
+/// Feeds the HTTP connections of the peer port to axum.
+struct HttpConns {
+    rx: tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, std::net::SocketAddr)>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for HttpConns {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // The accept loop ended (the node is stopping): no more connections.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Serves the peer port: connections that start with [`wire::MAGIC`] speak frames, all
+/// others HTTP (the admin endpoints and the `/raft/*` routes).
+async fn serve_peers(
+    inner: Arc<Inner>,
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: CancellationToken,
+) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "peer listener has no address");
+            return;
+        }
     };
-    let n = req.entries.len();
-    let reply = postcard_reply(&inner.raft.append_entries(req).await);
-    let took = started.elapsed();
-    if took > Duration::from_millis(100) {
-        tracing::warn!(entries = n, bytes = body.len(), ?took, "slow AppendEntries");
-    }
-    reply
+    let (http_tx, http_rx) = tokio::sync::mpsc::channel(64);
+    let accept_stop = stop.clone();
+    let accept = tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = accept_stop.cancelled() => return,
+            };
+            let (stream, addr) = match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (inner, http_tx, stop) = (inner.clone(), http_tx.clone(), accept_stop.clone());
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                let peeked =
+                    tokio::time::timeout(Duration::from_secs(10), stream.peek(&mut first)).await;
+                match peeked {
+                    Ok(Ok(1)) if first[0] == wire::MAGIC[0] => {
+                        let mut stream = stream;
+                        let mut magic = [0u8; 8];
+                        use tokio::io::AsyncReadExt;
+                        if stream.read_exact(&mut magic).await.is_ok() && &magic == wire::MAGIC {
+                            serve_frames(inner, stream, stop).await;
+                        } else {
+                            tracing::warn!(%addr, "peer connection: bad magic; closed");
+                        }
+                    }
+                    Ok(Ok(n)) if n > 0 => {
+                        let _ = http_tx.send((stream, addr)).await;
+                    }
+                    // Closed, failed or silent: nothing to serve.
+                    _ => {}
+                }
+            });
+        }
+    });
+    let _ = axum::serve(HttpConns { rx: http_rx, local }, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    accept.abort();
 }
 
-async fn vote(State(inner): Shared, body: Bytes) -> HttpResponse {
-    match decode(&body) {
-        Ok(req) => postcard_reply(&inner.raft.vote(req).await),
-        Err(r) => r,
-    }
-}
-
-async fn snapshot(State(inner): Shared, body: Bytes) -> HttpResponse {
-    match decode(&body) {
-        Ok(req) => postcard_reply(&inner.raft.install_snapshot(req).await),
-        Err(r) => r,
-    }
-}
-
-async fn forwarded_write(State(inner): Shared, body: Bytes) -> HttpResponse {
-    let fwd: Forwarded = match decode(&body) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
+async fn forwarded_write(inner: &Arc<Inner>, fwd: Forwarded) -> WriteReply {
     let deadline = Instant::now() + inner.write_timeout;
-    let reply = match inner
+    match inner
         .order
         .turn(fwd.from, fwd.epoch, fwd.seq, deadline)
         .await
@@ -846,17 +972,6 @@ async fn forwarded_write(State(inner): Shared, body: Bytes) -> HttpResponse {
             ticket.answer(&reply);
             reply
         }
-    };
-    postcard_reply(&reply)
-}
-
-async fn gossip(State(inner): Shared, body: Bytes) -> HttpResponse {
-    match decode::<Gossip>(&body) {
-        Ok(msg) => {
-            let _ = inner.gossip.send(msg);
-            postcard_reply(&())
-        }
-        Err(r) => r,
     }
 }
 
