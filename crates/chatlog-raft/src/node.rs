@@ -791,7 +791,8 @@ async fn http_rpc(inner: &Arc<Inner>, route: Route, body: Bytes) -> HttpResponse
 /// closes or the node stops. Requests are answered concurrently.
 async fn serve_frames(inner: Arc<Inner>, stream: tokio::net::TcpStream, stop: CancellationToken) {
     let _ = stream.set_nodelay(true);
-    let (mut read, write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    let mut read = tokio::io::BufReader::with_capacity(64 << 10, read);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let writer = tokio::spawn(wire::write_frames(write, rx));
     loop {

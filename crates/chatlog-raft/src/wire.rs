@@ -103,12 +103,19 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(
             format!("peer frame of {len} bytes (allowed {HEAD_BYTES}..={FRAME_BYTES_MAX})"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
-    let id = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-    let code = buf[8];
-    let payload = Bytes::from(buf).slice(HEAD_BYTES..);
-    Ok(Some((id, code, payload)))
+    // Read into uninitialised capacity: zeroing a large AppendEntries first costs as much
+    // as copying it.
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let want = (len - buf.len()) as u64;
+        if (&mut *r).take(want).read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    let mut buf = buf.freeze();
+    let head = buf.split_to(HEAD_BYTES);
+    let id = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    Ok(Some((id, head[8], buf)))
 }
 
 /// Writes every frame `rx` yields, each burst with one flush, until `rx` closes or a write
@@ -160,7 +167,8 @@ impl Conn {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
             })??;
         stream.set_nodelay(true)?;
-        let (mut read, mut write) = stream.into_split();
+        let (read, mut write) = stream.into_split();
+        let mut read = tokio::io::BufReader::with_capacity(64 << 10, read);
         write.write_all(MAGIC).await?;
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let waiters: Arc<Waiters> = Arc::default();
