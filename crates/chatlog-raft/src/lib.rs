@@ -12,8 +12,10 @@
 //! - [`state_machine`]: the engine as state machine (one engine group per apply, with the
 //!   applied log id and membership stored in the same group); snapshots from a RocksDB
 //!   checkpoint plus the engine log.
-//! - [`network`]: postcard over HTTP between nodes, with injectable faults.
-//! - [`node`]: a running node: Raft, the peer server (`/raft/*`, `/admin/*`), and the
+//! - [`network`]: openraft's network and the peer client, with injectable faults.
+//! - [`wire`]: postcard messages in binary frames over one multiplexed TCP connection per peer.
+//! - [`node`]: a running node: Raft, the peer server (frames, and HTTP `/raft/*`, `/admin/*`
+//!   on the same port), and the
 //!   proposer that turns the engine's writes into Raft writes (forwarded to the leader).
 //! - [`cell`]: the node's current engine (replaced when a snapshot is installed).
 
