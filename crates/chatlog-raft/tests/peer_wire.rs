@@ -35,9 +35,10 @@ async fn bad_frames_are_refused_and_the_node_keeps_serving() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let mut cc = ClusterConfig::new(1, [(1, addr.clone())].into(), tmp.path().join("n1"));
-    let mut engine = EngineConfig::default();
-    engine.log = small_log();
-    cc.engine = engine;
+    cc.engine = EngineConfig {
+        log: small_log(),
+        ..EngineConfig::default()
+    };
     cc.raft_log = small_log();
     let node = ClusterNode::start(cc, listener).await.unwrap();
 
