@@ -20,6 +20,7 @@ use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::cell::EngineCell;
 use crate::forward::{Forwarded, Order, Stamps, Turn, WriteReply};
@@ -789,8 +790,13 @@ async fn http_rpc(inner: &Arc<Inner>, route: Route, body: Bytes) -> HttpResponse
 
 /// Serves [`crate::wire`] frames on one peer connection (its magic already read) until it
 /// closes or the node stops. Requests are answered concurrently.
-async fn serve_frames(inner: Arc<Inner>, stream: tokio::net::TcpStream, stop: CancellationToken) {
-    let _ = stream.set_nodelay(true);
+async fn serve_frames(
+    inner: Arc<Inner>,
+    stream: tokio::net::TcpStream,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let _ = wire::tune(&stream);
     let (read, write) = stream.into_split();
     let mut read = tokio::io::BufReader::with_capacity(64 << 10, read);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -810,7 +816,7 @@ async fn serve_frames(inner: Arc<Inner>, stream: tokio::net::TcpStream, stop: Ca
         };
         let inner = inner.clone();
         let tx = tx.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let answer = match wire::Route::from_code(code) {
                 Some(route) => peer_rpc(&inner, route, payload).await,
                 None => Err(format!("unknown peer route code {code}")),
@@ -867,6 +873,10 @@ async fn serve_peers(
     };
     let (http_tx, http_rx) = tokio::sync::mpsc::channel(64);
     let accept_stop = stop.clone();
+    // Every task serving a peer connection or request: on shutdown they end (or are given a
+    // moment to) before the node's storage is released.
+    let tasks = TaskTracker::new();
+    let conn_tasks = tasks.clone();
     let accept = tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -882,7 +892,8 @@ async fn serve_peers(
                 }
             };
             let (inner, http_tx, stop) = (inner.clone(), http_tx.clone(), accept_stop.clone());
-            tokio::spawn(async move {
+            let tasks = conn_tasks.clone();
+            conn_tasks.spawn(async move {
                 let mut first = [0u8; 1];
                 let peeked =
                     tokio::time::timeout(Duration::from_secs(10), stream.peek(&mut first)).await;
@@ -892,7 +903,7 @@ async fn serve_peers(
                         let mut magic = [0u8; 8];
                         use tokio::io::AsyncReadExt;
                         if stream.read_exact(&mut magic).await.is_ok() && &magic == wire::MAGIC {
-                            serve_frames(inner, stream, stop).await;
+                            serve_frames(inner, stream, stop, tasks).await;
                         } else {
                             tracing::warn!(%addr, "peer connection: bad magic; closed");
                         }
@@ -910,6 +921,14 @@ async fn serve_peers(
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
     accept.abort();
+    let _ = accept.await;
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("peer connections still busy 5 s after shutdown; leaving them");
+    }
 }
 
 async fn forwarded_write(inner: &Arc<Inner>, fwd: Forwarded) -> WriteReply {
