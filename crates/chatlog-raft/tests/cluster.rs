@@ -231,7 +231,24 @@ async fn send_all(
                     k += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(e) => panic!("send {cmid} failed: {e}"),
+                Err(e) => {
+                    let states: Vec<String> = cluster
+                        .running()
+                        .into_iter()
+                        .map(|id| {
+                            let m = cluster.node(id).metrics();
+                            format!(
+                                "node {id}: {:?} term {} leader {:?} applied {:?} last log {:?}",
+                                m.state,
+                                m.current_term,
+                                m.current_leader,
+                                m.last_applied,
+                                m.last_log_index
+                            )
+                        })
+                        .collect();
+                    panic!("send {cmid} failed: {e}; nodes: {}", states.join("; "))
+                }
             }
         }
     }
