@@ -383,12 +383,20 @@ impl Engine {
         }
         let next = log.next_index();
         if applied >= next {
+            let fix = if config.replicated {
+                // Only reached when the log no longer starts at 1 (retention removed its
+                // first segments), so the indexes cannot be rebuilt from it.
+                "this replica cannot rebuild them from its log: remove the node's data \
+                 directory to resynchronise it from a snapshot"
+            } else {
+                "remove the index directory to rebuild it from the log"
+            };
             return Err(ChatError::Unavailable(crate::Error::Corruption {
                 segment: dir.join("index"),
                 offset: applied,
                 reason: format!(
                     "indexes have applied log index {applied} but the log ends before {next}; \
-                     remove the index directory to rebuild it from the log"
+                     {fix}"
                 ),
             }));
         }
