@@ -322,6 +322,89 @@ mod tests {
         assert!(read_frame(&mut &short[..]).await.is_err());
     }
 
+    /// A peer that answers the requests it read in reverse order, then closes the connection.
+    async fn reversing_peer(listener: tokio::net::TcpListener, answer: usize) {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut magic = [0u8; 8];
+        s.read_exact(&mut magic).await.unwrap();
+        assert_eq!(&magic, MAGIC);
+        let mut got = Vec::new();
+        for _ in 0..answer {
+            got.push(read_frame(&mut s).await.unwrap().unwrap());
+        }
+        for (id, code, payload) in got.into_iter().rev() {
+            let mut reply = vec![code];
+            reply.extend_from_slice(&payload);
+            s.write_all(&frame(id, OK, &reply)).await.unwrap();
+        }
+        // One more request is read and never answered: the connection closes under it.
+        let _ = read_frame(&mut s).await;
+    }
+
+    #[tokio::test]
+    async fn answers_are_matched_by_id_and_a_dropped_connection_fails_its_calls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let peer = tokio::spawn(reversing_peer(listener, 3));
+        let conn = Conn::connect(&addr, Duration::from_secs(1)).await.unwrap();
+        let t = Duration::from_secs(5);
+        let (a, b, c) = tokio::join!(
+            conn.call(Route::Append, b"one", t),
+            conn.call(Route::Vote, b"two", t),
+            conn.call(Route::Write, b"three", t),
+        );
+        for (answer, route, body) in [
+            (a, Route::Append, &b"one"[..]),
+            (b, Route::Vote, b"two"),
+            (c, Route::Write, b"three"),
+        ] {
+            let (code, payload) = answer.expect("answered");
+            assert_eq!(code, OK);
+            assert_eq!(payload[0], route as u8);
+            assert_eq!(&payload[1..], body);
+        }
+        let lost = conn.call(Route::Gossip, b"four", t).await;
+        assert!(matches!(lost, Err(CallError::Lost(_))), "{lost:?}");
+        peer.await.unwrap();
+        assert!(conn.is_closed());
+        assert!(matches!(
+            conn.call(Route::Gossip, b"five", t).await,
+            Err(CallError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_call_without_an_answer_times_out_and_the_connection_stays_usable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut magic = [0u8; 8];
+            s.read_exact(&mut magic).await.unwrap();
+            let (first, ..) = read_frame(&mut s).await.unwrap().unwrap();
+            let (second, ..) = read_frame(&mut s).await.unwrap().unwrap();
+            // The first is answered late (after its caller gave up), the second at once.
+            s.write_all(&frame(second, OK, b"2")).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            s.write_all(&frame(first, OK, b"1")).await.unwrap();
+            let _ = read_frame(&mut s).await;
+        });
+        let conn = Conn::connect(&addr, Duration::from_secs(1)).await.unwrap();
+        let slow = conn.call(Route::Append, b"a", Duration::from_millis(100));
+        let fast = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            conn.call(Route::Append, b"b", Duration::from_secs(5)).await
+        };
+        let (slow, fast) = tokio::join!(slow, fast);
+        assert!(matches!(slow, Err(CallError::TimedOut)), "{slow:?}");
+        assert_eq!(&fast.unwrap().1[..], b"2");
+        // The late answer is dropped; the connection still works.
+        tokio::time::sleep(Duration::from_millis(2_200)).await;
+        assert!(!conn.is_closed());
+        drop(conn);
+        peer.await.unwrap();
+    }
+
     #[test]
     fn magic_starts_with_a_byte_no_http_request_starts_with() {
         assert_eq!(MAGIC[0], 0);
