@@ -160,12 +160,16 @@ impl SendError {
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// The connection to one peer address, if open. Its own lock: a slow connect to one peer
+/// (a host that drops SYNs takes the whole connect timeout) never holds up calls to others.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
+
 /// A node's connections to its peers ([`crate::wire`]: one multiplexed TCP connection per
 /// peer address, opened on first use and again after it fails).
 #[derive(Debug, Clone)]
 pub struct PeerClient {
     from: NodeId,
-    conns: Arc<tokio::sync::Mutex<HashMap<String, Arc<Conn>>>>,
+    conns: Arc<Mutex<HashMap<String, Slot>>>,
     faults: Arc<NetFaults>,
 }
 
@@ -181,12 +185,19 @@ impl PeerClient {
 
     /// The open connection to `addr`, or a new one.
     async fn conn(&self, addr: &str) -> std::io::Result<Arc<Conn>> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(addr).filter(|c| !c.is_closed()) {
+        let slot = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr.to_owned())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
         let c = Conn::connect(addr, CONNECT_TIMEOUT).await?;
-        conns.insert(addr.to_owned(), c.clone());
+        *slot = Some(c.clone());
         Ok(c)
     }
 
@@ -346,5 +357,92 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 
     fn backoff(&self) -> Backoff {
         Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An address whose connects hang: a listener with a full accept queue that never
+    /// accepts (further SYNs are dropped).
+    fn blackhole() -> (std::net::TcpListener, Vec<std::net::TcpStream>, String) {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .expect("bind");
+        sock.listen(0).expect("listen");
+        let listener: std::net::TcpListener = sock.into();
+        let addr = listener.local_addr().unwrap();
+        let mut fill = Vec::new();
+        // Fill the accept queue; connects beyond it hang (non-blocking tries so this never
+        // waits itself).
+        for _ in 0..4 {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            fill.push(s.into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        (listener, fill, addr.to_string())
+    }
+
+    /// A peer that answers every frame with an empty postcard `()`.
+    async fn healthy_peer() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut magic = [0u8; 8];
+                    if s.read_exact(&mut magic).await.is_err() {
+                        return;
+                    }
+                    while let Ok(Some((id, _, _))) = wire::read_frame(&mut s).await {
+                        if s.write_all(&wire::frame(id, wire::OK, &[])).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_connect_to_one_peer_does_not_hold_up_calls_to_another() {
+        let (_listener, _fill, dead) = blackhole();
+        let alive = healthy_peer().await;
+        let client = PeerClient::new(1, NetFaults::new());
+        let t = Duration::from_secs(5);
+        let hanging = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .call::<(), ()>(2, &dead, "/cluster/gossip", &(), t)
+                    .await
+            })
+        };
+        // Let it get into its connect.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let quick = client.call::<(), ()>(3, &alive, "/cluster/gossip", &(), t);
+        tokio::pin!(hanging);
+        tokio::select! {
+            biased;
+            answer = quick => answer.expect("the healthy peer answers"),
+            _ = &mut hanging => panic!("the call to the healthy peer waited for the hanging connect"),
+        }
+        let failed = hanging.await.unwrap();
+        assert!(
+            matches!(&failed, Err(e) if e.never_sent()),
+            "the hanging connect times out as never sent: {failed:?}"
+        );
     }
 }
