@@ -6,8 +6,8 @@
 //! Every message first passes the node's [`NetFaults`], which tests use to drop, delay,
 //! duplicate (and, through random delays, reorder) messages and to cut links one way.
 //!
-//! Server side: [`router`] serves `/raft/{append,vote,snapshot}` to openraft,
-//! `/raft/write` (writes forwarded by followers to the leader) and the admin endpoints.
+//! Server side: `node.rs` answers the same requests on frames and, for the admin API and
+//! older peers, as HTTP routes (`/raft/{append,vote,snapshot,write}`, `/cluster/gossip`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -201,20 +201,16 @@ impl PeerClient {
         Ok(c)
     }
 
-    /// Sends `body` (postcard) to the peer API `path` of node `to` at `addr`; decodes a
+    /// Sends `body` (postcard) as a `route` request to node `to` at `addr`; decodes a
     /// postcard answer.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         to: NodeId,
         addr: &str,
-        path: &str,
+        route: Route,
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, SendError> {
-        let route = Route::from_path(path).ok_or_else(|| SendError::Protocol {
-            node: to,
-            why: format!("no peer route {path}"),
-        })?;
         let (delay, twice) = self
             .faults
             .fate(self.from, to)
@@ -314,13 +310,13 @@ impl PeerConnection {
         E: std::error::Error + DeserializeOwned,
     >(
         &self,
-        path: &str,
+        route: Route,
         req: &Req,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>> {
         let answer: Result<Resp, E> = self
             .client
-            .call(self.target, &self.addr, path, req, option.hard_ttl())
+            .call(self.target, &self.addr, route, req, option.hard_ttl())
             .await
             .map_err(rpc_error)?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -333,7 +329,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.rpc("/raft/append", &rpc, &option).await
+        self.rpc(Route::Append, &rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -344,7 +340,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.rpc("/raft/snapshot", &rpc, &option).await
+        self.rpc(Route::Snapshot, &rpc, &option).await
     }
 
     async fn vote(
@@ -352,7 +348,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.rpc("/raft/vote", &rpc, &option).await
+        self.rpc(Route::Vote, &rpc, &option).await
     }
 
     fn backoff(&self) -> Backoff {
@@ -424,15 +420,13 @@ mod tests {
         let t = Duration::from_secs(5);
         let hanging = {
             let client = client.clone();
-            tokio::spawn(async move {
-                client
-                    .call::<(), ()>(2, &dead, "/cluster/gossip", &(), t)
-                    .await
-            })
+            tokio::spawn(
+                async move { client.call::<(), ()>(2, &dead, Route::Gossip, &(), t).await },
+            )
         };
         // Let it get into its connect.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let quick = client.call::<(), ()>(3, &alive, "/cluster/gossip", &(), t);
+        let quick = client.call::<(), ()>(3, &alive, Route::Gossip, &(), t);
         tokio::pin!(hanging);
         tokio::select! {
             biased;

@@ -259,7 +259,7 @@ impl BatcherCtx {
             .call::<Forwarded, WriteReply>(
                 leader,
                 &addr,
-                "/raft/write",
+                Route::Write,
                 &fwd,
                 deadline.saturating_duration_since(Instant::now()),
             )
@@ -697,7 +697,7 @@ impl ClusterNode {
             let msg = msg.clone();
             tokio::spawn(async move {
                 let _: Result<(), _> = client
-                    .call(id, &addr, "/cluster/gossip", &msg, Duration::from_secs(1))
+                    .call(id, &addr, Route::Gossip, &msg, Duration::from_secs(1))
                     .await;
             });
         }

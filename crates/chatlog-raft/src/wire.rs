@@ -51,18 +51,6 @@ pub enum Route {
 }
 
 impl Route {
-    /// The route of an HTTP path of the peer API.
-    pub fn from_path(path: &str) -> Option<Route> {
-        Some(match path {
-            "/raft/append" => Route::Append,
-            "/raft/vote" => Route::Vote,
-            "/raft/snapshot" => Route::Snapshot,
-            "/raft/write" => Route::Write,
-            "/cluster/gossip" => Route::Gossip,
-            _ => return None,
-        })
-    }
-
     /// The route with code `code`.
     pub fn from_code(code: u8) -> Option<Route> {
         Some(match code {
@@ -408,16 +396,15 @@ mod tests {
     #[test]
     fn magic_starts_with_a_byte_no_http_request_starts_with() {
         assert_eq!(MAGIC[0], 0);
-        for p in [
-            "/raft/append",
-            "/raft/vote",
-            "/raft/snapshot",
-            "/raft/write",
+        for r in [
+            Route::Append,
+            Route::Vote,
+            Route::Snapshot,
+            Route::Write,
+            Route::Gossip,
         ] {
-            let r = Route::from_path(p).unwrap();
             assert_eq!(Route::from_code(r as u8), Some(r));
         }
-        assert_eq!(Route::from_path("/admin/digest"), None);
         assert_eq!(Route::from_code(0), None);
     }
 }
