@@ -35,6 +35,8 @@ use model::{
 /// Small segments so the log rolls over several times per case.
 const SEGMENT_SIZE_BYTES: u64 = 2048;
 const ENTRY_SIZE_BYTES_MAX: usize = 512;
+/// A small index tail, frozen and ingested many times per case.
+const INDEX_TAIL_ENTRIES: usize = 24;
 
 // ---------------------------------------------------------------------------------------------
 // Generated operations: the writes of `model::Write`, and what else happens between them.
@@ -79,6 +81,9 @@ enum Op {
     /// Close and open again (every acknowledged op is durable, so a plain drop is a crash as
     /// far as chat state goes). Also snapshots the index directory for [`Op::StaleIndex`].
     Reopen,
+    /// Close without ingesting the index tail (as a crash leaves it) and reopen: the log
+    /// records after the last ingestion are applied again over the other indexes.
+    Crash,
     /// Remove the index directory and reopen: a full rebuild from the log.
     RebuildIndex,
     /// Put back the index directory of the last [`Op::Reopen`] and reopen: the log holds
@@ -183,6 +188,7 @@ fn op() -> impl Strategy<Value = Op> {
         // Opening RocksDB takes most of a case's time: about one restart in 25 ops.
         2 => prop_oneof![
             Just(Op::Reopen),
+            Just(Op::Crash),
             Just(Op::RebuildIndex),
             Just(Op::StaleIndex),
         ],
@@ -247,6 +253,8 @@ impl Harness {
             body_bytes_max: BODY_BYTES_MAX,
             title_bytes_max: TITLE_BYTES_MAX,
             clock: Arc::new(move || now_ms.load(Ordering::SeqCst)),
+            // Small, so that cases freeze and ingest the index tail many times.
+            index_tail_entries: INDEX_TAIL_ENTRIES,
             ..EngineConfig::default()
         }
     }
@@ -270,8 +278,17 @@ impl Harness {
     /// Closes the engine, lets `between` change the directory, opens it again, and checks
     /// the indexes came back identical.
     fn reopen_with(&mut self, between: impl FnOnce(&Harness)) -> Result<(), TestCaseError> {
+        self.reopen_after(Engine::close, between)
+    }
+
+    /// [`Harness::reopen_with`], closing the engine with `close`.
+    fn reopen_after(
+        &mut self,
+        close: impl FnOnce(Engine),
+        between: impl FnOnce(&Harness),
+    ) -> Result<(), TestCaseError> {
         let before = digest(self.engine());
-        self.engine = None;
+        close(self.engine.take().expect("engine is open"));
         between(self);
         self.open();
         for ((cf, was), (_, now)) in before.iter().zip(&digest(self.engine())) {
@@ -433,6 +450,9 @@ impl Script {
                     copy_dir(&h.index_dir(), &snapshot);
                 })?;
                 self.h.has_snapshot = true;
+            }
+            Op::Crash => {
+                self.h.reopen_after(Engine::close_leaving_tail, |_| {})?;
             }
             Op::RebuildIndex => {
                 self.h

@@ -25,6 +25,7 @@
 mod error;
 mod sequencer;
 pub mod store;
+mod tail;
 pub mod types;
 
 use std::collections::HashMap;
@@ -53,6 +54,8 @@ const APPLY_QUEUE_DEPTH: usize = 64;
 pub const HISTORY_LIMIT_MAX: usize = 500;
 /// Default history page size.
 pub const HISTORY_LIMIT_DEFAULT: usize = 50;
+/// Default [`EngineConfig::index_tail_entries`]: about as many keys as a 16 MiB memtable holds.
+pub const INDEX_TAIL_ENTRIES_DEFAULT: usize = 200_000;
 
 /// A source of "now" in ms since the epoch. Injected so tests control time.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -92,6 +95,10 @@ pub struct EngineConfig {
     /// [`Engine::set_proposer`]); on open the log is cut after the last
     /// [`Record::Applied`], so a replicated group is wholly applied or not at all. Default off.
     pub replicated: bool,
+    /// Entries (`history` and `dedup` keys, about two per message) the index tail holds in
+    /// memory before they are sorted and ingested into RocksDB as SST files. After a crash, up
+    /// to about twice this many log records are replayed on open.
+    pub index_tail_entries: usize,
 }
 
 /// Retention limits. Events beyond them leave history (seqs stay gapless: history reports the
@@ -124,6 +131,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("subscriber_buffer", &self.subscriber_buffer)
             .field("retention", &self.retention)
             .field("replicated", &self.replicated)
+            .field("index_tail_entries", &self.index_tail_entries)
             .finish_non_exhaustive()
     }
 }
@@ -140,6 +148,7 @@ impl Default for EngineConfig {
             retention: Retention::default(),
             clock: system_clock(),
             replicated: false,
+            index_tail_entries: INDEX_TAIL_ENTRIES_DEFAULT,
         }
     }
 }
@@ -306,6 +315,8 @@ pub struct Engine {
     decider: Arc<Mutex<Decider>>,
     /// Replicated groups are applied one at a time, in the order `apply_replicated` was called.
     replicated_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Whether closing ingests the index tail (see [`Engine::close_leaving_tail`]).
+    ingest_on_close: bool,
 }
 
 /// Where a replicated engine sends the write operations its callers submit: the replication
@@ -358,7 +369,10 @@ impl Engine {
     pub fn open(dir: impl AsRef<Path>, config: EngineConfig) -> Result<Engine, ChatError> {
         let dir = dir.as_ref().to_path_buf();
         let log = Arc::new(Log::open(dir.join("log"), config.log.clone())?);
-        let mut store = Arc::new(Store::open(&dir.join("index"))?);
+        let open_store = |dir: &Path| {
+            Store::open(dir, config.index_tail_entries.max(1), Some(log.clone())).map(Arc::new)
+        };
+        let mut store = open_store(&dir.join("index"))?;
         let mut applied = store.applied_index()?;
         if config.replicated {
             if applied >= log.next_index() && log.first_index() == 1 {
@@ -376,7 +390,7 @@ impl Engine {
                 let index_dir = dir.join("index");
                 std::fs::remove_dir_all(&index_dir)
                     .map_err(|e| crate::Error::io("remove_dir_all", &index_dir, e))?;
-                store = Arc::new(Store::open(&index_dir)?);
+                store = open_store(&index_dir)?;
                 applied = 0;
             }
             cut_after_last_group(&log, applied)?;
@@ -400,19 +414,20 @@ impl Engine {
                 ),
             }));
         }
-        if applied + 1 < log.first_index() {
+        let indexed = store.indexed_through()?;
+        if indexed + 1 < log.first_index() {
             return Err(ChatError::Unavailable(crate::Error::Corruption {
                 segment: dir.join("index"),
                 offset: applied,
                 reason: format!(
                     "the log starts at index {} (older segments were removed by retention) but \
-                     the indexes have only applied up to {applied}: they cannot be rebuilt from \
+                     the indexes have only applied up to {indexed}: they cannot be rebuilt from \
                      the log alone; restore the index directory from its backup",
                     log.first_index()
                 ),
             }));
         }
-        replay(&log, &store, applied + 1, next)?;
+        replay(&log, &store, indexed + 1, next)?;
         let shared = Arc::new(Shared {
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -459,6 +474,7 @@ impl Engine {
             proposer: std::sync::OnceLock::new(),
             decider,
             replicated_turn: Arc::new(tokio::sync::Mutex::new(())),
+            ingest_on_close: true,
         })
     }
 
@@ -615,6 +631,7 @@ impl Engine {
     pub fn checkpoint(&self, dest: &Path) -> Result<(), ChatError> {
         std::fs::create_dir_all(dest).map_err(|e| crate::Error::io("create_dir_all", dest, e))?;
         self.log.sync()?;
+        self.store.flush_tail()?;
         self.store.checkpoint(&dest.join("index"))?;
         let applied = self.store.applied_index()?;
         let config = LogConfig {
@@ -1148,9 +1165,10 @@ impl Engine {
                 .ok_or_else(|| index_points_wrong(horizon))?;
             min_live = min_live.min(entry.log_index);
         }
-        self.store.sync()?;
-        let applied_next = self.shared.applied_index.load(Ordering::Acquire) + 1;
-        let log_first_index = self.log.purge_before(min_live.min(applied_next))?;
+        // Replay after a crash starts at the first record not yet in RocksDB (tail included).
+        self.store.flush_tail()?;
+        let replay_from = self.store.indexed_through()? + 1;
+        let log_first_index = self.log.purge_before(min_live.min(replay_from))?;
         Ok(RetentionReport {
             chats_trimmed,
             log_first_index,
@@ -1162,11 +1180,27 @@ impl Engine {
         self.shutdown();
     }
 
+    /// Stops like [`Engine::close`] but leaves the index tail unwritten, as a crash of the
+    /// process would (an ingestion already running completes): the next open replays those
+    /// records from the log. For crash tests.
+    #[doc(hidden)]
+    pub fn close_leaving_tail(mut self) {
+        self.ingest_on_close = false;
+        self.shutdown();
+    }
+
     fn shutdown(&mut self) {
         self.ops = None;
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
+        }
+        // A clean close leaves nothing to replay.
+        if !self.ingest_on_close {
+            return;
+        }
+        if let Err(e) = self.store.flush_tail() {
+            tracing::warn!(error = %e, "could not ingest the index tail while closing");
         }
     }
 }

@@ -7,19 +7,29 @@
 //! after a process crash RocksDB recovers them from its WAL in the page cache; after a power
 //! loss it recovers a consistent prefix (one WAL for all column families), and the engine
 //! replays the log records after the recovered applied index.
+//!
+//! `history` and `dedup` writes (one key each per message) skip the memtable: they collect in
+//! the [`super::tail`] and reach RocksDB as ingested SST files. `meta/tail_durable` is the log
+//! index up to which the ingested files hold every such write; the engine replays from the
+//! lower of it and the applied index ([`Store::indexed_through`]).
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
-    ReadOptions, WriteBatch,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Direction,
+    IngestExternalFileOptions, IteratorMode, Options, ReadOptions, SstFileWriter, WriteBatch,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::tail::{Maps, Tail, TailCf, TailWrite};
 use super::types::{Cursor, Event, EventKind, Record};
 use crate::error::{Error, Result};
+use crate::log::Log;
 
 /// (chat, seq) → [`HistoryEntry`].
 pub const CF_HISTORY: &str = "history";
@@ -65,6 +75,10 @@ pub const DERIVED_CFS: [&str; 11] = [
 ];
 
 const KEY_APPLIED: &[u8] = b"applied";
+/// Key in [`CF_META`]: the log index up to which ingested files hold every tail write.
+const KEY_TAIL_DURABLE: &[u8] = b"tail_durable";
+/// Directory (inside the index directory) where tail SST files are written before ingestion.
+const INGEST_DIR: &str = "ingest";
 /// RocksDB WAL kept before memtables are flushed (bounds crash recovery time).
 const INDEX_WAL_BYTES_MAX: u64 = 16 << 20;
 /// Memtable size per column family.
@@ -97,6 +111,55 @@ pub struct ChatMeta {
     pub members: Vec<String>,
 }
 
+/// Waits for an ingestion thread and returns its result.
+fn join_ingest(handle: Option<JoinHandle<Result<()>>>) -> Result<()> {
+    match handle.map(JoinHandle::join) {
+        None => Ok(()),
+        Some(Ok(result)) => result,
+        Some(Err(_)) => Err(index_error(
+            CF_META,
+            "the index tail ingestion thread panicked".into(),
+        )),
+    }
+}
+
+/// Writes a frozen tail generation to RocksDB: the log is synced (so no ingested entry points
+/// past the durable log), each column family's entries are sorted into one SST file and
+/// ingested, then `meta/tail_durable` records the generation's last log index.
+fn ingest_tail(db: &DB, ingest: &Ingest, maps: &Maps) -> Result<()> {
+    if let Some(log) = &ingest.log {
+        log.sync()?;
+    }
+    for (cf, map) in [(CF_HISTORY, &maps.history), (CF_DEDUP, &maps.dedup)] {
+        if map.is_empty() {
+            continue;
+        }
+        let mut entries: Vec<(&Vec<u8>, &Vec<u8>)> = map.iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let n = ingest.files.fetch_add(1, Ordering::Relaxed);
+        let path = ingest.dir.join(format!("{cf}-{n}.sst"));
+        let mut writer = SstFileWriter::create(&ingest.options);
+        writer.open(&path).map_err(rocks)?;
+        for (k, v) in entries {
+            writer.put(k, v).map_err(rocks)?;
+        }
+        writer.finish().map_err(rocks)?;
+        let mut options = IngestExternalFileOptions::default();
+        options.set_move_files(true);
+        let handle = db.cf_handle(cf).expect("every column family is created on open");
+        db.ingest_external_file_cf_opts(&handle, &options, vec![&path])
+            .map_err(rocks)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove_file", &path, e)),
+        }
+    }
+    let meta = db.cf_handle(CF_META).expect("every column family is created on open");
+    db.put_cf(&meta, KEY_TAIL_DURABLE, encode(&maps.last_index))
+        .map_err(rocks)
+}
+
 /// Joins key parts with a 0 byte (ids never contain one).
 pub fn key(parts: &[&str]) -> Vec<u8> {
     let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
@@ -116,6 +179,15 @@ pub fn history_key(chat: &str, seq: u64) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// The tail column family `cf` names, if it is one.
+fn tail_cf(cf: &str) -> Option<TailCf> {
+    match cf {
+        CF_HISTORY => Some(TailCf::History),
+        CF_DEDUP => Some(TailCf::Dedup),
+        _ => None,
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -150,15 +222,61 @@ pub fn quiet_perf_counters() {
     rocksdb::perf::set_perf_stats(rocksdb::perf::PerfStatsLevel::Disable);
 }
 
+/// Column family options shared by every column family and the tail's SST files.
+fn cf_options() -> Options {
+    // Point lookups that usually miss (dedup on every send, devices) are answered by bloom
+    // filters, in the memtable and in SST files, instead of walking the skiplist or blocks.
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    let mut cf = Options::default();
+    cf.set_block_based_table_factory(&table);
+    cf.set_memtable_whole_key_filtering(true);
+    cf.set_memtable_prefix_bloom_ratio(0.1);
+    cf.set_write_buffer_size(INDEX_MEMTABLE_BYTES);
+    cf
+}
+
+/// What a tail ingestion needs besides the database.
+struct Ingest {
+    dir: PathBuf,
+    options: Options,
+    /// Synced before files are ingested, so they never point past the durable log.
+    log: Option<Arc<Log>>,
+    files: AtomicU64,
+}
+
 /// The index database.
-#[derive(Debug)]
 pub struct Store {
-    db: DB,
+    db: Arc<DB>,
+    tail: Arc<Tail>,
+    ingest: Arc<Ingest>,
+    /// The ingestion in flight, if any.
+    ingesting: Mutex<Option<JoinHandle<Result<()>>>>,
+    /// Highest applied index written (so a replay of older records never lowers it).
+    applied: AtomicU64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.ingest.dir)
+            .field("applied", &self.applied)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait_ingest() {
+            tracing::warn!(error = %e, "index tail ingestion failed while closing");
+        }
+    }
 }
 
 impl Store {
-    /// Opens (or creates) the indexes in `dir`.
-    pub fn open(dir: &Path) -> Result<Store> {
+    /// Opens (or creates) the indexes in `dir`, with an index tail frozen at `tail_entries`
+    /// entries. `log` (if given) is synced before every tail ingestion.
+    pub fn open(dir: &Path, tail_entries: usize, log: Option<Arc<Log>>) -> Result<Store> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -167,18 +285,6 @@ impl Store {
         // Bound what RocksDB replays from its WAL when reopening after a crash: past this size
         // it flushes the column families that pin old WAL files.
         opts.set_max_total_wal_size(INDEX_WAL_BYTES_MAX);
-        // Point lookups that usually miss (dedup on every send, devices) are answered by bloom
-        // filters, in the memtable and in SST files, instead of walking the skiplist or blocks.
-        let mut table = BlockBasedOptions::default();
-        table.set_bloom_filter(10.0, false);
-        let cf_options = || {
-            let mut cf = Options::default();
-            cf.set_block_based_table_factory(&table);
-            cf.set_memtable_whole_key_filtering(true);
-            cf.set_memtable_prefix_bloom_ratio(0.1);
-            cf.set_write_buffer_size(INDEX_MEMTABLE_BYTES);
-            cf
-        };
         let retired = DB::list_cf(&opts, dir)
             .unwrap_or_default()
             .iter()
@@ -192,7 +298,102 @@ impl Store {
         if retired {
             db.drop_cf(CF_SEQS_RETIRED).map_err(rocks)?;
         }
-        Ok(Store { db })
+        let ingest_dir = dir.join(INGEST_DIR);
+        // Files of an ingestion a crash interrupted: their writes are replayed from the log.
+        if ingest_dir.exists() {
+            std::fs::remove_dir_all(&ingest_dir)
+                .map_err(|e| Error::io("remove_dir_all", &ingest_dir, e))?;
+        }
+        std::fs::create_dir_all(&ingest_dir)
+            .map_err(|e| Error::io("create_dir_all", &ingest_dir, e))?;
+        let store = Store {
+            db: Arc::new(db),
+            tail: Arc::new(Tail::new(tail_entries)),
+            ingest: Arc::new(Ingest {
+                dir: ingest_dir,
+                options: cf_options(),
+                log,
+                files: AtomicU64::new(0),
+            }),
+            ingesting: Mutex::new(None),
+            applied: AtomicU64::new(0),
+        };
+        let applied = store.applied_index()?;
+        store.applied.store(applied, Ordering::Release);
+        if store.get::<u64>(CF_META, KEY_TAIL_DURABLE)?.is_none() {
+            // A new directory, or one of a version without the tail: everything applied so
+            // far is in RocksDB.
+            store
+                .db
+                .put_cf(store.cf(CF_META), KEY_TAIL_DURABLE, encode(&applied))
+                .map_err(rocks)?;
+        }
+        Ok(store)
+    }
+
+    /// The log index up to which every index write is in RocksDB (the tail's included): the
+    /// engine replays the log after it on open.
+    pub fn indexed_through(&self) -> Result<u64> {
+        let tail = self.get::<u64>(CF_META, KEY_TAIL_DURABLE)?.unwrap_or(0);
+        Ok(tail.min(self.applied_index()?))
+    }
+
+    /// Waits for the tail ingestion in flight, if any.
+    fn wait_ingest(&self) -> Result<()> {
+        let handle = self
+            .ingesting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        join_ingest(handle)
+    }
+
+    /// Ingests the whole tail now, on the calling thread, and makes the index WAL durable:
+    /// afterwards [`Store::indexed_through`] covers everything applied.
+    pub fn flush_tail(&self) -> Result<()> {
+        let mut ingesting = self.ingesting.lock().unwrap_or_else(|e| e.into_inner());
+        join_ingest(ingesting.take())?;
+        if let Some(frozen) = self.tail.freeze() {
+            let result = ingest_tail(&self.db, &self.ingest, &frozen);
+            self.tail.drop_frozen();
+            result?;
+        }
+        drop(ingesting);
+        self.sync()
+    }
+
+    /// After a batch added `live` entries to the tail: freezes it and starts ingesting it on
+    /// a background thread when it is full (waiting for the previous ingestion only when the
+    /// live tail is far past full).
+    fn after_tail_apply(&self, live: usize) -> Result<()> {
+        if !self.tail.full(live) {
+            return Ok(());
+        }
+        let mut ingesting = self.ingesting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(handle) = ingesting.as_ref()
+            && !handle.is_finished()
+            && !self.tail.overfull(live)
+        {
+            return Ok(());
+        }
+        join_ingest(ingesting.take())?;
+        let Some(frozen) = self.tail.freeze() else {
+            return Ok(());
+        };
+        let (db, tail, ingest) = (self.db.clone(), self.tail.clone(), self.ingest.clone());
+        let handle = std::thread::Builder::new()
+            .name("chatlog-ingest".into())
+            .spawn(move || {
+                quiet_perf_counters();
+                let result = ingest_tail(&db, &ingest, &frozen);
+                if result.is_ok() {
+                    tail.drop_frozen();
+                }
+                result
+            })
+            .map_err(|e| Error::io("spawn thread", "chatlog-ingest", e))?;
+        *ingesting = Some(handle);
+        Ok(())
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -203,6 +404,11 @@ impl Store {
 
     /// Reads and decodes one value.
     pub fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>> {
+        if let Some(tail_cf) = tail_cf(cf)
+            && let Some(bytes) = self.tail.view().get(tail_cf, key)
+        {
+            return Ok(Some(decode(cf, bytes)?));
+        }
         match self.db.get_pinned_cf(self.cf(cf), key).map_err(rocks)? {
             Some(bytes) => Ok(Some(decode(cf, &bytes)?)),
             None => Ok(None),
@@ -211,6 +417,11 @@ impl Store {
 
     /// Whether a key exists.
     pub fn contains(&self, cf: &str, key: &[u8]) -> Result<bool> {
+        if let Some(tail_cf) = tail_cf(cf)
+            && self.tail.view().get(tail_cf, key).is_some()
+        {
+            return Ok(true);
+        }
         Ok(self
             .db
             .get_pinned_cf(self.cf(cf), key)
@@ -260,7 +471,8 @@ impl Store {
                 0
             }
         };
-        Ok(last.max(self.horizon(chat)?.saturating_sub(1)))
+        let tail = self.tail.view().last_seq(chat).unwrap_or(0);
+        Ok(last.max(tail).max(self.horizon(chat)?.saturating_sub(1)))
     }
 
     /// First seq retention keeps in a chat (1 if nothing was dropped).
@@ -287,22 +499,42 @@ impl Store {
 
     /// History entries for seqs `from..from+count` of a chat (seqs are gapless).
     pub fn history_range(&self, chat: &str, from: u64, count: usize) -> Result<Vec<HistoryEntry>> {
-        let mut out = Vec::with_capacity(count);
         if count == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        let mut read = ReadOptions::default();
-        read.set_iterate_upper_bound(history_key(chat, from + count as u64));
-        let start = history_key(chat, from);
-        let iter = self.db.iterator_cf_opt(
-            self.cf(CF_HISTORY),
-            read,
-            IteratorMode::From(&start, Direction::Forward),
-        );
-        for item in iter {
-            let (_, value) = item.map_err(rocks)?;
-            out.push(decode(CF_HISTORY, &value)?);
+        // The tail first: the newest entries (and recent edits) are there.
+        let mut found: Vec<Option<HistoryEntry>> = Vec::with_capacity(count);
+        {
+            let view = self.tail.view();
+            let mut k = history_key(chat, from);
+            let seq_at = k.len() - 8;
+            for seq in from..from + count as u64 {
+                k[seq_at..].copy_from_slice(&seq.to_be_bytes());
+                found.push(match view.get(TailCf::History, &k) {
+                    Some(bytes) => Some(decode(CF_HISTORY, bytes)?),
+                    None => None,
+                });
+            }
         }
+        if found.iter().any(Option::is_none) {
+            let mut read = ReadOptions::default();
+            read.set_iterate_upper_bound(history_key(chat, from + count as u64));
+            let start = history_key(chat, from);
+            let iter = self.db.iterator_cf_opt(
+                self.cf(CF_HISTORY),
+                read,
+                IteratorMode::From(&start, Direction::Forward),
+            );
+            for item in iter {
+                let (key, value) = item.map_err(rocks)?;
+                let (_, seq) = super::tail::split_history_key(&key);
+                let slot = &mut found[(seq - from) as usize];
+                if slot.is_none() {
+                    *slot = Some(decode(CF_HISTORY, &value)?);
+                }
+            }
+        }
+        let out: Vec<HistoryEntry> = found.into_iter().flatten().collect();
         if out.len() != count {
             return Err(index_error(
                 CF_HISTORY,
@@ -341,14 +573,22 @@ impl Store {
         Ok(out)
     }
 
-    /// Every key and value of a column family, in order (for digests and tests).
+    /// Every key and value of a column family, in order (for digests and tests). The tail's
+    /// entries are included, and `meta` shows the bookkeeping as it will be once the tail is
+    /// ingested (so a dump does not depend on when ingestion ran).
     pub fn dump(&self, cf: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
             let (k, v) = item.map_err(rocks)?;
-            out.push((k.to_vec(), v.to_vec()));
+            out.insert(k.to_vec(), v.to_vec());
         }
-        Ok(out)
+        if let Some(tail_cf) = tail_cf(cf) {
+            out.extend(self.tail.view().entries(tail_cf));
+        }
+        if cf == CF_META {
+            out.remove(KEY_TAIL_DURABLE);
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// Writes last-seen times (soft state; with RocksDB's WAL).
@@ -371,6 +611,7 @@ impl Store {
             store: self,
             wb: WriteBatch::default(),
             overlay: HashMap::default(),
+            tail: Vec::new(),
             last_index: None,
         }
     }
@@ -384,6 +625,8 @@ pub struct Batch<'a> {
     store: &'a Store,
     wb: WriteBatch,
     overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>, foldhash::fast::RandomState>,
+    /// Writes for the index tail, in order.
+    tail: Vec<TailWrite>,
     last_index: Option<u64>,
 }
 
@@ -401,9 +644,16 @@ impl Batch<'_> {
         let bytes = encode(value);
         // Only column families that `apply` reads back need the overlay; skipping the others
         // saves two allocations and a hash insert per write on the hot path.
-        self.wb.put_cf(self.store.cf(cf), &key, &bytes);
         if READ_BACK_CFS.contains(&cf) {
-            self.overlay.insert((cf, key), Some(bytes));
+            self.overlay.insert((cf, key.clone()), Some(bytes.clone()));
+        }
+        match tail_cf(cf) {
+            Some(tail_cf) => self.tail.push(TailWrite::Put {
+                cf: tail_cf,
+                key,
+                value: bytes,
+            }),
+            None => self.wb.put_cf(self.store.cf(cf), &key, &bytes),
         }
     }
 
@@ -471,6 +721,10 @@ impl Batch<'_> {
                         history_key(chat, old),
                         history_key(chat, *seq),
                     );
+                    self.tail.push(TailWrite::Horizon {
+                        chat: chat.clone(),
+                        seq: *seq,
+                    });
                     self.put(CF_HORIZONS, chat.as_bytes().to_vec(), seq);
                 }
             }
@@ -558,11 +812,39 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Writes the batch, with the last applied log index, atomically (WAL, no fsync).
+    /// Writes the batch, with the last applied log index, atomically (WAL, no fsync); the
+    /// tail's share goes to the index tail (see [`super::tail`]).
     pub fn commit(mut self) -> Result<()> {
-        if let Some(last) = self.last_index {
+        let store = self.store;
+        let Some(last) = self.last_index else {
+            return store.db.write(self.wb).map_err(rocks);
+        };
+        let horizons = self
+            .tail
+            .iter()
+            .any(|w| matches!(w, TailWrite::Horizon { .. }));
+        // The frozen generation must be in RocksDB before the horizon's range delete (ingested
+        // later, its files would bring back entries below the horizon), and none may be frozen
+        // until the horizon is in the tail: hold the ingestion lock across both.
+        let ingesting = if horizons {
+            let mut ingesting = store.ingesting.lock().unwrap_or_else(|e| e.into_inner());
+            join_ingest(ingesting.take())?;
+            Some(ingesting)
+        } else {
+            None
+        };
+        // Replaying records the indexes already hold (see `Store::indexed_through`) must not
+        // lower the applied index.
+        if store.applied.fetch_max(last, Ordering::AcqRel) < last {
             self.put(CF_META, KEY_APPLIED.to_vec(), &last);
         }
-        self.store.db.write(self.wb).map_err(rocks)
+        let (live, empty) = store.tail.apply(std::mem::take(&mut self.tail), last);
+        drop(ingesting);
+        if empty {
+            // Nothing waits for ingestion: the log need not be replayed before `last`.
+            self.put(CF_META, KEY_TAIL_DURABLE.to_vec(), &last);
+        }
+        store.db.write(self.wb).map_err(rocks)?;
+        store.after_tail_apply(live)
     }
 }
