@@ -166,7 +166,10 @@ impl View<'_> {
 impl Tail {
     /// An empty tail that asks to be frozen at `threshold` entries.
     pub fn new(threshold: usize) -> Tail {
-        assert!(threshold > 0, "a tail threshold of 0 would freeze on every write");
+        assert!(
+            threshold > 0,
+            "a tail threshold of 0 would freeze on every write"
+        );
         Tail {
             state: RwLock::default(),
             threshold,
@@ -274,7 +277,10 @@ mod tests {
         assert_eq!(n, 1);
         assert!(!empty);
         let view = tail.view();
-        assert_eq!(view.get(TailCf::History, &hkey("g1", 1)), Some(&b"edited"[..]));
+        assert_eq!(
+            view.get(TailCf::History, &hkey("g1", 1)),
+            Some(&b"edited"[..])
+        );
         assert_eq!(view.get(TailCf::History, &hkey("g1", 2)), Some(&b"b"[..]));
         assert_eq!(view.get(TailCf::Dedup, &hkey("g1", 2)), None);
         assert_eq!(view.last_seq("g1"), Some(2));
