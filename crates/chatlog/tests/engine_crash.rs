@@ -25,6 +25,8 @@ fn config() -> EngineConfig {
             entry_size_bytes_max: 64 * 1024,
             ..LogConfig::default()
         },
+        // A small index tail: kills land before, during and after its ingestions.
+        index_tail_entries: 1_000,
         ..EngineConfig::default()
     }
 }
