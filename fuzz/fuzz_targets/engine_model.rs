@@ -284,12 +284,16 @@ fn template_dir() -> &'static Path {
         .path()
 }
 
-/// Copies the index files of the engine directory `from` (RocksDB keeps no subdirectories)
-/// into a new `to`.
+/// Copies the index files of the engine directory `from` into a new `to`. RocksDB keeps no
+/// subdirectories; the engine's one, `ingest/` (index tail files on their way in), is emptied
+/// and made again by every open, so it is not copied.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("create the index directory");
     for entry in std::fs::read_dir(from.join("index")).expect("read the template") {
         let entry = entry.expect("template entry");
+        if entry.file_type().expect("template entry type").is_dir() {
+            continue;
+        }
         std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy the template");
     }
 }
