@@ -261,6 +261,7 @@ impl Decider {
         self.batch_id += 1;
         self.seq
             .begin(self.batch_id, shared.applied_batch.load(Ordering::Acquire));
+        self.seq.prefetch_dedup(ops.iter().map(|(op, _)| op));
         let mut records = Vec::new();
         let mut replies = Vec::with_capacity(ops.len());
         for (op, reply) in ops {

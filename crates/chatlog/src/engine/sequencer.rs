@@ -29,6 +29,8 @@ type FastHash = foldhash::fast::RandomState;
 
 /// The overlay size below which it is never pruned.
 const OVERLAY_PRUNE_MIN: usize = 4096;
+/// Fewest sends in a batch for which [`Sequencer::prefetch_dedup`] looks them up together.
+const DEDUP_PREFETCH_MIN: usize = 4;
 
 /// A reply channel for an operation.
 pub(crate) type Reply = oneshot::Sender<Result<Outcome, ChatError>>;
@@ -176,6 +178,9 @@ pub(crate) struct Sequencer {
     /// Overlay size at which [`Sequencer::prune`] runs next.
     prune_at: usize,
     batch: u64,
+    /// `dedup` index entries of this batch's sends, looked up together by
+    /// [`Sequencer::prefetch_dedup`] (absent: not prefetched).
+    prefetched: HashMap<Vec<u8>, Option<(u64, u64)>, FastHash>,
 }
 
 impl std::fmt::Debug for Sequencer {
@@ -226,6 +231,7 @@ impl Sequencer {
             applied: 0,
             prune_at: OVERLAY_PRUNE_MIN,
             batch: 0,
+            prefetched: HashMap::default(),
         })
     }
 
@@ -236,6 +242,36 @@ impl Sequencer {
             self.prune();
         }
         self.batch = batch;
+    }
+
+    /// Looks up the `dedup` index entries of every send in `ops` at once (one RocksDB
+    /// `MultiGet`, which rules out each index file for the whole batch in one pass, instead of
+    /// a `Get` per send). Call after [`Sequencer::begin`]: a key missing from the overlay then
+    /// is either new or applied, so the index answers for it until the batch is decided.
+    pub(crate) fn prefetch_dedup<'a>(&mut self, ops: impl Iterator<Item = &'a Op>) {
+        self.prefetched.clear();
+        let mut keys = Vec::new();
+        let mut add = |op: &Op| {
+            if let Op::Send {
+                user, chat, cmid, ..
+            } = op
+            {
+                keys.push(store::key(&[chat, user, cmid]));
+            }
+        };
+        for op in ops {
+            match op {
+                Op::Group { ops, .. } => ops.iter().for_each(|(op, _)| add(op)),
+                op => add(op),
+            }
+        }
+        if keys.len() < DEDUP_PREFETCH_MIN {
+            return;
+        }
+        // A failed lookup is not remembered: `send` asks the index again and reports it.
+        if let Ok(found) = self.store.get_many::<(u64, u64)>(CF_DEDUP, &keys) {
+            self.prefetched = keys.into_iter().zip(found).collect();
+        }
     }
 
     /// Forgets the overlay entries of applied batches (the indexes hold them now). One pass
@@ -561,10 +597,12 @@ impl Sequencer {
         if let Some(OverlayValue::Dedup(seq, ts)) = self.recall(&dedup_key) {
             return Ok(Outcome::Sent { seq: *seq, ts: *ts });
         }
-        if let Some((seq, ts)) = self
-            .store
-            .get::<(u64, u64)>(CF_DEDUP, &store::key(&[chat, user, &cmid]))?
-        {
+        let key = store::key(&[chat, user, &cmid]);
+        let indexed = match self.prefetched.remove(&key) {
+            Some(found) => found,
+            None => self.store.get::<(u64, u64)>(CF_DEDUP, &key)?,
+        };
+        if let Some((seq, ts)) = indexed {
             return Ok(Outcome::Sent { seq, ts });
         }
         if let Some(id) = &file {

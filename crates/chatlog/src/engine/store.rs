@@ -431,6 +431,42 @@ impl Store {
         }
     }
 
+    /// Reads and decodes several values of one column family (a batched RocksDB `MultiGet`
+    /// for the keys the index tail does not hold).
+    pub fn get_many<T: DeserializeOwned>(
+        &self,
+        cf: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<T>>> {
+        let mut out: Vec<Option<T>> = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        {
+            // The tail before RocksDB, key by key: an entry leaves the tail only once it is
+            // ingested, so it is found in one or the other.
+            let view = self.tail.view();
+            for (i, key) in keys.iter().enumerate() {
+                match tail_cf(cf).and_then(|t| view.get(t, key)) {
+                    Some(bytes) => out.push(Some(decode(cf, bytes)?)),
+                    None => {
+                        out.push(None);
+                        missing.push(i);
+                    }
+                }
+            }
+        }
+        let found = self.db.batched_multi_get_cf(
+            self.cf(cf),
+            missing.iter().map(|&i| keys[i].as_slice()),
+            false,
+        );
+        for (i, result) in missing.into_iter().zip(found) {
+            if let Some(bytes) = result.map_err(rocks)? {
+                out[i] = Some(decode(cf, &bytes)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether a key exists.
     pub fn contains(&self, cf: &str, key: &[u8]) -> Result<bool> {
         if let Some(tail_cf) = tail_cf(cf)
