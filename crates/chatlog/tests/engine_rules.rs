@@ -563,3 +563,53 @@ fn indexes_of_an_earlier_version_with_a_seqs_column_family_still_open() {
     let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &index).unwrap();
     assert!(!cfs.iter().any(|c| c == "seqs"), "dropped at open: {cfs:?}");
 }
+
+/// An index tail ingestion that fails (here: its directory is gone) reports the path, keeps
+/// the tail's entries readable, and is retried by the next ingestion; nothing is lost.
+#[test]
+fn a_failed_index_tail_ingestion_keeps_the_tail_and_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, _) = config();
+    // Large enough that only `enforce_retention` ingests the tail.
+    config.index_tail_entries = 1_000_000;
+    let e = Engine::open(dir.path(), config.clone()).unwrap();
+    let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
+    for i in 0..20 {
+        e.send("alice", &chat, &format!("m{i}"), Some(format!("{i}")), None)
+            .unwrap();
+    }
+    let ingest_dir = dir.path().join("index").join("ingest");
+    std::fs::remove_dir_all(&ingest_dir).unwrap();
+    let err = e.enforce_retention().unwrap_err().to_string();
+    assert!(
+        err.contains("ingest"),
+        "the error names the ingestion: {err}"
+    );
+    let h = e.history("bob", &chat, None, None, Some(50)).unwrap();
+    assert_eq!(h.events.len(), 21, "the tail's entries stay readable");
+    let again = e
+        .send("alice", &chat, "m3", Some(s("retry")), None)
+        .unwrap();
+    assert_eq!(again.seq, 5, "dedup still sees the tail");
+
+    std::fs::create_dir_all(&ingest_dir).unwrap();
+    e.enforce_retention().unwrap();
+    let h = e.history("bob", &chat, None, None, Some(50)).unwrap();
+    assert_eq!(h.events.len(), 21);
+    e.close_leaving_tail();
+    let e = Engine::open(dir.path(), config).unwrap();
+    assert_eq!(
+        e.history("bob", &chat, None, None, Some(50))
+            .unwrap()
+            .events
+            .len(),
+        21
+    );
+    let again = e
+        .send("alice", &chat, "m19", Some(s("retry")), None)
+        .unwrap();
+    assert_eq!(
+        again.seq, 21,
+        "dedup after the retried ingestion and a reopen"
+    );
+}

@@ -369,13 +369,23 @@ impl Store {
     pub fn flush_tail(&self) -> Result<()> {
         let mut ingesting = self.ingesting.lock().unwrap_or_else(|e| e.into_inner());
         join_ingest(ingesting.take())?;
-        if let Some(frozen) = self.tail.freeze() {
-            let result = ingest_tail(&self.db, &self.ingest, &frozen);
+        // A frozen generation whose ingestion failed first (it is older), then the live one.
+        while let Some(generation) = self.tail.frozen().or_else(|| self.tail.freeze()) {
+            ingest_tail(&self.db, &self.ingest, &generation)?;
             self.tail.drop_frozen();
-            result?;
         }
         drop(ingesting);
         self.sync()
+    }
+
+    /// Ingests, on the calling thread, a frozen generation an earlier ingestion failed to
+    /// write (the caller holds the ingestion lock and joined the thread in flight).
+    fn retry_frozen(&self) -> Result<()> {
+        if let Some(frozen) = self.tail.frozen() {
+            ingest_tail(&self.db, &self.ingest, &frozen)?;
+            self.tail.drop_frozen();
+        }
+        Ok(())
     }
 
     /// After a batch added `live` entries to the tail: freezes it and starts ingesting it on
@@ -393,6 +403,7 @@ impl Store {
             return Ok(());
         }
         join_ingest(ingesting.take())?;
+        self.retry_frozen()?;
         let Some(frozen) = self.tail.freeze() else {
             return Ok(());
         };
@@ -881,6 +892,7 @@ impl Batch<'_> {
         let ingesting = if horizons {
             let mut ingesting = store.ingesting.lock().unwrap_or_else(|e| e.into_inner());
             join_ingest(ingesting.take())?;
+            store.retry_frozen()?;
             Some(ingesting)
         } else {
             None

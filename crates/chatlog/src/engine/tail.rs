@@ -231,6 +231,15 @@ impl Tail {
         Some(frozen)
     }
 
+    /// The frozen generation, if there is one (its ingestion is running, or failed).
+    pub fn frozen(&self) -> Option<Arc<Maps>> {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .frozen
+            .clone()
+    }
+
     /// Forgets the frozen generation once RocksDB holds it.
     pub fn drop_frozen(&self) {
         self.state.write().unwrap_or_else(|e| e.into_inner()).frozen = None;
