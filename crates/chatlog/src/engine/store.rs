@@ -203,6 +203,14 @@ fn tail_cf(cf: &str) -> Option<TailCf> {
     }
 }
 
+/// Splits a history key ([`history_key`]) into chat and seq.
+pub(crate) fn split_history_key(key: &[u8]) -> (&[u8], u64) {
+    assert!(key.len() >= 9, "history keys end with \\0 and a u64");
+    let (chat, rest) = key.split_at(key.len() - 9);
+    let seq: [u8; 8] = rest[1..].try_into().expect("8 bytes");
+    (chat, u64::from_be_bytes(seq))
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("postcard encoding into a Vec")
 }
@@ -523,12 +531,7 @@ impl Store {
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_HISTORY), read);
         iter.seek_for_prev(history_key(chat, u64::MAX));
         let last = match iter.key() {
-            Some(k) => {
-                let seq: [u8; 8] = k[k.len() - 8..]
-                    .try_into()
-                    .expect("history keys end with a u64");
-                u64::from_be_bytes(seq)
-            }
+            Some(k) => split_history_key(k).1,
             None => {
                 iter.status().map_err(rocks)?;
                 0
@@ -590,7 +593,7 @@ impl Store {
             );
             for item in iter {
                 let (key, value) = item.map_err(rocks)?;
-                let (_, seq) = super::tail::split_history_key(&key);
+                let (_, seq) = split_history_key(&key);
                 let slot = &mut found[(seq - from) as usize];
                 if slot.is_none() {
                     *slot = Some(decode(CF_HISTORY, &value)?);

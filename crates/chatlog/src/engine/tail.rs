@@ -16,6 +16,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use super::store::split_history_key;
+
 /// Hash maps keyed by RocksDB keys.
 pub(crate) type Map = HashMap<Vec<u8>, Vec<u8>, foldhash::fast::RandomState>;
 
@@ -102,14 +104,6 @@ impl Maps {
             }
         }
     }
-}
-
-/// Splits a history key (`chat \0 seq(be)`) into chat and seq.
-pub(crate) fn split_history_key(key: &[u8]) -> (&[u8], u64) {
-    assert!(key.len() >= 9, "history keys end with \\0 and a u64");
-    let (chat, rest) = key.split_at(key.len() - 9);
-    let seq: [u8; 8] = rest[1..].try_into().expect("8 bytes");
-    (chat, u64::from_be_bytes(seq))
 }
 
 #[derive(Debug, Default)]
