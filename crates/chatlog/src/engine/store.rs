@@ -146,16 +146,13 @@ fn ingest_tail(db: &DB, ingest: &Ingest, maps: &Maps) -> Result<()> {
         writer.finish().map_err(rocks)?;
         let mut options = IngestExternalFileOptions::default();
         options.set_move_files(true);
-        let handle = db
-            .cf_handle(cf)
-            .expect("every column family is created on open");
         // RocksDB's SstFileWriter drops the file's pages from the page cache once it is
         // synced (`invalidate_page_cache`, not settable through the C API), so the newest
         // history, the most read, would come from the disk. Ingestion moves the file (a hard
         // link, then `path` is removed): keep it open across, and ask the kernel to read it
         // back in (asynchronous readahead).
         let file = std::fs::File::open(&path).map_err(|e| Error::io("open", &path, e))?;
-        db.ingest_external_file_cf_opts(&handle, &options, vec![&path])
+        db.ingest_external_file_cf_opts(column_family(db, cf), &options, vec![&path])
             .map_err(rocks)?;
         rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed)
             .map_err(|e| Error::io("posix_fadvise", &path, e.into()))?;
@@ -166,11 +163,18 @@ fn ingest_tail(db: &DB, ingest: &Ingest, maps: &Maps) -> Result<()> {
             Err(e) => return Err(Error::io("remove_file", &path, e)),
         }
     }
-    let meta = db
-        .cf_handle(CF_META)
-        .expect("every column family is created on open");
-    db.put_cf(&meta, KEY_TAIL_DURABLE, encode(&maps.last_index))
-        .map_err(rocks)
+    db.put_cf(
+        column_family(db, CF_META),
+        KEY_TAIL_DURABLE,
+        encode(&maps.last_index),
+    )
+    .map_err(rocks)
+}
+
+/// The handle of a column family of the index database.
+fn column_family<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
+    db.cf_handle(name)
+        .expect("every column family is created on open")
 }
 
 /// Joins key parts with a 0 byte (ids never contain one).
@@ -432,9 +436,7 @@ impl Store {
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("every column family is created on open")
+        column_family(&self.db, name)
     }
 
     /// Reads and decodes one value.
