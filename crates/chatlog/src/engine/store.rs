@@ -528,6 +528,9 @@ impl Store {
     /// Last seq of a chat (0 if none): the key of its last history entry, or, when retention
     /// dropped every entry, the seq before its horizon.
     pub fn last_seq(&self, chat: &str) -> Result<u64> {
+        // The tail before RocksDB (as in every read here): an entry leaves the tail only once
+        // it is ingested, so read in this order it is seen in one or the other.
+        let tail = self.tail.view().last_seq(chat).unwrap_or(0);
         let mut read = ReadOptions::default();
         read.set_iterate_lower_bound(history_key(chat, 0));
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_HISTORY), read);
@@ -539,7 +542,6 @@ impl Store {
                 0
             }
         };
-        let tail = self.tail.view().last_seq(chat).unwrap_or(0);
         Ok(last.max(tail).max(self.horizon(chat)?.saturating_sub(1)))
     }
 
@@ -645,14 +647,15 @@ impl Store {
     /// entries are included, and `meta` shows the bookkeeping as it will be once the tail is
     /// ingested (so a dump does not depend on when ingestion ran).
     pub fn dump(&self, cf: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        // The tail is read first: a generation ingested while RocksDB is read is then seen in
+        // one or the other (read the other way round, it could be missed in both).
+        let tail = tail_cf(cf).map(|t| self.tail.view().entries(t));
         let mut out = BTreeMap::new();
         for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
             let (k, v) = item.map_err(rocks)?;
             out.insert(k.to_vec(), v.to_vec());
         }
-        if let Some(tail_cf) = tail_cf(cf) {
-            out.extend(self.tail.view().entries(tail_cf));
-        }
+        out.extend(tail.into_iter().flatten());
         if cf == CF_META {
             out.remove(KEY_TAIL_DURABLE);
         }
