@@ -262,6 +262,9 @@ fn append_and_resume(dir: &Path, scale: &Scale, filter: &str) {
             .map(|v| v.split(',').filter_map(|d| d.trim().parse().ok()).collect())
             .unwrap_or_else(|| vec![1, TICKETS_IN_FLIGHT]);
         for depth in depths {
+            if std::env::var("CHATLOG_BENCH_APPEND_TOKIO").is_ok_and(|v| v == "only") {
+                break;
+            }
             let l = settle(scale);
             let cpu_before = cpu_by_thread();
             let (n, el) = throughput(
@@ -275,6 +278,31 @@ fn append_and_resume(dir: &Path, scale: &Scale, filter: &str) {
             println!(
                 "append {CALLERS} callers x {depth} in flight: {n} msgs in {el:.2?} = {:.0} msg/s \
                  (load {l:.2} → {:.2}); {cpu}",
+                n as f64 / el.as_secs_f64(),
+                load()
+            );
+        }
+        // The same load from 64 tasks on one tokio thread, as a server embeds the engine:
+        // a ticket is a future, so a finished batch wakes the runtime, not 64 threads.
+        // CHATLOG_BENCH_APPEND_TOKIO=0 skips it, =only runs it alone (on a fresh database).
+        let tokio_case = std::env::var("CHATLOG_BENCH_APPEND_TOKIO").unwrap_or_default();
+        for depth in [TICKETS_IN_FLIGHT] {
+            if tokio_case == "0" {
+                break;
+            }
+            let l = settle(scale);
+            let cpu_before = cpu_by_thread();
+            let (n, el) = throughput_async(
+                &engine,
+                &chats,
+                &format!("a{depth}"),
+                depth,
+                scale.throughput_for,
+            );
+            let cpu = cpu_per_msg(&cpu_before, &cpu_by_thread(), n);
+            println!(
+                "append {CALLERS} tasks on one tokio thread x {depth} in flight: {n} msgs in \
+                 {el:.2?} = {:.0} msg/s (load {l:.2} → {:.2}); {cpu}",
                 n as f64 / el.as_secs_f64(),
                 load()
             );
@@ -384,6 +412,75 @@ fn throughput(
     let start = Instant::now();
     let n: u64 = handles.into_iter().map(|h| h.join().expect("caller")).sum();
     (n, start.elapsed())
+}
+
+/// [`throughput`] with the callers as tasks of a current-thread tokio runtime (named
+/// `bench-tokio`, so its CPU is reported apart from the engine's threads): each of the
+/// `CALLERS` tasks keeps `depth` tickets in flight and awaits them in order.
+fn throughput_async(
+    engine: &Arc<Engine>,
+    chats: &Arc<Vec<String>>,
+    tag: &str,
+    depth: usize,
+    run_for: Duration,
+) -> (u64, Duration) {
+    let engine = engine.clone();
+    let chats = chats.clone();
+    let tag = tag.to_owned();
+    std::thread::Builder::new()
+        .name("bench-tokio".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("tokio runtime");
+            runtime.block_on(async move {
+                let start = Instant::now();
+                let tasks: Vec<_> = (0..CALLERS)
+                    .map(|t| {
+                        let engine = engine.clone();
+                        let chats = chats.clone();
+                        let tag = tag.clone();
+                        tokio::spawn(async move {
+                            let b = body();
+                            let mut rng = StdRng::seed_from_u64(t as u64);
+                            let mut q = VecDeque::with_capacity(depth);
+                            let mut done = 0u64;
+                            let mut k = 0u64;
+                            while start.elapsed() < run_for {
+                                let chat = &chats[rng.random_range(0..chats.len())];
+                                let cmid = format!("{tag}t{t}k{k}");
+                                k += 1;
+                                q.push_back(engine.send_ticket(
+                                    "u0",
+                                    chat,
+                                    &cmid,
+                                    Some(b.clone()),
+                                    None,
+                                ));
+                                if q.len() >= depth {
+                                    q.pop_front().expect("ticket").await.expect("send");
+                                    done += 1;
+                                }
+                            }
+                            for ticket in q {
+                                ticket.await.expect("send");
+                                done += 1;
+                            }
+                            done
+                        })
+                    })
+                    .collect();
+                let mut n = 0;
+                for task in tasks {
+                    n += task.await.expect("caller task");
+                }
+                (n, start.elapsed())
+            })
+        })
+        .expect("spawn bench-tokio")
+        .join()
+        .expect("bench-tokio thread")
 }
 
 /// The child of `reopen`: fills one chat, says "done" once everything is durable, then waits
