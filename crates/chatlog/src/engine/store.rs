@@ -135,8 +135,7 @@ fn ingest_tail(db: &DB, ingest: &Ingest, maps: &Maps) -> Result<()> {
         if map.is_empty() {
             continue;
         }
-        let mut entries: Vec<(&Vec<u8>, &Vec<u8>)> = map.iter().collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let entries = sorted_by_key(map.iter());
         let n = ingest.files.fetch_add(1, Ordering::Relaxed);
         let path = ingest.dir.join(format!("{cf}-{n}.sst"));
         let mut writer = SstFileWriter::create(&ingest.options);
@@ -170,6 +169,27 @@ fn ingest_tail(db: &DB, ingest: &Ingest, maps: &Maps) -> Result<()> {
         encode(&maps.last_index),
     )
     .map_err(rocks)
+}
+
+/// The first 16 bytes of `key`, big-endian, zero-padded: comparing two of these orders the keys
+/// as their bytes do, except that equal prefixes must be told apart by the whole keys.
+fn key_prefix(key: &[u8]) -> u128 {
+    let mut bytes = [0u8; 16];
+    let n = key.len().min(16);
+    bytes[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(bytes)
+}
+
+/// `entries` in the byte order of their keys (as an SST file needs them). Index keys are short
+/// (`g123\0u7\0cmid`), so most comparisons end within the 16-byte prefix compared as one
+/// integer; a `memcmp` call per comparison was half the ingestion thread's time.
+fn sorted_by_key<'a>(
+    entries: impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)>,
+) -> Vec<(&'a Vec<u8>, &'a Vec<u8>)> {
+    let mut keyed: Vec<(u128, &Vec<u8>, &Vec<u8>)> =
+        entries.map(|(k, v)| (key_prefix(k), k, v)).collect();
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    keyed.into_iter().map(|(_, k, v)| (k, v)).collect()
 }
 
 /// The handle of a column family of the index database.
@@ -945,6 +965,27 @@ impl Batch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The prefix-first sort orders keys exactly as comparing their bytes does, with keys
+        /// that are prefixes of others, zero bytes, and lengths around 16.
+        #[test]
+        fn prefix_sort_is_byte_order(
+            keys in proptest::collection::hash_set(
+                proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(b'g'), any::<u8>()], 0..24),
+                0..200,
+            )
+        ) {
+            let keys: Vec<Vec<u8>> = keys.into_iter().collect();
+            let value = Vec::new();
+            let sorted: Vec<&Vec<u8>> =
+                sorted_by_key(keys.iter().map(|k| (k, &value))).into_iter().map(|(k, _)| k).collect();
+            let mut expected: Vec<&Vec<u8>> = keys.iter().collect();
+            expected.sort();
+            prop_assert_eq!(sorted, expected);
+        }
+    }
 
     const LEVELS: u32 = 7;
 
