@@ -268,6 +268,9 @@ pub fn quiet_perf_counters() {
     rocksdb::perf::set_perf_stats(rocksdb::perf::PerfStatsLevel::Disable);
 }
 
+/// Sorted runs at which universal compaction merges the tail's column families.
+const TAIL_CF_SORTED_RUNS: i32 = 8;
+
 /// Options of column family `name`: [`cf_options`], and for the two the index tail fills
 /// (`history`, `dedup`) universal compaction.
 ///
@@ -284,6 +287,10 @@ fn cf_options_for(name: &str) -> Options {
     let mut cf = cf_options();
     if tail_cf(name).is_some() {
         cf.set_compaction_style(DBCompactionStyle::Universal);
+        // Merge once 8 sorted runs are there, not 4: fewer, wider merges. In the append
+        // benchmark's second 10 s compaction fell from 3.1–3.2 to 2.0–2.3 µs of CPU per
+        // message; a page of 50 at 10 M events stayed at p99 197 µs.
+        cf.set_level_zero_file_num_compaction_trigger(TAIL_CF_SORTED_RUNS);
     }
     cf
 }
@@ -511,17 +518,19 @@ impl Store {
                     Some(bytes) => out.push(Some(decode(cf, bytes)?)),
                     None => {
                         out.push(None);
-                        missing.push(i);
+                        missing.push((key_prefix(key), i));
                     }
                 }
             }
         }
+        // Sorted here (cheaply, see `sorted_by_key`), RocksDB need not sort them itself.
+        missing.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| keys[a.1].cmp(&keys[b.1])));
         let found = self.db.batched_multi_get_cf(
             self.cf(cf),
-            missing.iter().map(|&i| keys[i].as_slice()),
-            false,
+            missing.iter().map(|&(_, i)| keys[i].as_slice()),
+            true,
         );
-        for (i, result) in missing.into_iter().zip(found) {
+        for ((_, i), result) in missing.into_iter().zip(found) {
             if let Some(bytes) = result.map_err(rocks)? {
                 out[i] = Some(decode(cf, &bytes)?);
             }
