@@ -5,7 +5,9 @@
 //! SIGKILL). In the order they run:
 //! - `append`: durable `send` throughput, 200-byte bodies, 1,000 chats, with 64 threads each
 //!   calling `send` (one in flight), and 64 threads each keeping 16 `send_ticket`s in flight
-//!   (waited in order); then single-caller `send` latency percentiles.
+//!   (waited in order); then 64 tasks on one current-thread tokio runtime doing the same
+//!   (tickets awaited as futures), on the database the thread cases filled; then single-caller
+//!   `send` latency percentiles.
 //! - `resume`: a device of a user in 1,000 chats is registered, 10 messages are sent into each
 //!   chat, then `resume(user, device, {})` is timed.
 //! - `reopen`: a child process (this binary, started again with `CHATLOG_ENGINE_BENCH_CHILD`)
