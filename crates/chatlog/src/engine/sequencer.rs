@@ -160,7 +160,9 @@ enum OverlayValue {
     Cursor(Cursor),
     Receipt(u64, u64),
     Device,
-    File(FileMeta),
+    /// Boxed: every overlay slot is as large as the largest variant, and this one is four
+    /// strings (uploads are rare, sends are not).
+    File(Box<FileMeta>),
     Horizon(u64),
 }
 
@@ -406,7 +408,7 @@ impl Sequencer {
                 check_user(&meta.uploader)?;
                 self.remember(
                     OverlayKey::File(meta.id.clone()),
-                    OverlayValue::File(meta.clone()),
+                    OverlayValue::File(Box::new(meta.clone())),
                 );
                 out.push(Record::File(meta));
                 Ok(Outcome::Done)
@@ -607,7 +609,7 @@ impl Sequencer {
         }
         if let Some(id) = &file {
             let meta = match self.recall(&OverlayKey::File(id.clone())) {
-                Some(OverlayValue::File(m)) => Some(m.clone()),
+                Some(OverlayValue::File(m)) => Some((**m).clone()),
                 _ => self.store.get::<FileMeta>(CF_FILES, id.as_bytes())?,
             };
             if meta.is_none_or(|m| m.uploader != user) {
