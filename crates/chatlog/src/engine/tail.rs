@@ -55,17 +55,6 @@ pub(crate) struct Maps {
 }
 
 impl Maps {
-    /// Empty maps with room for `per_map` entries each, so that filling a generation never
-    /// rehashes (growing by doubling moved every entry about twice: a tenth of the applier's
-    /// time in the append benchmark).
-    fn with_capacity(per_map: usize) -> Maps {
-        Maps {
-            history: Map::with_capacity_and_hasher(per_map, Default::default()),
-            dedup: Map::with_capacity_and_hasher(per_map, Default::default()),
-            ..Maps::default()
-        }
-    }
-
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.history.len() + self.dedup.len()
@@ -176,18 +165,9 @@ impl Tail {
             "a tail threshold of 0 would freeze on every write"
         );
         Tail {
-            state: RwLock::new(State {
-                live: Maps::with_capacity(Tail::per_map(threshold)),
-                frozen: None,
-            }),
+            state: RwLock::default(),
             threshold,
         }
-    }
-
-    /// The entries each map of a generation is sized for: a generation freezes at `threshold`
-    /// entries, and a message puts one into each map.
-    fn per_map(threshold: usize) -> usize {
-        threshold.div_ceil(2).min(TAIL_PRESIZE_MAX)
     }
 
     /// A read view.
@@ -239,8 +219,7 @@ impl Tail {
             return None;
         }
         let last_index = state.live.last_index;
-        let fresh = Maps::with_capacity(Tail::per_map(self.threshold));
-        let frozen = Arc::new(std::mem::replace(&mut state.live, fresh));
+        let frozen = Arc::new(std::mem::take(&mut state.live));
         state.live.last_index = last_index;
         state.frozen = Some(frozen.clone());
         Some(frozen)
@@ -263,8 +242,6 @@ impl Tail {
 
 /// How far past its threshold the live tail may grow while the frozen one is being ingested.
 const TAIL_OVERFULL_FACTOR: usize = 4;
-/// The most entries a map is sized for up front (a huge configured threshold grows as it fills).
-const TAIL_PRESIZE_MAX: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
