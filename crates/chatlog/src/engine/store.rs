@@ -188,8 +188,14 @@ fn sorted_by_key<'a>(
 ) -> Vec<(&'a Vec<u8>, &'a Vec<u8>)> {
     let mut keyed: Vec<(u128, &Vec<u8>, &Vec<u8>)> =
         entries.map(|(k, v)| (key_prefix(k), k, v)).collect();
-    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    keyed.sort_unstable_by(|a, b| prefix_then_bytes((a.0, a.1), (b.0, b.1)));
     keyed.into_iter().map(|(_, k, v)| (k, v)).collect()
+}
+
+/// Byte order of two keys given with their [`key_prefix`]es: the prefixes first, the whole
+/// keys only when those are equal.
+fn prefix_then_bytes(a: (u128, &[u8]), b: (u128, &[u8])) -> std::cmp::Ordering {
+    a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1))
 }
 
 /// The handle of a column family of the index database.
@@ -524,7 +530,7 @@ impl Store {
             }
         }
         // Sorted here (cheaply, see `sorted_by_key`), RocksDB need not sort them itself.
-        missing.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| keys[a.1].cmp(&keys[b.1])));
+        missing.sort_unstable_by(|a, b| prefix_then_bytes((a.0, &keys[a.1]), (b.0, &keys[b.1])));
         let found = self.db.batched_multi_get_cf(
             self.cf(cf),
             missing.iter().map(|&(_, i)| keys[i].as_slice()),
