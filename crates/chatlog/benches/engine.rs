@@ -263,48 +263,40 @@ fn append_and_resume(dir: &Path, scale: &Scale, filter: &str) {
             .ok()
             .map(|v| v.split(',').filter_map(|d| d.trim().parse().ok()).collect())
             .unwrap_or_else(|| vec![1, TICKETS_IN_FLIGHT]);
-        for depth in depths {
-            if std::env::var("CHATLOG_BENCH_APPEND_TOKIO").is_ok_and(|v| v == "only") {
-                break;
-            }
-            let l = settle(scale);
-            let cpu_before = cpu_by_thread();
-            let (n, el) = throughput(
-                &engine,
-                &chats,
-                &format!("d{depth}"),
-                depth,
-                scale.throughput_for,
-            );
-            let cpu = cpu_per_msg(&cpu_before, &cpu_by_thread(), n);
-            println!(
-                "append {CALLERS} callers x {depth} in flight: {n} msgs in {el:.2?} = {:.0} msg/s \
-                 (load {l:.2} → {:.2}); {cpu}",
-                n as f64 / el.as_secs_f64(),
-                load()
-            );
-        }
-        // The same load from 64 tasks on one tokio thread, as a server embeds the engine:
+        // Then the same load from 64 tasks on one tokio thread, as a server embeds the engine:
         // a ticket is a future, so a finished batch wakes the runtime, not 64 threads.
         // CHATLOG_BENCH_APPEND_TOKIO=0 skips it, =only runs it alone (on a fresh database).
         let tokio_case = std::env::var("CHATLOG_BENCH_APPEND_TOKIO").unwrap_or_default();
-        for depth in [TICKETS_IN_FLIGHT] {
-            if tokio_case == "0" {
-                break;
-            }
+        let mut cases: Vec<(bool, usize)> = match tokio_case.as_str() {
+            "only" => Vec::new(),
+            _ => depths.into_iter().map(|depth| (false, depth)).collect(),
+        };
+        if tokio_case != "0" {
+            cases.push((true, TICKETS_IN_FLIGHT));
+        }
+        for (tokio, depth) in cases {
             let l = settle(scale);
             let cpu_before = cpu_by_thread();
-            let (n, el) = throughput_async(
+            let (run, tag, callers) = if tokio {
+                (
+                    throughput_async as Throughput,
+                    "a",
+                    "tasks on one tokio thread",
+                )
+            } else {
+                (throughput as Throughput, "d", "callers")
+            };
+            let (n, el) = run(
                 &engine,
                 &chats,
-                &format!("a{depth}"),
+                &format!("{tag}{depth}"),
                 depth,
                 scale.throughput_for,
             );
             let cpu = cpu_per_msg(&cpu_before, &cpu_by_thread(), n);
             println!(
-                "append {CALLERS} tasks on one tokio thread x {depth} in flight: {n} msgs in \
-                 {el:.2?} = {:.0} msg/s (load {l:.2} → {:.2}); {cpu}",
+                "append {CALLERS} {callers} x {depth} in flight: {n} msgs in {el:.2?} = {:.0} \
+                 msg/s (load {l:.2} → {:.2}); {cpu}",
                 n as f64 / el.as_secs_f64(),
                 load()
             );
@@ -367,6 +359,9 @@ fn append_and_resume(dir: &Path, scale: &Scale, filter: &str) {
         Err(_) => panic!("engine still shared"),
     }
 }
+
+/// [`throughput`] or [`throughput_async`].
+type Throughput = fn(&Arc<Engine>, &Arc<Vec<String>>, &str, usize, Duration) -> (u64, Duration);
 
 /// Runs `CALLERS` threads, each keeping `depth` sends in flight, for `run_for`; returns the
 /// messages acknowledged durable and the elapsed time.
