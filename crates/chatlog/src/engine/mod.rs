@@ -345,7 +345,6 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// Reads and decodes the record at `index`.
 /// The log entries of `records`: encoded one after another into one buffer, each entry a slice
 /// of it. `to_allocvec` per record grew a fresh `Vec` by doubling from 8 bytes, about six
 /// reallocations and copies for a 200-byte message.
@@ -368,6 +367,7 @@ fn encode_records(records: &[Record]) -> Vec<Bytes> {
         .collect()
 }
 
+/// Reads and decodes the record at `index`.
 pub(crate) fn read_record(log: &Log, index: u64) -> Result<Record, ChatError> {
     decode_record(log, index, &log.read(index)?)
 }
