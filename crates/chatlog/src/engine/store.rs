@@ -185,11 +185,11 @@ fn key_prefix(key: &[u8]) -> u128 {
 /// integer; a `memcmp` call per comparison was half the ingestion thread's time.
 fn sorted_by_key<'a>(
     entries: impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)>,
-) -> Vec<(&'a Vec<u8>, &'a Vec<u8>)> {
+) -> impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)> {
     let mut keyed: Vec<(u128, &Vec<u8>, &Vec<u8>)> =
         entries.map(|(k, v)| (key_prefix(k), k, v)).collect();
     keyed.sort_unstable_by(|a, b| prefix_then_bytes((a.0, a.1), (b.0, b.1)));
-    keyed.into_iter().map(|(_, k, v)| (k, v)).collect()
+    keyed.into_iter().map(|(_, k, v)| (k, v))
 }
 
 /// Byte order of two keys given with their [`key_prefix`]es: the prefixes first, the whole
@@ -995,7 +995,7 @@ mod tests {
             let keys: Vec<Vec<u8>> = keys.into_iter().collect();
             let value = Vec::new();
             let sorted: Vec<&Vec<u8>> =
-                sorted_by_key(keys.iter().map(|k| (k, &value))).into_iter().map(|(k, _)| k).collect();
+                sorted_by_key(keys.iter().map(|k| (k, &value))).map(|(k, _)| k).collect();
             let mut expected: Vec<&Vec<u8>> = keys.iter().collect();
             expected.sort();
             prop_assert_eq!(sorted, expected);
