@@ -41,7 +41,8 @@ pub struct ClusterConfig {
     pub data_dir: PathBuf,
     /// The engine's configuration (made a replica).
     pub engine: EngineConfig,
-    /// The Raft log's segment configuration.
+    /// The Raft log's segment configuration. Default: [`LogConfig::default`], keeping one
+    /// sealed segment in the page cache.
     pub raft_log: LogConfig,
     /// A write not committed within this time answers `unavailable`. Default 3 s.
     pub write_timeout: Duration,
@@ -71,7 +72,10 @@ impl ClusterConfig {
             peers,
             data_dir,
             engine: EngineConfig::default(),
-            raft_log: LogConfig::default(),
+            raft_log: LogConfig {
+                cached_sealed_segments: Some(RAFT_LOG_CACHED_SEALED_SEGMENTS),
+                ..LogConfig::default()
+            },
             write_timeout: Duration::from_secs(3),
             heartbeat_ms: 100,
             election_timeout_ms: (300, 500),
@@ -144,6 +148,13 @@ fn unavailable(why: String) -> ChatError {
         source: std::io::Error::other(why),
     })
 }
+
+/// Sealed Raft log segments kept in the page cache. Committed entries are read again only by
+/// a lagging follower's replication and by the engine's replay after a crash (from its last
+/// marker: the newest entries), so older segments only crowded out the engine's history, and
+/// on this project's VMs writing every new segment into fresh pages cost a tenth of the
+/// cluster's CPU (docs/benchmarks.md, "Page cache").
+const RAFT_LOG_CACHED_SEALED_SEGMENTS: usize = 1;
 
 /// Operations one Raft entry carries at most.
 const BATCH_OPS_MAX: usize = 4096;

@@ -363,3 +363,34 @@ fn reads_racing_a_truncate_see_an_entry_or_out_of_range() {
         r.join().unwrap();
     }
 }
+
+/// With `cached_sealed_segments: Some(0)` every sealed segment is dropped from the real page
+/// cache (`POSIX_FADV_DONTNEED`) as it is sealed; reads (from the memory map and the files)
+/// and a reopen still return every entry.
+#[test]
+fn sealed_segments_dropped_from_the_page_cache_read_back_intact() {
+    use chatlog::io::{FileSystem, StdFs};
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        cached_sealed_segments: Some(0),
+        ..small_config()
+    };
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    for i in 1..=300u64 {
+        assert_eq!(log.append(entry(i)).unwrap(), i);
+    }
+    for i in 1..=300u64 {
+        assert_eq!(&log.read(i).unwrap()[..], &entry(i)[..], "entry {i}");
+    }
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.verify().unwrap(), 300);
+    for (i, data) in log.iter_from(1).map(|r| r.unwrap()) {
+        assert_eq!(&data[..], &entry(i)[..], "entry {i} after reopen");
+    }
+    let missing = dir.path().join("no-such.seg");
+    assert_eq!(
+        StdFs.drop_cache(&missing).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+}

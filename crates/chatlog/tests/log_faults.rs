@@ -440,3 +440,54 @@ fn the_index_space_is_bounded_without_panics_or_hangs() {
     assert!(!log.is_poisoned());
     assert_eq!(log.append(entry(4)).unwrap(), chatlog::log::INDEX_MAX);
 }
+
+/// `cached_sealed_segments`: each roll drops from the page cache the one sealed segment that
+/// fell out of the newest `n` (in the writer with sparse segments, in the spare's thread
+/// with zero-filled ones), never the newest sealed ones or the active segment; by default
+/// nothing is dropped. The entries stay readable.
+#[test]
+fn sealed_segments_past_the_cached_count_are_dropped_from_the_page_cache() {
+    for preallocate in [Preallocate::Sparse, Preallocate::Zeroed] {
+        for cached in [None, Some(0), Some(1), Some(2)] {
+            let fs = FaultFs::new();
+            let config = LogConfig {
+                preallocate,
+                cached_sealed_segments: cached,
+                ..config()
+            };
+            let log = Log::open_with(Arc::new(fs.clone()), DIR, config.clone()).unwrap();
+            let entries: Vec<Vec<u8>> = (1..=600).map(entry).collect();
+            for e in &entries {
+                log.append(e.clone()).unwrap();
+            }
+            // Closing joins the thread that prepares the spare (and drops the cache).
+            log.close().unwrap();
+            let mut segments: Vec<PathBuf> = fs
+                .files()
+                .into_iter()
+                .filter(|p| {
+                    p.extension().is_some_and(|e| e == "seg")
+                        && p.file_name().is_some_and(|n| n != "spare.seg")
+                })
+                .collect();
+            segments.sort();
+            assert!(segments.len() >= 6, "expected rollovers: {segments:?}");
+            let sealed = segments.len() - 1;
+            for (i, path) in segments.iter().enumerate() {
+                let expected = match cached {
+                    Some(n) if i + n < sealed => 1,
+                    _ => 0,
+                };
+                assert_eq!(
+                    fs.cache_drops(path),
+                    expected,
+                    "{preallocate:?}, cached {cached:?}: segment {i} of {} ({})",
+                    segments.len(),
+                    path.display()
+                );
+            }
+            let log = Log::open_with(Arc::new(fs.clone()), DIR, config).unwrap();
+            assert_holds(&log, &entries, &[]);
+        }
+    }
+}

@@ -63,6 +63,8 @@ struct State {
     locks: BTreeSet<PathBuf>,
     faults: Faults,
     io_count: u64,
+    /// [`FileSystem::drop_cache`] calls per path.
+    cache_drops: BTreeMap<PathBuf, u64>,
 }
 
 /// The in-memory fault-injecting file system. Clones share the same state.
@@ -115,6 +117,16 @@ impl FaultFs {
     /// Number of I/O operations performed so far.
     pub fn io_count(&self) -> u64 {
         self.lock_state().io_count
+    }
+
+    /// How many times [`FileSystem::drop_cache`] was called on `path` (this file system keeps
+    /// no page cache: the call only counts).
+    pub fn cache_drops(&self, path: &Path) -> u64 {
+        self.lock_state()
+            .cache_drops
+            .get(path)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The file system a restarted process finds after `crash`. Locks are released and
@@ -278,6 +290,16 @@ impl FileSystem for FaultFs {
                 state.durable.insert(p.clone(), node.clone());
             }
         }
+        Ok(())
+    }
+
+    fn drop_cache(&self, path: &Path) -> io::Result<()> {
+        self.tick("fadvise")?;
+        let mut state = self.lock_state();
+        if !state.live.contains_key(path) {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        *state.cache_drops.entry(path.to_path_buf()).or_default() += 1;
         Ok(())
     }
 

@@ -42,6 +42,10 @@ pub trait FileSystem: Send + Sync + Debug + 'static {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, renames, removals) durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// Tells the OS that `path`'s cached pages will not be read soon, so clean ones can be
+    /// dropped from the page cache (`POSIX_FADV_DONTNEED`). The file's contents are unchanged:
+    /// later reads go to the disk.
+    fn drop_cache(&self, path: &Path) -> io::Result<()>;
     /// Takes an exclusive advisory lock on `path` (created if missing) for the life of the
     /// returned guard. Fails with `WouldBlock` if another holder has it.
     fn lock(&self, path: &Path) -> io::Result<Box<dyn Debug + Send + Sync>>;

@@ -64,6 +64,11 @@ impl FileSystem for StdFs {
         File::open(path)?.sync_all()
     }
 
+    fn drop_cache(&self, path: &Path) -> io::Result<()> {
+        let file = File::open(path)?;
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).map_err(io::Error::from)
+    }
+
     fn lock(&self, path: &Path) -> io::Result<Box<dyn Debug + Send + Sync>> {
         let file = OpenOptions::new()
             .read(true)

@@ -94,6 +94,15 @@ pub struct LogConfig {
     pub recovery: RecoveryMode,
     /// Index of the first entry of a new, empty log. Default 1.
     pub first_index: u64,
+    /// How many of the newest sealed segments keep their pages in the OS page cache. `None`
+    /// (the default) leaves it to the kernel. `Some(n)`: each time a segment is sealed, the
+    /// one that just fell out of the newest `n` is dropped from the page cache
+    /// ([`FileSystem::drop_cache`]); reading it later costs disk reads. For logs whose old
+    /// entries are rarely read again (a Raft log): the cache is left to data that is read,
+    /// and the pages are freed just before the next spare segment is zero-filled, so it
+    /// reuses them (on a VM that backs guest memory lazily, writing into new pages costs
+    /// about ten times more: docs/benchmarks.md, "Page cache").
+    pub cached_sealed_segments: Option<usize>,
     /// The file system [`Log::open`] uses; `None` (the default) is the real one, [`StdFs`].
     /// Tests set a [`crate::io::fault::FaultFs`] here to run a whole engine (or server) on a
     /// failing disk. [`Log::open_with`] ignores it: its argument wins.
@@ -112,6 +121,7 @@ impl Default for LogConfig {
             preallocate: Preallocate::Zeroed,
             recovery: RecoveryMode::TolerateTornTail,
             first_index: 1,
+            cached_sealed_segments: None,
             file_system: None,
         }
     }

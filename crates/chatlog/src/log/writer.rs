@@ -53,6 +53,18 @@ pub(crate) fn prepare_spare(
     Ok(file)
 }
 
+/// Drops a sealed segment's pages from the page cache. Best effort: the segment may have been
+/// purged meanwhile, and a failure changes nothing but what stays cached.
+fn drop_cache(fs: &dyn FileSystem, path: &Path) {
+    match fs.drop_cache(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "dropping a sealed segment from the page cache failed")
+        }
+    }
+}
+
 enum Spare {
     None,
     Pending(JoinHandle<Result<Arc<dyn FileHandle>>>),
@@ -73,6 +85,9 @@ pub(crate) struct Writer {
     pending_rename: bool,
     buf: Vec<u8>,
     spare: Spare,
+    /// A sealed segment that fell out of [`LogConfig::cached_sealed_segments`]: its pages are
+    /// dropped from the page cache when the next spare is prepared.
+    uncache: Option<PathBuf>,
     /// When the oldest write not yet synced happened (weaker durability modes only).
     dirty_since: Option<Instant>,
     poisoned: bool,
@@ -104,6 +119,7 @@ impl Writer {
             pending_rename: false,
             buf: Vec::new(),
             spare: Spare::None,
+            uncache: None,
             dirty_since: None,
             poisoned: false,
         }
@@ -375,6 +391,11 @@ impl Writer {
         let view = self.shared.view();
         let mut sealed_list = view.sealed.clone();
         sealed_list.push(Arc::new(sealed));
+        if let Some(keep) = self.config.cached_sealed_segments
+            && let Some(old) = sealed_list.len().checked_sub(keep + 1)
+        {
+            self.uncache = Some(sealed_list[old].path.clone());
+        }
         self.shared.set_view(View {
             sealed: sealed_list,
             active: active.clone(),
@@ -403,9 +424,15 @@ impl Writer {
         }
     }
 
-    /// Starts preparing the next spare segment in the background (zero-filling is slow).
+    /// Starts preparing the next spare segment in the background (zero-filling is slow),
+    /// after dropping the pages of the sealed segment in [`Writer::uncache`], if any, so the
+    /// zero-filling reuses them.
     fn start_spare(&mut self) {
+        let uncache = self.uncache.take();
         if self.config.preallocate != Preallocate::Zeroed {
+            if let Some(path) = uncache {
+                drop_cache(self.fs.as_ref(), &path);
+            }
             return;
         }
         let fs = self.fs.clone();
@@ -413,7 +440,12 @@ impl Writer {
         let size = self.config.segment_size_bytes;
         let spawned = std::thread::Builder::new()
             .name("chatlog-prealloc".into())
-            .spawn(move || prepare_spare(fs.as_ref(), &dir, size, Preallocate::Zeroed));
+            .spawn(move || {
+                if let Some(path) = uncache {
+                    drop_cache(fs.as_ref(), &path);
+                }
+                prepare_spare(fs.as_ref(), &dir, size, Preallocate::Zeroed)
+            });
         // If no thread can be spawned, the next roll prepares the spare itself.
         if let Ok(handle) = spawned {
             self.spare = Spare::Pending(handle);
