@@ -87,22 +87,31 @@ fn current_generation(dir: &Path) -> std::io::Result<u64> {
     }
 }
 
+/// How long a replica's engine log may hold written, unsynced entries. Without a bound
+/// ([`Durability::None`]) ten seconds of entries waited for the `fdatasync` that precedes
+/// every index tail ingestion, and that sync held the log's writer, so every replica's
+/// `apply` stalled for 5–40 ms at the same entry (the three ingest together). At 100 ms it
+/// took 0–11 ms, for about ten more syncs a second per node (docs/benchmarks.md, "Cluster").
+const ENGINE_LOG_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl StateMachine {
     /// Opens the engine under `dir` (`dir/<generation>`, the generation named by
     /// `dir/CURRENT`), as a replica.
     ///
     /// The engine's own log is written without an `fdatasync` per group
-    /// ([`Durability::None`]): every entry it applies is already durable in the Raft log of a
-    /// majority, so a sync here bought nothing but a second fsync per entry on every node (and
-    /// a serial wait inside `apply`). It is synced when a segment is sealed and before every
-    /// snapshot ([`Engine::checkpoint`]), and openraft purges Raft log entries only up to a
-    /// snapshot, so the engine never depends on a purged entry. After a power loss the engine
-    /// log may have lost an unsynced tail, or have holes in it: it is cut at the first bad
-    /// frame ([`RecoveryMode::Repair`]), indexes ahead of it are rebuilt, and openraft applies
-    /// the entries after the engine's marker again from the Raft log.
+    /// ([`Durability::Interval`] of [`ENGINE_LOG_SYNC_INTERVAL`]): every entry it applies is
+    /// already durable in the Raft log of a majority, so a sync per group bought nothing but a
+    /// second fsync per entry on every node (and a serial wait inside `apply`). Its writer
+    /// syncs it at most that long after a write, when a segment is sealed, and before every
+    /// snapshot ([`Engine::checkpoint`]) and index tail ingestion; openraft purges Raft log
+    /// entries only up to a snapshot, so the engine never depends on a purged entry. After a
+    /// power loss the engine log may have lost an unsynced tail, or have holes in it: it is
+    /// cut at the first bad frame ([`RecoveryMode::Repair`]), indexes ahead of it are
+    /// rebuilt, and openraft applies the entries after the engine's marker again from the
+    /// Raft log.
     pub fn open(dir: &Path, mut config: EngineConfig) -> Result<StateMachine, StorageError> {
         config.replicated = true;
-        config.log.durability = Durability::None;
+        config.log.durability = Durability::Interval(ENGINE_LOG_SYNC_INTERVAL);
         config.log.recovery = RecoveryMode::Repair;
         std::fs::create_dir_all(dir).map_err(sm_err)?;
         let generation = current_generation(dir).map_err(sm_err)?;

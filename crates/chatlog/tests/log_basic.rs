@@ -394,3 +394,42 @@ fn sealed_segments_dropped_from_the_page_cache_read_back_intact() {
         std::io::ErrorKind::NotFound
     );
 }
+
+/// `Durability::Interval` syncs by itself: with nothing but appends, the durable index reaches
+/// the end (a replica's engine log relies on it to keep the sync before each index tail
+/// ingestion short). With `Durability::None` it stays where it was until a sync or a seal.
+#[test]
+fn interval_durability_syncs_without_being_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        durability: Durability::Interval(std::time::Duration::from_millis(20)),
+        ..small_config()
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    for i in 1..=20u64 {
+        log.append(entry(i)).unwrap();
+    }
+    // A liveness bound, not a timing check: the interval is 20 ms.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while log.durable_next_index() < 21 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the interval sync never came: durable up to {}",
+            log.durable_next_index()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        durability: Durability::None,
+        ..small_config()
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    let before = log.durable_next_index();
+    for i in 1..=20u64 {
+        log.append(entry(i)).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(log.durable_next_index(), before, "None synced unasked");
+}
