@@ -151,9 +151,10 @@ fn unavailable(why: String) -> ChatError {
 
 /// Sealed Raft log segments kept in the page cache. Committed entries are read again only by
 /// a lagging follower's replication and by the engine's replay after a crash (from its last
-/// marker: the newest entries), so older segments only crowded out the engine's history, and
-/// on this project's VMs writing every new segment into fresh pages cost a tenth of the
-/// cluster's CPU (docs/benchmarks.md, "Page cache").
+/// marker: the newest entries), so older segments only crowded out the engine's history. And
+/// on this project's VMs, writing new segments into fresh pages is ten times dearer than into
+/// reused ones: the threads zero-filling them took a quarter of the servers' CPU in case C
+/// (docs/benchmarks.md, "Where the waves in p99 come from").
 const RAFT_LOG_CACHED_SEALED_SEGMENTS: usize = 1;
 
 /// Operations one Raft entry carries at most.

@@ -91,7 +91,8 @@ fn current_generation(dir: &Path) -> std::io::Result<u64> {
 /// ([`Durability::None`]) ten seconds of entries waited for the `fdatasync` that precedes
 /// every index tail ingestion, and that sync held the log's writer, so every replica's
 /// `apply` stalled for 5–40 ms at the same entry (the three ingest together). At 100 ms it
-/// took 0–11 ms, for about ten more syncs a second per node (docs/benchmarks.md, "Cluster").
+/// took 0–11 ms, for about ten more syncs a second per node (docs/benchmarks.md, "Where the
+/// waves in p99 come from").
 const ENGINE_LOG_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl StateMachine {

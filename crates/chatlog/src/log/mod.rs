@@ -101,7 +101,7 @@ pub struct LogConfig {
     /// entries are rarely read again (a Raft log): the cache is left to data that is read,
     /// and the pages are freed just before the next spare segment is zero-filled, so it
     /// reuses them (on a VM that backs guest memory lazily, writing into new pages costs
-    /// about ten times more: docs/benchmarks.md, "Page cache").
+    /// about ten times more: docs/benchmarks.md, "Where the waves in p99 come from").
     pub cached_sealed_segments: Option<usize>,
     /// The file system [`Log::open`] uses; `None` (the default) is the real one, [`StdFs`].
     /// Tests set a [`crate::io::fault::FaultFs`] here to run a whole engine (or server) on a
