@@ -100,7 +100,7 @@ impl StateMachine {
     /// `dir/CURRENT`), as a replica.
     ///
     /// The engine's own log is written without an `fdatasync` per group
-    /// ([`Durability::Interval`] of [`ENGINE_LOG_SYNC_INTERVAL`]): every entry it applies is
+    /// ([`Durability::Interval`] of 100 ms, `ENGINE_LOG_SYNC_INTERVAL`): every entry it applies is
     /// already durable in the Raft log of a majority, so a sync per group bought nothing but a
     /// second fsync per entry on every node (and a serial wait inside `apply`). Its writer
     /// syncs it at most that long after a write, when a segment is sealed, and before every
