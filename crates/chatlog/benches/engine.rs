@@ -26,6 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -149,9 +150,26 @@ fn settle(scale: &Scale) -> f64 {
     load()
 }
 
+/// CPU time (ns) the benchmark's caller threads used, each added as the thread ends (read
+/// from `/proc/thread-self/schedstat`, exact, where the 10 ms ticks of `stat` would lose up
+/// to a tick per thread).
+static CALLERS_CPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Adds the calling thread's CPU time so far to [`CALLERS_CPU_NS`]; call as a caller thread
+/// ends.
+fn count_caller_cpu() {
+    let ns = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    CALLERS_CPU_NS.fetch_add(ns, Ordering::Relaxed);
+}
+
 /// CPU time (clock ticks of 10 ms) used so far by this process, per engine thread name
-/// (`chatlog-*`, `rocksdb*`); everything else (the callers, ended or not, and the main
-/// thread) is "callers".
+/// (`chatlog-*`, `rocksdb*`, alive when read); "callers" (the benchmark's caller threads,
+/// which have ended by the time a case is read: [`count_caller_cpu`]); and "ended/main",
+/// the rest: engine threads that ended (each segment's `chatlog-prealloc`, each ingestion's
+/// `chatlog-ingest`) and the main thread.
 fn cpu_by_thread() -> HashMap<String, u64> {
     /// `utime + stime` of a `stat` line: `pid (comm) state ...`, where comm may hold spaces.
     fn ticks(stat: &str) -> Option<(String, u64)> {
@@ -160,6 +178,7 @@ fn cpu_by_thread() -> HashMap<String, u64> {
         let t = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
         Some((stat[open + 1..close].to_owned(), t))
     }
+    const TICK_NS: u64 = 10_000_000;
     let mut out = HashMap::new();
     let total = std::fs::read_to_string("/proc/self/stat")
         .ok()
@@ -183,12 +202,18 @@ fn cpu_by_thread() -> HashMap<String, u64> {
             named += t;
         }
     }
-    out.insert("callers".to_owned(), total.saturating_sub(named));
+    let callers = CALLERS_CPU_NS.load(Ordering::Relaxed) / TICK_NS;
+    out.insert("callers".to_owned(), callers);
+    out.insert(
+        "ended/main".to_owned(),
+        total.saturating_sub(named + callers),
+    );
     out
 }
 
 /// CPU µs per message between two [`cpu_by_thread`] samples: the total and each thread group
-/// using at least 2 % of it. (Threads that ended between the samples are not counted.)
+/// using at least 2 % of it. (An engine thread that ended between the samples counts under
+/// "ended/main".)
 fn cpu_per_msg(before: &HashMap<String, u64>, after: &HashMap<String, u64>, msgs: u64) -> String {
     const TICK_US: f64 = 10_000.0;
     let mut used: Vec<(String, u64)> = after
@@ -401,6 +426,7 @@ fn throughput(
                     ticket.wait().expect("send");
                     done += 1;
                 }
+                count_caller_cpu();
                 done
             })
         })
@@ -472,7 +498,9 @@ fn throughput_async(
                 for task in tasks {
                     n += task.await.expect("caller task");
                 }
-                (n, start.elapsed())
+                let answer = (n, start.elapsed());
+                count_caller_cpu();
+                answer
             })
         })
         .expect("spawn bench-tokio")
