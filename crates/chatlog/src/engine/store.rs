@@ -988,7 +988,10 @@ mod tests {
         #[test]
         fn prefix_sort_is_byte_order(
             keys in proptest::collection::hash_set(
-                proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(b'g'), any::<u8>()], 0..24),
+                proptest::collection::vec(
+                    prop_oneof![Just(0u8), Just(1u8), Just(b'g'), any::<u8>()],
+                    0..24,
+                ),
                 0..200,
             )
         ) {

@@ -59,9 +59,11 @@ fn drop_cache(fs: &dyn FileSystem, path: &Path) {
     match fs.drop_cache(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "dropping a sealed segment from the page cache failed")
-        }
+        Err(e) => tracing::warn!(
+            path = %path.display(),
+            error = %e,
+            "dropping a sealed segment from the page cache failed"
+        ),
     }
 }
 
