@@ -186,9 +186,9 @@ fn key_prefix(key: &[u8]) -> u128 {
 /// (`g123\0u7\0cmid`), so most comparisons end within the 16-byte prefix compared as one
 /// integer; a `memcmp` call per comparison was half the ingestion thread's time.
 fn sorted_by_key<'a>(
-    entries: impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)>,
-) -> impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)> {
-    let mut keyed: Vec<(u128, &Vec<u8>, &Vec<u8>)> =
+    entries: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+    let mut keyed: Vec<(u128, &[u8], &[u8])> =
         entries.map(|(k, v)| (key_prefix(k), k, v)).collect();
     keyed.sort_unstable_by(|a, b| prefix_then_bytes((a.0, a.1), (b.0, b.1)));
     keyed.into_iter().map(|(_, k, v)| (k, v))
@@ -1013,10 +1013,10 @@ mod tests {
             )
         ) {
             let keys: Vec<Vec<u8>> = keys.into_iter().collect();
-            let value = Vec::new();
-            let sorted: Vec<&Vec<u8>> =
-                sorted_by_key(keys.iter().map(|k| (k, &value))).map(|(k, _)| k).collect();
-            let mut expected: Vec<&Vec<u8>> = keys.iter().collect();
+            let sorted: Vec<&[u8]> = sorted_by_key(keys.iter().map(|k| (k.as_slice(), &[][..])))
+                .map(|(k, _)| k)
+                .collect();
+            let mut expected: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
             expected.sort();
             prop_assert_eq!(sorted, expected);
         }
