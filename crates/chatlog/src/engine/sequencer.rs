@@ -144,7 +144,9 @@ struct MessageInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum OverlayKey {
-    Dedup(String, String, String),
+    /// The `dedup` index key (`chat \0 sender \0 cmid`): built once per send, for the
+    /// index lookup and the overlay alike.
+    Dedup(Vec<u8>),
     Message(String, u64),
     Cursor(String, String, String),
     Receipt(String, String),
@@ -595,14 +597,16 @@ impl Sequencer {
             limit_body(&self.config, b)?;
         }
         self.member_chat(user, chat)?;
-        let dedup_key = OverlayKey::Dedup(chat.to_owned(), user.to_owned(), cmid.clone());
+        let dedup_key = OverlayKey::Dedup(store::key(&[chat, user, &cmid]));
         if let Some(OverlayValue::Dedup(seq, ts)) = self.recall(&dedup_key) {
             return Ok(Outcome::Sent { seq: *seq, ts: *ts });
         }
-        let key = store::key(&[chat, user, &cmid]);
-        let indexed = match self.prefetched.remove(&key) {
+        let OverlayKey::Dedup(key) = &dedup_key else {
+            unreachable!("built as a dedup key above")
+        };
+        let indexed = match self.prefetched.remove(key) {
             Some(found) => found,
-            None => self.store.get::<(u64, u64)>(CF_DEDUP, &key)?,
+            None => self.store.get::<(u64, u64)>(CF_DEDUP, key)?,
         };
         if let Some((seq, ts)) = indexed {
             return Ok(Outcome::Sent { seq, ts });
@@ -618,16 +622,7 @@ impl Sequencer {
                 )));
             }
         }
-        let event = self.event(
-            chat,
-            user,
-            now_ms,
-            EventKind::Message {
-                cmid: cmid.clone(),
-                body,
-                file,
-            },
-        );
+        let event = self.event(chat, user, now_ms, EventKind::Message { cmid, body, file });
         let (seq, ts) = (event.seq, event.ts);
         self.remember(dedup_key, OverlayValue::Dedup(seq, ts));
         out.push(Record::Event {

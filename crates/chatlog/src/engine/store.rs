@@ -755,6 +755,7 @@ impl Store {
             store: self,
             wb: WriteBatch::default(),
             overlay: HashMap::default(),
+            history_in_overlay: false,
             tail: Vec::new(),
             last_index: None,
         }
@@ -769,6 +770,10 @@ pub struct Batch<'a> {
     store: &'a Store,
     wb: WriteBatch,
     overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>, foldhash::fast::RandomState>,
+    /// Whether the overlay holds this batch's `history` writes. Only edits and deletes read
+    /// `history` back, so the overlay gets them on the first such read (from `tail`), not a
+    /// copy of every message's entry (a map insert and two allocations per message).
+    history_in_overlay: bool,
     /// Writes for the index tail, in order.
     tail: Vec<TailWrite>,
     last_index: Option<u64>,
@@ -788,7 +793,7 @@ impl Batch<'_> {
         let bytes = encode(value);
         // Only column families that `apply` reads back need the overlay; skipping the others
         // saves two allocations and a hash insert per write on the hot path.
-        if READ_BACK_CFS.contains(&cf) {
+        if READ_BACK_CFS.contains(&cf) && (cf != CF_HISTORY || self.history_in_overlay) {
             self.overlay.insert((cf, key.clone()), Some(bytes.clone()));
         }
         match tail_cf(cf) {
@@ -806,11 +811,25 @@ impl Batch<'_> {
         self.overlay.insert((cf, key), None);
     }
 
-    fn get<T: DeserializeOwned>(&self, cf: &'static str, key: &[u8]) -> Result<Option<T>> {
+    fn get<T: DeserializeOwned>(&mut self, cf: &'static str, key: &[u8]) -> Result<Option<T>> {
         debug_assert!(
             READ_BACK_CFS.contains(&cf),
             "{cf} writes are not kept in the overlay"
         );
+        if cf == CF_HISTORY && !self.history_in_overlay {
+            self.history_in_overlay = true;
+            for write in &self.tail {
+                if let TailWrite::Put {
+                    cf: TailCf::History,
+                    key,
+                    value,
+                } = write
+                {
+                    self.overlay
+                        .insert((CF_HISTORY, key.clone()), Some(value.clone()));
+                }
+            }
+        }
         match self.overlay.get(&(cf, key.to_vec())) {
             Some(Some(bytes)) => Ok(Some(decode(cf, bytes)?)),
             Some(None) => Ok(None),
@@ -1185,6 +1204,105 @@ mod filter_tests {
         assert!(
             (dedup * 8.0 - DEDUP_BLOOM_BITS).abs() < 2.5,
             "dedup: {dedup} B/entry"
+        );
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::super::types::{Creation, Event, EventKind, Record};
+    use super::*;
+
+    fn event(seq: u64, kind: EventKind) -> Record {
+        Record::Event {
+            event: Event {
+                chat: "g1".into(),
+                seq,
+                ts: seq,
+                sender: "ann".into(),
+                kind,
+            },
+            created: (seq == 1).then(|| Creation {
+                creator: "ann".into(),
+                direct: false,
+            }),
+        }
+    }
+
+    fn entry(store: &Store, seq: u64) -> HistoryEntry {
+        store
+            .history_range("g1", seq, 1)
+            .expect("history")
+            .pop()
+            .expect("one entry")
+    }
+
+    /// Edits and deletes read their target's history entry back: from the same batch (the
+    /// message was not committed yet), and from the index once committed.
+    #[test]
+    fn edits_and_deletes_find_their_target_in_the_same_batch_and_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, None).expect("open");
+        let message = |cmid: &str| EventKind::Message {
+            cmid: cmid.into(),
+            body: Some("hi".into()),
+            file: None,
+        };
+        let edit = |target| EventKind::Edit {
+            target,
+            body: "edited".into(),
+        };
+        let mut batch = store.batch();
+        let records = [
+            event(
+                1,
+                EventKind::Members {
+                    added: vec!["ann".into()],
+                    removed: Vec::new(),
+                    title: None,
+                },
+            ),
+            event(2, message("a")),
+            event(3, message("b")),
+            event(4, edit(2)),
+            event(5, EventKind::Delete { target: 2 }),
+            event(6, edit(3)),
+            event(7, edit(3)),
+        ];
+        for (i, r) in records.iter().enumerate() {
+            batch.apply(r, 10 + i as u64).expect("apply");
+        }
+        batch.commit().expect("commit");
+        let two = entry(&store, 2);
+        assert_eq!(
+            (two.log_index, two.edit_log_index, two.deleted),
+            (11, Some(13), true)
+        );
+        let three = entry(&store, 3);
+        assert_eq!(
+            (three.log_index, three.edit_log_index, three.deleted),
+            (12, Some(16), false)
+        );
+        let mut batch = store.batch();
+        batch.apply(&event(8, edit(2)), 17).expect("apply");
+        batch.apply(&event(9, message("c")), 18).expect("apply");
+        batch.commit().expect("commit");
+        let two = entry(&store, 2);
+        assert_eq!(
+            (two.log_index, two.edit_log_index, two.deleted),
+            (11, Some(17), true)
+        );
+        assert_eq!(entry(&store, 9).log_index, 18);
+        store.flush_tail().expect("ingest");
+        let mut batch = store.batch();
+        batch
+            .apply(&event(10, EventKind::Delete { target: 9 }), 19)
+            .expect("apply");
+        batch.commit().expect("commit");
+        let nine = entry(&store, 9);
+        assert_eq!(
+            (nine.log_index, nine.edit_log_index, nine.deleted),
+            (18, None, true)
         );
     }
 }
