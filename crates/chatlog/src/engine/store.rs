@@ -277,7 +277,7 @@ pub fn quiet_perf_counters() {
 }
 
 /// Sorted runs at which universal compaction merges the tail's column families.
-const TAIL_CF_SORTED_RUNS: i32 = 8;
+const TAIL_CF_SORTED_RUNS: i32 = 16;
 
 /// Options of column family `name`: [`cf_options`], and for the two the index tail fills
 /// (`history`, `dedup`) universal compaction.
@@ -299,10 +299,18 @@ fn cf_options_for(name: &str) -> Options {
     });
     if tail_cf(name).is_some() {
         cf.set_compaction_style(DBCompactionStyle::Universal);
-        // Merge once 8 sorted runs are there, not 4: fewer, wider merges. In the append
-        // benchmark's second 10 s compaction fell from 3.1–3.2 to 2.0–2.3 µs of CPU per
-        // message; a page of 50 at 10 M events stayed at p99 197 µs.
+        // Merge once 16 sorted runs are there: fewer, wider merges (an entry is rewritten
+        // about log16(n) times, not log8(n) or log4(n)). 4 → 8: in the append benchmark's
+        // second 10 s compaction fell from 3.1–3.2 to 2.0–2.3 µs of CPU per message. 8 → 16,
+        // with dedup's 20-bit filters: compaction 0.9–1.6 → 0.5–1.0 µs, the sequencer's
+        // lookups 1.7–1.9 → 1.9–2.0 µs, 3 alternated pairs; a page of 50 at 10 M events
+        // stayed at p99 ~200 µs.
         cf.set_level_zero_file_num_compaction_trigger(TAIL_CF_SORTED_RUNS);
+        // Ingested files count as level-0 files: RocksDB slows writes down at 20 of them and
+        // stops them at 36 by default, 2.5 and 4.5 times the trigger of 8 used before. Keep
+        // those ratios, so slowing down still means compaction fell behind.
+        cf.set_level_zero_slowdown_writes_trigger(TAIL_CF_SORTED_RUNS * 5 / 2);
+        cf.set_level_zero_stop_writes_trigger(TAIL_CF_SORTED_RUNS * 9 / 2);
     }
     cf
 }
@@ -1053,6 +1061,38 @@ mod tests {
     }
 
     fn compaction_style_in_options_file(dir: &Path, cf: &str) -> String {
+        option_in_options_file(dir, cf, "compaction_style")
+    }
+
+    /// The tail's column families merge at [`TAIL_CF_SORTED_RUNS`] sorted runs, and RocksDB's
+    /// write slowdown and stop sit well above that; the others keep RocksDB's defaults.
+    #[test]
+    fn tail_cfs_merge_at_their_sorted_run_count_and_stall_far_above_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path(), 64, None).expect("open"));
+        let option = |cf, name| {
+            option_in_options_file(dir.path(), cf, name)
+                .parse::<i32>()
+                .expect("a number")
+        };
+        for cf in [CF_HISTORY, CF_DEDUP] {
+            let trigger = option(cf, "level0_file_num_compaction_trigger");
+            assert_eq!(trigger, TAIL_CF_SORTED_RUNS, "{cf}");
+            assert!(
+                option(cf, "level0_slowdown_writes_trigger") >= 2 * trigger,
+                "{cf}"
+            );
+            assert!(
+                option(cf, "level0_stop_writes_trigger")
+                    > option(cf, "level0_slowdown_writes_trigger"),
+                "{cf}"
+            );
+        }
+        assert_eq!(option(CF_CHATS, "level0_file_num_compaction_trigger"), 4);
+        assert_eq!(option(CF_CHATS, "level0_slowdown_writes_trigger"), 20);
+    }
+
+    fn option_in_options_file(dir: &Path, cf: &str, name: &str) -> String {
         let newest = std::fs::read_dir(dir)
             .expect("read_dir")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -1064,10 +1104,11 @@ mod tests {
             .split("[CFOptions ")
             .find(|s| s.starts_with(&format!("\"{cf}\"")))
             .expect("the column family's section");
+        let prefix = format!("{name}=");
         section
             .lines()
-            .find_map(|l| l.trim().strip_prefix("compaction_style="))
-            .expect("compaction_style")
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("{name} in the {cf} section"))
             .to_owned()
     }
 
