@@ -22,6 +22,7 @@
 //! # Ok::<(), chatlog::engine::ChatError>(())
 //! ```
 
+mod dedup_filter;
 mod error;
 mod sequencer;
 pub mod store;

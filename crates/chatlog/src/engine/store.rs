@@ -27,6 +27,7 @@ use rocksdb::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::dedup_filter::{self, DedupFilter};
 use super::tail::{Maps, Tail, TailCf, TailWrite};
 use super::types::{Cursor, Event, EventKind, Record};
 use crate::error::{Error, Result};
@@ -163,6 +164,12 @@ fn ingest_tail(db: &DB, ingest: &Ingest, maps: &Maps) -> Result<()> {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("remove_file", &path, e)),
+        }
+        if cf == CF_DEDUP {
+            // In RocksDB now, and still in the tail until the caller drops the generation.
+            ingest
+                .dedup_filter
+                .insert_ingested(map.iter().map(|(k, _)| k));
         }
     }
     db.put_cf(
@@ -351,6 +358,8 @@ struct Ingest {
     /// Synced before files are ingested, so they never point past the durable log.
     log: Option<Arc<Log>>,
     files: AtomicU64,
+    /// The in-memory filter over `dedup`'s keys in RocksDB: an ingestion adds its keys.
+    dedup_filter: Arc<DedupFilter>,
 }
 
 /// The index database.
@@ -378,6 +387,7 @@ impl Drop for Store {
         if let Err(e) = self.wait_ingest() {
             tracing::warn!(error = %e, "index tail ingestion failed while closing");
         }
+        self.ingest.dedup_filter.shut_down();
     }
 }
 
@@ -385,6 +395,17 @@ impl Store {
     /// Opens (or creates) the indexes in `dir`, with an index tail frozen at `tail_entries`
     /// entries. `log` (if given) is synced before every tail ingestion.
     pub fn open(dir: &Path, tail_entries: usize, log: Option<Arc<Log>>) -> Result<Store> {
+        Store::open_with(dir, tail_entries, log, dedup_filter::CAPACITY_MIN)
+    }
+
+    /// [`Store::open`] with the in-memory dedup filter sized for at least `dedup_filter_min`
+    /// keys (tests make it small, so that it grows).
+    fn open_with(
+        dir: &Path,
+        tail_entries: usize,
+        log: Option<Arc<Log>>,
+        dedup_filter_min: u64,
+    ) -> Result<Store> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -414,14 +435,16 @@ impl Store {
         }
         std::fs::create_dir_all(&ingest_dir)
             .map_err(|e| Error::io("create_dir_all", &ingest_dir, e))?;
+        let db = Arc::new(db);
         let store = Store {
-            db: Arc::new(db),
             tail: Arc::new(Tail::new(tail_entries)),
             ingest: Arc::new(Ingest {
                 dir: ingest_dir,
                 log,
                 files: AtomicU64::new(0),
+                dedup_filter: DedupFilter::open(db.clone(), CF_DEDUP, dedup_filter_min),
             }),
+            db,
             ingesting: Mutex::new(None),
             applied: AtomicU64::new(0),
         };
@@ -525,6 +548,9 @@ impl Store {
         {
             return Ok(Some(decode(cf, bytes)?));
         }
+        if cf == CF_DEDUP && !self.ingest.dedup_filter.screen().may_contain(key) {
+            return Ok(None);
+        }
         match self.db.get_pinned_cf(self.cf(cf), key).map_err(rocks)? {
             Some(bytes) => Ok(Some(decode(cf, &bytes)?)),
             None => Ok(None),
@@ -542,14 +568,18 @@ impl Store {
         let mut missing = Vec::new();
         {
             // The tail before RocksDB, key by key: an entry leaves the tail only once it is
-            // ingested, so it is found in one or the other.
+            // ingested (and, for `dedup`, added to its filter), so it is found in one or the
+            // other.
             let view = self.tail.view();
+            let screen = (cf == CF_DEDUP).then(|| self.ingest.dedup_filter.screen());
             for (i, key) in keys.iter().enumerate() {
                 match tail_cf(cf).and_then(|t| view.get(t, key)) {
                     Some(bytes) => out.push(Some(decode(cf, bytes)?)),
                     None => {
                         out.push(None);
-                        missing.push((key_prefix(key), i));
+                        if screen.as_ref().is_none_or(|s| s.may_contain(key)) {
+                            missing.push((key_prefix(key), i));
+                        }
                     }
                 }
             }
@@ -575,6 +605,9 @@ impl Store {
             && self.tail.view().get(tail_cf, key).is_some()
         {
             return Ok(true);
+        }
+        if cf == CF_DEDUP && !self.ingest.dedup_filter.screen().may_contain(key) {
+            return Ok(false);
         }
         Ok(self
             .db
@@ -1345,5 +1378,92 @@ mod batch_tests {
             (nine.log_index, nine.edit_log_index, nine.deleted),
             (18, None, true)
         );
+    }
+}
+
+#[cfg(test)]
+mod dedup_filter_tests {
+    use super::*;
+
+    fn dedup_key(i: u64) -> Vec<u8> {
+        key(&["c1", "u1", &format!("cmid-{i}")])
+    }
+
+    /// Puts keys `from..to` through the index tail, as a batch's commit does (ingesting in the
+    /// background whenever the tail fills).
+    fn put(store: &Store, from: u64, to: u64) {
+        let writes = (from..to)
+            .map(|i| TailWrite::Put {
+                cf: TailCf::Dedup,
+                key: dedup_key(i),
+                value: encode(&(i, i)),
+            })
+            .collect();
+        let (live, _) = store.tail.apply(writes, to);
+        store.after_tail_apply(live).expect("ingest");
+    }
+
+    fn assert_all_found(store: &Store, to: u64) {
+        let keys: Vec<Vec<u8>> = (0..to).map(dedup_key).collect();
+        let found = store
+            .get_many::<(u64, u64)>(CF_DEDUP, &keys)
+            .expect("get_many");
+        for (i, value) in (0..to).zip(found) {
+            assert_eq!(value, Some((i, i)), "key {i} of {to}, by get_many");
+        }
+        for i in (0..to).step_by(97) {
+            let value = store.get::<(u64, u64)>(CF_DEDUP, &dedup_key(i));
+            assert_eq!(value.expect("get"), Some((i, i)), "key {i} of {to}, by get");
+            assert!(
+                store.contains(CF_DEDUP, &dedup_key(i)).expect("contains"),
+                "key {i} of {to}, by contains"
+            );
+        }
+    }
+
+    /// The in-memory filter in front of `dedup` never hides a key: not while it is scanned
+    /// in at open, not while ingestions race the scan, not after it grew filter by filter.
+    /// And it does screen: most absent keys never reach RocksDB.
+    #[test]
+    fn the_dedup_filter_never_hides_a_key_and_screens_absent_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut to = 0;
+        {
+            // Keys in RocksDB before the next open, for its scan to find; a filter of 64
+            // keys at first, which grows on every few ingestions.
+            let store = Store::open_with(dir.path(), 500, None, 64).expect("open");
+            while to < 3_000 {
+                put(&store, to, to + 250);
+                to += 250;
+                assert_all_found(&store, to);
+            }
+            store.flush_tail().expect("flush");
+            store.ingest.dedup_filter.wait_built();
+            assert!(
+                store.ingest.dedup_filter.ready_filters() > Some(2),
+                "grown: {:?}",
+                store.ingest.dedup_filter
+            );
+        }
+        // The scan runs in the background while the tail fills and is ingested.
+        let store = Store::open_with(dir.path(), 500, None, 64).expect("reopen");
+        while to < 20_000 {
+            put(&store, to, to + 250);
+            to += 250;
+            assert_all_found(&store, to);
+        }
+        store.ingest.dedup_filter.wait_built();
+        assert!(
+            store.ingest.dedup_filter.ready_filters() > Some(1),
+            "grown after the scan: {:?}",
+            store.ingest.dedup_filter
+        );
+        assert_all_found(&store, to);
+        let screen = store.ingest.dedup_filter.screen();
+        let absent = 20_000;
+        let passed = (0..absent)
+            .filter(|i| screen.may_contain(&dedup_key(1_000_000 + i)))
+            .count();
+        assert!(passed < 1_000, "{passed} of {absent} absent keys passed");
     }
 }
