@@ -45,6 +45,9 @@ const HASHES: u32 = 4;
 /// Fewest keys a filter is sized for (3 MB).
 pub(crate) const CAPACITY_MIN: u64 = 2 << 20;
 
+/// Most keys the first filter is sized for from RocksDB's estimate.
+const ESTIMATE_MAX: u64 = 1 << 30;
+
 /// Keys the builder scans between checks of the cancel flag.
 const CANCEL_CHECK_KEYS: u64 = 4096;
 
@@ -89,7 +92,9 @@ impl Chain {
         let held: u64 = self.0.iter().map(|f| f.count.load(Ordering::Relaxed)).sum();
         let mut filters = self.0.clone();
         filters.push(Arc::new(Filter::new(
-            (2 * (held + adding)).max(capacity_min),
+            held.saturating_add(adding)
+                .saturating_mul(2)
+                .max(capacity_min),
         )));
         Chain(filters)
     }
@@ -150,6 +155,9 @@ impl DedupFilter {
                     .flatten()
             })
             .unwrap_or(0);
+        // RocksDB's estimate is exact for `dedup` (no overwrites, no deletes), but bounded
+        // anyway: a billion keys is 1.5 GB of filter.
+        let estimate = estimate.min(ESTIMATE_MAX);
         let chain = Arc::new(Chain::new((2 * estimate).max(capacity_min)));
         let filter = Arc::new(DedupFilter {
             hasher: foldhash::fast::RandomState::default(),

@@ -157,6 +157,13 @@ fn ingest_tail(db: &DB, ingest: &Ingest, maps: &Maps) -> Result<()> {
         let file = std::fs::File::open(&path).map_err(|e| Error::io("open", &path, e))?;
         db.ingest_external_file_cf_opts(column_family(db, cf), &options, vec![&path])
             .map_err(rocks)?;
+        if cf == CF_DEDUP {
+            // In RocksDB now, and still in the tail until the caller drops the generation
+            // (which it does not do if anything below fails).
+            ingest
+                .dedup_filter
+                .insert_ingested(map.iter().map(|(k, _)| k));
+        }
         rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed)
             .map_err(|e| Error::io("posix_fadvise", &path, e.into()))?;
         drop(file);
@@ -164,12 +171,6 @@ fn ingest_tail(db: &DB, ingest: &Ingest, maps: &Maps) -> Result<()> {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("remove_file", &path, e)),
-        }
-        if cf == CF_DEDUP {
-            // In RocksDB now, and still in the tail until the caller drops the generation.
-            ingest
-                .dedup_filter
-                .insert_ingested(map.iter().map(|(k, _)| k));
         }
     }
     db.put_cf(
