@@ -31,17 +31,51 @@ struct Marker {
     membership: StoredMembership,
 }
 
-/// The current snapshot is kept as `snapshot.data` (the bundle) and `snapshot.meta`
-/// (postcard), the meta written last: a snapshot without its meta does not exist.
-fn save_snapshot(
-    dir: &Path,
-    meta: &SnapshotMeta<u64, openraft::BasicNode>,
-    data: &[u8],
-) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(dir.join("snapshot.meta"));
-    write_atomic(&dir.join("snapshot.data"), data)?;
-    let meta = postcard::to_allocvec(meta).map_err(|e| other(e.to_string()))?;
-    write_atomic(&dir.join("snapshot.meta"), &meta)
+/// The current snapshot, kept as `snapshot.data` (the bundle) and `snapshot.meta` (postcard),
+/// the meta written last: a snapshot without its meta does not exist.
+///
+/// Replacing the pair and reading it take one lock, so a reader never sees the moment between
+/// the old meta's removal and the new one's rename. It did: openraft asks for the current
+/// snapshot to send to a follower behind the purged log, and a missing one is a fatal
+/// storage error (the leader's Raft core quit with "when Read Snapshot(None): snapshot not
+/// found" in `wiped_node_catches_up_from_a_snapshot`, under load, while the next snapshot was
+/// being saved).
+#[derive(Debug)]
+struct SnapshotFiles {
+    dir: PathBuf,
+    lock: Mutex<()>,
+}
+
+type Meta = SnapshotMeta<u64, openraft::BasicNode>;
+
+impl SnapshotFiles {
+    fn new(dir: &Path) -> SnapshotFiles {
+        SnapshotFiles {
+            dir: dir.to_path_buf(),
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn save(&self, meta: &Meta, data: &[u8]) -> std::io::Result<()> {
+        let meta = postcard::to_allocvec(meta).map_err(|e| other(e.to_string()))?;
+        let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = std::fs::remove_file(self.dir.join("snapshot.meta"));
+        write_atomic(&self.dir.join("snapshot.data"), data)?;
+        write_atomic(&self.dir.join("snapshot.meta"), &meta)
+    }
+
+    /// The current snapshot's meta and bundle, if there is one.
+    fn load(&self) -> std::io::Result<Option<(Meta, Vec<u8>)>> {
+        let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = match std::fs::read(self.dir.join("snapshot.meta")) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = postcard::from_bytes(&meta).map_err(|e| other(e.to_string()))?;
+        let data = std::fs::read(self.dir.join("snapshot.data"))?;
+        Ok(Some((meta, data)))
+    }
 }
 
 fn sm_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -68,6 +102,7 @@ struct Shared {
     last: Mutex<Marker>,
     applied: watch::Sender<u64>,
     snapshot_counter: Mutex<u64>,
+    snapshot: SnapshotFiles,
 }
 
 /// The Raft state machine over a chat engine.
@@ -136,6 +171,7 @@ impl StateMachine {
                 last: Mutex::new(marker),
                 applied: watch::channel(applied).0,
                 snapshot_counter: Mutex::new(0),
+                snapshot: SnapshotFiles::new(dir),
             }),
         })
     }
@@ -285,7 +321,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let data = pack(&dir)?;
             let _ = std::fs::remove_dir_all(&dir);
-            save_snapshot(&shared.dir, &meta2, &data)?;
+            shared.snapshot.save(&meta2, &data)?;
             Ok(data)
         })
         .await
@@ -424,7 +460,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 generation.to_string().as_bytes(),
             )
             .map_err(snap_err)?;
-            save_snapshot(&shared.dir, &meta, &data).map_err(snap_err)?;
+            shared.snapshot.save(&meta, &data).map_err(snap_err)?;
             Ok((engine, marker))
         })
         .await
@@ -448,19 +484,65 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let dir = &self.shared.dir;
-        let meta = match tokio::fs::read(dir.join("snapshot.meta")).await {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(snap_err(e)),
-        };
-        let meta = postcard::from_bytes(&meta).map_err(snap_err)?;
-        let data = tokio::fs::read(dir.join("snapshot.data"))
+        let shared = self.shared.clone();
+        let loaded = tokio::task::spawn_blocking(move || shared.snapshot.load())
             .await
+            .map_err(snap_err)?
             .map_err(snap_err)?;
-        Ok(Some(Snapshot {
+        Ok(loaded.map(|(meta, data)| Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    fn meta(i: u64) -> Meta {
+        Meta {
+            last_log_id: None,
+            last_membership: StoredMembership::default(),
+            snapshot_id: i.to_string(),
+        }
+    }
+
+    fn data(i: u64) -> Vec<u8> {
+        vec![(i % 251) as u8; 64 * 1024]
+    }
+
+    /// While snapshots are replaced, a reader always finds one, and its bundle is the one its
+    /// meta names. It fails without the lock: the reader then sees no meta between the old
+    /// one's removal and the new one's rename.
+    #[test]
+    fn the_snapshot_is_never_missing_while_it_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = Arc::new(SnapshotFiles::new(dir.path()));
+        files.save(&meta(0), &data(0)).expect("first save");
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (files, done) = (files.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 1..=100 {
+                    files.save(&meta(i), &data(i)).expect("save");
+                }
+                done.store(true, Ordering::Release);
+            })
+        };
+        let mut reads = 0;
+        while !done.load(Ordering::Acquire) {
+            let (m, d) = files
+                .load()
+                .expect("load")
+                .expect("a snapshot is always there");
+            let i: u64 = m.snapshot_id.parse().expect("a numeric id");
+            assert_eq!(d, data(i), "snapshot {i}'s bundle");
+            reads += 1;
+        }
+        writer.join().expect("writer");
+        assert!(reads > 0);
     }
 }
