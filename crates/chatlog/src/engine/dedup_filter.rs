@@ -281,15 +281,18 @@ impl DedupFilter {
         iter.status().map(|()| true)
     }
 
+    /// The scan's thread, if it was not joined yet.
+    fn take_builder(&self) -> Option<JoinHandle<()>> {
+        self.builder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
     /// Stops the scan in progress, if any, and waits for its thread.
     pub(crate) fn shut_down(&self) {
         self.cancel.store(true, Ordering::Relaxed);
-        let handle = self
-            .builder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(handle) = handle {
+        if let Some(handle) = self.take_builder() {
             let _ = handle.join();
         }
     }
@@ -297,12 +300,7 @@ impl DedupFilter {
     /// Waits for the scan, if it is still running (tests).
     #[cfg(test)]
     pub(crate) fn wait_built(&self) {
-        let handle = self
-            .builder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(handle) = handle {
+        if let Some(handle) = self.take_builder() {
             handle.join().expect("dedup filter builder");
         }
     }
