@@ -314,12 +314,13 @@ fn cf_options_for(name: &str) -> Options {
     });
     if tail_cf(name).is_some() {
         cf.set_compaction_style(DBCompactionStyle::Universal);
-        // Merge once 16 sorted runs are there (64 for `dedup`): fewer, wider merges (an entry is rewritten
-        // about log16(n) times, not log8(n) or log4(n)). 4 → 8: in the append benchmark's
-        // second 10 s compaction fell from 3.1–3.2 to 2.0–2.3 µs of CPU per message. 8 → 16,
-        // with dedup's 20-bit filters: compaction 0.9–1.6 → 0.5–1.0 µs, the sequencer's
-        // lookups 1.7–1.9 → 1.9–2.0 µs, 3 alternated pairs; a page of 50 at 10 M events
-        // stayed at p99 ~200 µs.
+        // Merge once 16 sorted runs are there (64 for `dedup`): fewer, wider merges (an entry
+        // is rewritten about log16(n) times, not log8(n) or log4(n)). 4 → 8: in the append
+        // benchmark's second 10 s compaction fell from 3.1–3.2 to 2.0–2.3 µs of CPU per
+        // message. 8 → 16, with dedup's 20-bit filters: compaction 0.9–1.6 → 0.5–1.0 µs,
+        // the sequencer's lookups 1.7–1.9 → 1.9–2.0 µs, 3 alternated pairs; a page of 50 at
+        // 10 M events stayed at p99 ~200 µs. 16 → 64 for `dedup`: see
+        // [`DEDUP_SORTED_RUNS`].
         let runs = if name == CF_DEDUP {
             DEDUP_SORTED_RUNS
         } else {
@@ -584,6 +585,8 @@ impl Store {
             // ingested (and, for `dedup`, added to its filter), so it is found in one or the
             // other.
             let view = self.tail.view();
+            // Taken after the view: a key that left the tail before it was added to the
+            // filters then in place, which this screen includes.
             let screen = (cf == CF_DEDUP).then(|| self.ingest.dedup_filter.screen());
             for (i, key) in keys.iter().enumerate() {
                 match tail_cf(cf).and_then(|t| view.get(t, key)) {
