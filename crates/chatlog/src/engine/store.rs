@@ -555,6 +555,12 @@ impl Store {
         column_family(&self.db, name)
     }
 
+    /// Whether the in-memory `dedup` filter says `key` (not found in the tail) is not in
+    /// RocksDB either, so no RocksDB read is needed. Always false for other column families.
+    fn screened_out(&self, cf: &str, key: &[u8]) -> bool {
+        cf == CF_DEDUP && !self.ingest.dedup_filter.screen().may_contain(key)
+    }
+
     /// Reads and decodes one value.
     pub fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>> {
         if let Some(tail_cf) = tail_cf(cf)
@@ -562,7 +568,7 @@ impl Store {
         {
             return Ok(Some(decode(cf, bytes)?));
         }
-        if cf == CF_DEDUP && !self.ingest.dedup_filter.screen().may_contain(key) {
+        if self.screened_out(cf, key) {
             return Ok(None);
         }
         match self.db.get_pinned_cf(self.cf(cf), key).map_err(rocks)? {
@@ -622,7 +628,7 @@ impl Store {
         {
             return Ok(true);
         }
-        if cf == CF_DEDUP && !self.ingest.dedup_filter.screen().may_contain(key) {
+        if self.screened_out(cf, key) {
             return Ok(false);
         }
         Ok(self
