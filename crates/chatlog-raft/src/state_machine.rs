@@ -13,7 +13,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use chatlog::engine::{Engine, EngineConfig};
+use chatlog::engine::{Engine, EngineConfig, PendingCheckpoint};
 use chatlog::log::{Durability, RecoveryMode};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError};
@@ -299,18 +299,23 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Builds a snapshot from a checkpoint taken between two applies.
+/// Builds a snapshot from a checkpoint begun between two applies.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
     shared: Arc<Shared>,
-    checkpoint: Result<PathBuf, String>,
+    /// The engine the checkpoint was begun on, its directory and the pending checkpoint.
+    checkpoint: Result<(Arc<Engine>, PathBuf, PendingCheckpoint), String>,
     marker: Marker,
     id: String,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let dir = self.checkpoint.clone().map_err(|e| snap_err(other(e)))?;
+        let (engine, dir, pending) = std::mem::replace(
+            &mut self.checkpoint,
+            Err("the checkpoint was used by an earlier build".into()),
+        )
+        .map_err(|e| snap_err(other(e)))?;
         let meta = SnapshotMeta {
             last_log_id: self.marker.last_applied,
             last_membership: self.marker.membership.clone(),
@@ -319,6 +324,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let shared = self.shared.clone();
         let meta2 = meta.clone();
         let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            engine
+                .checkpoint_finish(pending)
+                .map_err(|e| other(e.to_string()))?;
+            drop(engine);
             let data = pack(&dir)?;
             let _ = std::fs::remove_dir_all(&dir);
             shared.snapshot.save(&meta2, &data)?;
@@ -415,10 +424,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let dir = self.shared.dir.join(format!("build-{id}"));
         let engine = self.shared.cell.get();
         let d = dir.clone();
-        // The checkpoint is taken here, between two applies, so it matches `marker` exactly.
+        // The checkpoint is begun here, between two applies, so it matches `marker` exactly;
+        // the rest of it (copying the log's last segment) waits for `build_snapshot`, which
+        // does not hold up applies.
         let checkpoint = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_dir_all(&d);
-            engine.checkpoint(&d).map(|()| d).map_err(|e| e.to_string())
+            let pending = engine.checkpoint_begin(&d).map_err(|e| e.to_string())?;
+            Ok((engine, d, pending))
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));

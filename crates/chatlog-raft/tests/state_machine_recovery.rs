@@ -207,3 +207,81 @@ async fn a_node_whose_engine_is_behind_its_purged_raft_log_refuses_to_start() {
         "{why}"
     );
 }
+
+/// Entries `from..=to`, each a group of sends by alice and bob to `g1` (large bodies, so a
+/// few hundred of them fill several small segments).
+fn sends_between(from: u64, to: u64) -> Vec<Entry> {
+    (from..=to)
+        .map(|i| {
+            let ops = (0..4)
+                .map(|k| Op::Send {
+                    user: if k % 2 == 0 { "alice" } else { "bob" }.into(),
+                    chat: "g1".into(),
+                    cmid: format!("m-{i}-{k}"),
+                    body: Some(format!("{i}-{k}-{}", "x".repeat(300))),
+                    file: None,
+                })
+                .collect();
+            entry(i, ops)
+        })
+        .collect()
+}
+
+/// A snapshot is begun between two applies and finished while more entries are applied: it
+/// holds exactly the state at its begin (sealed engine segments linked, the last one copied
+/// up to the applied entry, the index tail not ingested but replayed by the install), and a
+/// replica that installs it and applies the rest matches the one that applied everything.
+#[tokio::test]
+async fn a_snapshot_finished_during_later_applies_holds_the_state_at_its_begin() {
+    use openraft::RaftSnapshotBuilder;
+    let small = || {
+        let mut c = config();
+        c.log.segment_size_bytes = 64 << 10;
+        c.log.entry_size_bytes_max = 16 << 10;
+        c
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut source = StateMachine::open(&tmp.path().join("source"), small()).unwrap();
+    let mut first = entries();
+    first.extend(sends_between(4, 300));
+    for e in first {
+        source.apply(vec![e]).await.unwrap();
+    }
+    let sealed = std::fs::read_dir(tmp.path().join("source").join("0").join("log"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().ends_with(".idx")
+        })
+        .count();
+    assert!(sealed >= 3, "the engine log has sealed segments ({sealed})");
+    let mut builder = source.get_snapshot_builder().await;
+    // Applied after the begin: not in the snapshot.
+    for e in sends_between(301, 340) {
+        source.apply(vec![e]).await.unwrap();
+    }
+    let snapshot = builder.build_snapshot().await.unwrap();
+    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(300));
+
+    // The state at the begin, from a replica that applied only that far.
+    let (_, at_300) = {
+        let mut e = entries();
+        e.extend(sends_between(4, 300));
+        apply(&tmp.path().join("reference"), e).await
+    };
+    let mut replica = StateMachine::open(&tmp.path().join("replica"), small()).unwrap();
+    replica
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    let (applied, _) = replica.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(300));
+    assert_eq!(digest(&replica.cell().get()).unwrap(), at_300);
+    for e in sends_between(301, 340) {
+        replica.apply(vec![e]).await.unwrap();
+    }
+    assert_eq!(
+        digest(&replica.cell().get()).unwrap(),
+        digest(&source.cell().get()).unwrap()
+    );
+}

@@ -433,3 +433,108 @@ fn interval_durability_syncs_without_being_asked() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert_eq!(log.durable_next_index(), before, "None synced unasked");
 }
+
+/// Copies a log directory file by file (what a snapshot's pack and unpack do), so the copy
+/// shares nothing with the original.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// `copy_through` makes a directory holding exactly the entries up to the index it was
+/// given, wherever that index falls (before the first entry, inside or at the end of a
+/// sealed segment, in the active one), while appends and a purge go on between its begin
+/// and its finish; the original log is unchanged and a log opened on the copy continues
+/// after it.
+#[test]
+fn a_copy_through_an_index_holds_exactly_the_entries_up_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path().join("log"), small_config()).unwrap();
+    for i in 1..=300u64 {
+        log.append(entry(i)).unwrap();
+    }
+    log.purge_before(100).unwrap();
+    let first = log.first_index();
+    assert!(first > 1, "the purge removed a segment");
+    // Every index from first - 1 to the last: segments hold about 45 entries, so this
+    // crosses several segment ends.
+    for (n, through) in (first - 1..=300).enumerate() {
+        let dest = dir.path().join(format!("copy-{n}"));
+        let pending = log.copy_through(&dest, through).unwrap();
+        // Writes and a purge between begin and finish change nothing in the copy.
+        log.append(b"meanwhile".to_vec()).unwrap();
+        pending.finish().unwrap();
+        let own = dir.path().join(format!("own-{n}"));
+        copy_dir(&dest, &own);
+        let copy = Log::open(&own, small_config()).unwrap();
+        assert_eq!(copy.first_index(), first, "through {through}");
+        assert_eq!(copy.next_index(), through + 1, "through {through}");
+        for (i, data) in copy.iter_from(first).map(|r| r.unwrap()) {
+            assert_eq!(&data[..], &entry(i)[..], "through {through}, entry {i}");
+        }
+        assert_eq!(copy.append(b"next".to_vec()).unwrap(), through + 1);
+        drop(copy);
+        std::fs::remove_dir_all(&dest).unwrap();
+    }
+    // Out of range: past the last entry, and before first - 1.
+    let next = log.next_index();
+    assert!(matches!(
+        log.copy_through(&dir.path().join("bad"), next),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        log.copy_through(&dir.path().join("bad2"), first - 2),
+        Err(Error::OutOfRange { .. })
+    ));
+    // The original still holds every entry, intact.
+    drop(log);
+    let log = Log::open(dir.path().join("log"), small_config()).unwrap();
+    for i in first..=300 {
+        assert_eq!(&log.read(i).unwrap()[..], &entry(i)[..], "entry {i}");
+    }
+}
+
+/// Sealed segments are linked when the copy begins, so a purge of the original before the
+/// copy finishes leaves the copy whole.
+#[test]
+fn a_copy_survives_a_purge_of_the_original_before_it_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path().join("log"), small_config()).unwrap();
+    for i in 1..=300u64 {
+        log.append(entry(i)).unwrap();
+    }
+    let dest = dir.path().join("copy");
+    let pending = log.copy_through(&dest, 290).unwrap();
+    let first = log.purge_before(280).unwrap();
+    assert!(
+        first > 200,
+        "the purge removed most segments (first {first})"
+    );
+    pending.finish().unwrap();
+    let own = dir.path().join("own");
+    copy_dir(&dest, &own);
+    let copy = Log::open(&own, small_config()).unwrap();
+    assert_eq!((copy.first_index(), copy.next_index()), (1, 291));
+    assert_eq!(copy.verify().unwrap(), 290);
+    for (i, data) in copy.iter_from(1).map(|r| r.unwrap()) {
+        assert_eq!(&data[..], &entry(i)[..], "entry {i}");
+    }
+}
+
+/// A truncate below the copied index between begin and finish is caught by `finish`, not
+/// shipped as a short copy.
+#[test]
+fn a_copy_whose_entries_were_truncated_meanwhile_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path().join("log"), small_config()).unwrap();
+    for i in 1..=300u64 {
+        log.append(entry(i)).unwrap();
+    }
+    let pending = log.copy_through(&dir.path().join("copy"), 298).unwrap();
+    log.truncate_from(295).unwrap();
+    let err = pending.finish().unwrap_err();
+    assert!(matches!(err, Error::Corruption { .. }), "{err}");
+}

@@ -71,6 +71,14 @@ pub fn system_clock() -> Clock {
     })
 }
 
+/// A checkpoint begun by [`Engine::checkpoint_begin`], completed by
+/// [`Engine::checkpoint_finish`].
+#[derive(Debug)]
+#[must_use = "the checkpoint is incomplete until `Engine::checkpoint_finish` runs"]
+pub struct PendingCheckpoint {
+    log: crate::log::LogCopy,
+}
+
 /// Engine configuration.
 #[derive(Clone)]
 pub struct EngineConfig {
@@ -647,36 +655,45 @@ impl Engine {
 
     /// Writes a consistent copy of the engine to `dest` (which must not exist): a RocksDB
     /// checkpoint of the indexes in `dest/index` and the log's entries in `dest/log`.
-    /// [`Engine::open`] on `dest` gives an engine with the same state. Call it while no write
-    /// is in flight (a replica calls it between applied groups).
+    /// [`Engine::open`] on a copy of `dest` gives an engine with the same state. Call it
+    /// while no write is in flight (a replica calls it between applied groups).
+    ///
+    /// The same as [`Engine::checkpoint_begin`] followed at once by
+    /// [`Engine::checkpoint_finish`].
     pub fn checkpoint(&self, dest: &Path) -> Result<(), ChatError> {
+        let pending = self.checkpoint_begin(dest)?;
+        self.checkpoint_finish(pending)
+    }
+
+    /// The part of a checkpoint that must see no write in flight, and costs little: a
+    /// RocksDB checkpoint (SST files hard-linked, memtables flushed) and the log's sealed
+    /// segments hard-linked ([`Log::copy_through`]). The index tail is not ingested first:
+    /// the copy holds what a crash at this moment would leave, and opening it replays the
+    /// log's entries after the tail's durable point as every open does. Nothing in it grows
+    /// with the history, which a copy of the log entry by entry did (it paused a replica's
+    /// applies for as long as the whole log took to copy).
+    ///
+    /// `dest` is complete once [`Engine::checkpoint_finish`] returns, which may run while
+    /// writes go on. Its sealed segments and SST files share storage with this engine's: copy
+    /// it elsewhere before opening it.
+    pub fn checkpoint_begin(&self, dest: &Path) -> Result<PendingCheckpoint, ChatError> {
         std::fs::create_dir_all(dest).map_err(|e| crate::Error::io("create_dir_all", dest, e))?;
-        self.log.sync()?;
-        self.store.flush_tail()?;
         self.store.checkpoint(&dest.join("index"))?;
+        // Read after the RocksDB checkpoint: the log copy holds at least every entry its
+        // indexes name.
         let applied = self.store.applied_index()?;
-        let config = LogConfig {
-            first_index: self.log.first_index(),
-            preallocate: crate::log::Preallocate::Sparse,
-            ..self.config.log.clone()
-        };
-        let copy = Log::open(dest.join("log"), config)?;
-        let mut chunk = Vec::new();
-        let mut bytes = 0;
-        for item in self.log.iter_from(self.log.first_index()) {
-            let (index, entry) = item?;
-            if index > applied {
-                break;
-            }
-            bytes += entry.len();
-            chunk.push(entry);
-            if bytes >= 1 << 20 {
-                copy.append_batch(std::mem::take(&mut chunk))?;
-                bytes = 0;
-            }
-        }
-        copy.append_batch(chunk)?;
-        copy.close()?;
+        let through = applied.max(self.log.first_index() - 1);
+        let log = self.log.copy_through(&dest.join("log"), through)?;
+        Ok(PendingCheckpoint { log })
+    }
+
+    /// Completes a checkpoint begun by [`Engine::checkpoint_begin`]: copies the log segment
+    /// that holds the last applied entry up to it, and syncs this engine's log (a replica's
+    /// log is synced only every so often; its Raft log is purged up to a snapshot, so the
+    /// entries a snapshot covers must be durable here first).
+    pub fn checkpoint_finish(&self, pending: PendingCheckpoint) -> Result<(), ChatError> {
+        pending.log.finish()?;
+        self.log.sync()?;
         Ok(())
     }
 

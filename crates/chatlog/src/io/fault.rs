@@ -280,6 +280,21 @@ impl FileSystem for FaultFs {
         Ok(())
     }
 
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.tick("link")?;
+        let mut state = self.lock_state();
+        if state.live.contains_key(to) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        let node = state
+            .live
+            .get(from)
+            .cloned()
+            .ok_or(io::Error::from(io::ErrorKind::NotFound))?;
+        state.live.insert(to.to_path_buf(), node);
+        Ok(())
+    }
+
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         self.tick("sync_dir")?;
         let mut state = self.lock_state();

@@ -8,6 +8,7 @@
 //! # Ok::<(), chatlog::Error>(())
 //! ```
 
+mod copy;
 mod open;
 mod writer;
 
@@ -28,6 +29,7 @@ use crate::segment::format::{
 };
 use crate::segment::{Active, Sealed};
 
+pub use copy::LogCopy;
 pub use open::RecoveryReport;
 
 /// The largest log index the log hands out; appends beyond it fail with `LimitExceeded`.
@@ -276,6 +278,7 @@ pub struct Log {
     shared: Arc<Shared>,
     tx: Option<flume::Sender<Command>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    fs: Arc<dyn FileSystem>,
     config: LogConfig,
     dir: PathBuf,
     report: RecoveryReport,
@@ -340,7 +343,7 @@ impl Log {
         });
         let (tx, rx) = flume::bounded(config.queue_depth_max);
         let writer = writer::Writer::new(
-            fs,
+            fs.clone(),
             dir.clone(),
             config.clone(),
             shared.clone(),
@@ -354,6 +357,7 @@ impl Log {
             shared,
             tx: Some(tx),
             writer: Mutex::new(Some(handle)),
+            fs,
             config,
             dir,
             report: recovered.report,

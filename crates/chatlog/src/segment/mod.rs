@@ -137,7 +137,7 @@ impl Active {
     }
 
     /// Byte range `[start, end)` of the `k`-th visible frame.
-    fn place(&self, k: u64) -> Option<(usize, usize)> {
+    pub(crate) fn place(&self, k: u64) -> Option<(usize, usize)> {
         let frames = self.frames.read().unwrap_or_else(|e| e.into_inner());
         let k = usize::try_from(k).ok()?;
         let start = *frames.offsets.get(k)?;
