@@ -113,6 +113,8 @@ pub struct Gossip {
 struct Inner {
     id: NodeId,
     cell: Arc<EngineCell>,
+    /// For exporting snapshots (openraft owns the one it applies through).
+    state_machine: StateMachine,
     raft: Raft,
     client: PeerClient,
     applied: watch::Receiver<u64>,
@@ -548,6 +550,7 @@ impl ClusterNode {
         }
         let cell = sm.cell();
         let applied = sm.applied();
+        let state_machine = sm.clone();
         let raft_config = openraft::Config {
             cluster_name: "chatlog".into(),
             heartbeat_interval: config.heartbeat_ms,
@@ -575,6 +578,7 @@ impl ClusterNode {
         let inner = Arc::new(Inner {
             id: config.node_id,
             cell: cell.clone(),
+            state_machine,
             raft: raft.clone(),
             client,
             applied,
@@ -1024,8 +1028,9 @@ async fn admin_digest(State(inner): Shared) -> HttpResponse {
     }
 }
 
-/// Builds a snapshot now and answers once it exists: its id and last log index, and where its
-/// files are (`snapshot.data`, `snapshot.meta` under the node's `cluster/sm/`).
+/// Builds a snapshot now and answers once it exists and is exported: its last log index,
+/// and where its files are (`snapshot.data`, `snapshot.meta` under the node's
+/// `cluster/sm/`).
 async fn admin_snapshot(State(inner): Shared) -> HttpResponse {
     let applied = inner
         .raft
@@ -1041,18 +1046,28 @@ async fn admin_snapshot(State(inner): Shared) -> HttpResponse {
         Duration::from_secs(60),
         metrics.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= applied)),
     )
-    .await;
-    match waited {
-        Ok(Ok(m)) => axum::Json(serde_json::json!({
-            "snapshot_last_index": m.snapshot.map(|s| s.index),
-            "files": ["snapshot.data", "snapshot.meta"],
-        }))
-        .into_response(),
-        _ => (
+    .await
+    .is_ok_and(|m| m.is_ok());
+    if !waited {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "the snapshot was not built within 60 s",
         )
+            .into_response();
+    }
+    let sm = inner.state_machine.clone();
+    match tokio::task::spawn_blocking(move || sm.export_snapshot()).await {
+        Ok(Ok(index)) => axum::Json(serde_json::json!({
+            "snapshot_last_index": index,
+            "files": ["snapshot.data", "snapshot.meta"],
+        }))
+        .into_response(),
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("exporting the snapshot: {e}"),
+        )
             .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 

@@ -9,7 +9,7 @@
 //! engine log's entries ([`Engine::checkpoint`]), bundled into one byte string. Installing one
 //! opens a new engine directory from the bundle and swaps it into the [`EngineCell`].
 
-use std::io::Cursor;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -31,15 +31,23 @@ struct Marker {
     membership: StoredMembership,
 }
 
-/// The current snapshot, kept as `snapshot.data` (the bundle) and `snapshot.meta` (postcard),
-/// the meta written last: a snapshot without its meta does not exist.
+/// The current snapshot: a finished engine checkpoint kept as a directory
+/// (`snapshot-<id>`, its sealed segments and SST files hard links into the engine's), named
+/// with its meta by `snapshot.current` (postcard, written last: a snapshot whose name file
+/// does not name it does not exist). Building one therefore writes almost nothing: the byte
+/// bundle a follower needs ([`pack`]) is made when a follower asks for it
+/// ([`SnapshotFiles::load`]), streamed to a temporary file, never held in memory.
 ///
-/// Replacing the pair and reading it take one lock, so a reader never sees the moment between
-/// the old meta's removal and the new one's rename. It did: openraft asks for the current
-/// snapshot to send to a follower behind the purged log, and a missing one is a fatal
-/// storage error (the leader's Raft core quit with "when Read Snapshot(None): snapshot not
-/// found" in `wiped_node_catches_up_from_a_snapshot`, under load, while the next snapshot was
-/// being saved).
+/// `snapshot.data` and `snapshot.meta` are a bundle and its meta written on request
+/// ([`SnapshotFiles::export`], the admin snapshot endpoint) for backups, and read as the
+/// current snapshot only when there is no `snapshot.current` (a node snapshotted by an
+/// earlier version).
+///
+/// Replacing the current snapshot and reading it take one lock, so a reader never sees the
+/// moment between two snapshots. It did once: openraft asks for the current snapshot to send
+/// to a follower behind the purged log, and a missing one is a fatal storage error (the
+/// leader's Raft core quit with "when Read Snapshot(None): snapshot not found" in
+/// `wiped_node_catches_up_from_a_snapshot`, under load, while the next snapshot was saved).
 #[derive(Debug)]
 struct SnapshotFiles {
     dir: PathBuf,
@@ -47,6 +55,12 @@ struct SnapshotFiles {
 }
 
 type Meta = SnapshotMeta<u64, openraft::BasicNode>;
+
+/// Names the current snapshot's directory, with its meta.
+const CURRENT_SNAPSHOT: &str = "snapshot.current";
+/// An exported bundle and its meta (backups; the current snapshot of earlier versions).
+const EXPORTED_DATA: &str = "snapshot.data";
+const EXPORTED_META: &str = "snapshot.meta";
 
 impl SnapshotFiles {
     fn new(dir: &Path) -> SnapshotFiles {
@@ -56,25 +70,111 @@ impl SnapshotFiles {
         }
     }
 
-    fn save(&self, meta: &Meta, data: &[u8]) -> std::io::Result<()> {
-        let meta = postcard::to_allocvec(meta).map_err(|e| other(e.to_string()))?;
-        let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = std::fs::remove_file(self.dir.join("snapshot.meta"));
-        write_atomic(&self.dir.join("snapshot.data"), data)?;
-        write_atomic(&self.dir.join("snapshot.meta"), &meta)
+    fn held(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The current snapshot's meta and bundle, if there is one.
-    fn load(&self) -> std::io::Result<Option<(Meta, Vec<u8>)>> {
-        let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let meta = match std::fs::read(self.dir.join("snapshot.meta")) {
+    /// The current snapshot's meta and directory name (the lock held).
+    fn current_locked(&self) -> std::io::Result<Option<(Meta, String)>> {
+        match std::fs::read(self.dir.join(CURRENT_SNAPSHOT)) {
+            Ok(b) => postcard::from_bytes(&b)
+                .map(Some)
+                .map_err(|e| other(format!("{CURRENT_SNAPSHOT}: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes `built`, a finished checkpoint directory under this directory, the current
+    /// snapshot, and removes the one before.
+    fn save(&self, meta: &Meta, built: &Path) -> std::io::Result<()> {
+        let _held = self.held();
+        let previous = self.current_locked()?;
+        // Unique even when a restarted node builds a snapshot with an earlier id again.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("snapshot-{}-{stamp}", meta.snapshot_id);
+        std::fs::rename(built, self.dir.join(&name))?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        let named = postcard::to_allocvec(&(meta, &name)).map_err(|e| other(e.to_string()))?;
+        write_atomic(&self.dir.join(CURRENT_SNAPSHOT), &named)?;
+        if let Some((_, old)) = previous.filter(|(_, old)| *old != name) {
+            let _ = std::fs::remove_dir_all(self.dir.join(old));
+        }
+        Ok(())
+    }
+
+    /// The current snapshot's meta and bundle: packed from its directory into a temporary
+    /// file (removed once the returned handle closes), or an earlier version's bundle.
+    fn load(&self) -> std::io::Result<Option<(Meta, std::fs::File)>> {
+        let _held = self.held();
+        if let Some((meta, name)) = self.current_locked()? {
+            let tmp = self.dir.join(format!("{name}.bundle.tmp"));
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            std::fs::remove_file(&tmp)?;
+            {
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
+                pack(&self.dir.join(name), &mut out)?;
+                out.flush()?;
+            }
+            file.seek(std::io::SeekFrom::Start(0))?;
+            return Ok(Some((meta, file)));
+        }
+        let meta = match std::fs::read(self.dir.join(EXPORTED_META)) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let meta = postcard::from_bytes(&meta).map_err(|e| other(e.to_string()))?;
-        let data = std::fs::read(self.dir.join("snapshot.data"))?;
-        Ok(Some((meta, data)))
+        let meta =
+            postcard::from_bytes(&meta).map_err(|e| other(format!("{EXPORTED_META}: {e}")))?;
+        Ok(Some((
+            meta,
+            std::fs::File::open(self.dir.join(EXPORTED_DATA))?,
+        )))
+    }
+
+    /// Writes the current snapshot as `snapshot.data` (its bundle) and `snapshot.meta`;
+    /// returns its meta, or `None` if there is no snapshot.
+    fn export(&self) -> std::io::Result<Option<Meta>> {
+        let Some((meta, mut bundle)) = self.load()? else {
+            return Ok(None);
+        };
+        let tmp = self.dir.join(format!("{EXPORTED_DATA}.tmp"));
+        {
+            let mut out = std::fs::File::create(&tmp)?;
+            std::io::copy(&mut bundle, &mut out)?;
+            out.sync_all()?;
+        }
+        let _held = self.held();
+        std::fs::rename(&tmp, self.dir.join(EXPORTED_DATA))?;
+        let bytes = postcard::to_allocvec(&meta).map_err(|e| other(e.to_string()))?;
+        write_atomic(&self.dir.join(EXPORTED_META), &bytes)?;
+        Ok(Some(meta))
+    }
+
+    /// Removes what an interrupted build, save or load left behind: snapshot directories
+    /// the name file does not name, checkpoints being built, temporary files.
+    fn clean(&self) -> std::io::Result<()> {
+        let _held = self.held();
+        let current = self.current_locked()?.map(|(_, name)| name);
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale_dir = (name.starts_with("snapshot-") || name.starts_with("build-"))
+                && current.as_deref() != Some(name.as_str());
+            if stale_dir && entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(entry.path())?;
+            } else if name.ends_with(".tmp") && entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -159,6 +259,8 @@ impl StateMachine {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
+        let snapshot = SnapshotFiles::new(dir);
+        snapshot.clean().map_err(sm_err)?;
         let engine =
             Engine::open(dir.join(generation.to_string()), config.clone()).map_err(sm_err)?;
         let marker = read_marker(&engine)?;
@@ -171,9 +273,21 @@ impl StateMachine {
                 last: Mutex::new(marker),
                 applied: watch::channel(applied).0,
                 snapshot_counter: Mutex::new(0),
-                snapshot: SnapshotFiles::new(dir),
+                snapshot,
             }),
         })
+    }
+
+    /// Writes the current snapshot as `snapshot.data` (the bundle [`restore_bundle`] reads)
+    /// and `snapshot.meta` in the state machine's directory, for a backup; returns the
+    /// snapshot's last log index (`Ok(None)`: there is no snapshot yet). Blocks: call it
+    /// off the async threads.
+    pub fn export_snapshot(&self) -> std::io::Result<Option<u64>> {
+        Ok(self
+            .shared
+            .snapshot
+            .export()?
+            .map(|meta| meta.last_log_id.map_or(0, |l| l.index)))
     }
 
     /// The engine cell (the server reads the engine through it).
@@ -194,12 +308,33 @@ fn read_marker(engine: &Engine) -> Result<Marker, StorageError> {
     }
 }
 
-/// Packs every file under `dir` into one byte string: per file, the path's length (u32 LE)
-/// and bytes, the file's length (u64 LE), the stored length (u64 LE) and the stored bytes.
-/// Trailing zeros (preallocated, unwritten segment space) are not stored; unpacking restores
-/// the file's length.
-fn pack(dir: &Path) -> std::io::Result<Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<u8>) -> std::io::Result<()> {
+/// Bytes copied per read when a bundle is written or read.
+const BUNDLE_CHUNK_BYTES: usize = 1 << 20;
+
+/// Length of `file` without its trailing zeros (preallocated, unwritten segment space), read
+/// backwards a chunk at a time.
+fn stored_len(file: &std::fs::File, len: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; BUNDLE_CHUNK_BYTES];
+    let mut end = len;
+    while end > 0 {
+        let n = end.min(BUNDLE_CHUNK_BYTES as u64) as usize;
+        let chunk = &mut buf[..n];
+        file.read_exact_at(chunk, end - n as u64)?;
+        if let Some(last) = chunk.iter().rposition(|b| *b != 0) {
+            return Ok(end - n as u64 + last as u64 + 1);
+        }
+        end -= n as u64;
+    }
+    Ok(0)
+}
+
+/// Writes every file under `dir` to `out` as one bundle: per file, the path's length (u32
+/// LE) and bytes, the file's length (u64 LE), the stored length (u64 LE) and the stored
+/// bytes. Trailing zeros (preallocated, unwritten segment space) are not stored; unpacking
+/// restores the file's length. Streams: memory does not grow with the files.
+fn pack(dir: &Path, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    fn walk(root: &Path, dir: &Path, out: &mut impl std::io::Write) -> std::io::Result<()> {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let path = entry.path();
@@ -211,62 +346,74 @@ fn pack(dir: &Path) -> std::io::Result<Vec<u8>> {
                     .map_err(|e| other(e.to_string()))?
                     .to_string_lossy()
                     .into_owned();
-                let data = std::fs::read(&path)?;
-                let stored = data.len() - data.iter().rev().take_while(|b| **b == 0).count();
-                out.extend_from_slice(&(rel.len() as u32).to_le_bytes());
-                out.extend_from_slice(rel.as_bytes());
-                out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-                out.extend_from_slice(&(stored as u64).to_le_bytes());
-                out.extend_from_slice(&data[..stored]);
+                let file = std::fs::File::open(&path)?;
+                let len = file.metadata()?.len();
+                let stored = stored_len(&file, len)?;
+                out.write_all(&(rel.len() as u32).to_le_bytes())?;
+                out.write_all(rel.as_bytes())?;
+                out.write_all(&len.to_le_bytes())?;
+                out.write_all(&stored.to_le_bytes())?;
+                let copied = std::io::copy(&mut std::io::Read::take(&file, stored), out)?;
+                if copied != stored {
+                    return Err(other(format!(
+                        "{} shrank while it was packed",
+                        path.display()
+                    )));
+                }
             }
         }
         Ok(())
     }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out)?;
-    Ok(out)
+    walk(dir, dir, out)
 }
 
-/// Restores a snapshot's bundle (a node's `snapshot.data`) as a standalone engine directory:
-/// [`Engine::open`] on `dir` (without `replicated`) serves the chats as of the snapshot.
+/// Restores a snapshot's bundle (`snapshot.data`, exported by the admin snapshot endpoint) as
+/// a standalone engine directory: [`Engine::open`] on `dir` (without `replicated`) serves the
+/// chats as of the snapshot.
 pub fn restore_bundle(bundle: &Path, dir: &Path) -> std::io::Result<()> {
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         return Err(other(format!("{} exists and is not empty", dir.display())));
     }
-    let bytes = std::fs::read(bundle)?;
-    unpack(&bytes, dir)
+    let file = std::fs::File::open(bundle)?;
+    unpack(
+        std::io::BufReader::with_capacity(BUNDLE_CHUNK_BYTES, file),
+        dir,
+    )
 }
 
 /// Unpacks a bundle made by [`pack`] into `dir`, refusing paths that leave it and truncated
-/// or inconsistent bundles.
-fn unpack(bytes: &[u8], dir: &Path) -> std::io::Result<()> {
+/// or inconsistent bundles. Streams, like `pack`.
+fn unpack(mut input: impl std::io::Read, dir: &Path) -> std::io::Result<()> {
+    use std::io::Read;
     let bad = |what: &str| other(format!("snapshot bundle: {what}"));
-    fn take<'a>(rest: &mut &'a [u8], n: usize) -> std::io::Result<&'a [u8]> {
-        if rest.len() < n {
-            return Err(other("snapshot bundle: truncated".into()));
-        }
-        let (head, tail) = rest.split_at(n);
-        *rest = tail;
-        Ok(head)
-    }
-    let mut rest = bytes;
-    let rest = &mut rest;
+    let truncated = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => bad("truncated"),
+        _ => e,
+    };
     std::fs::create_dir_all(dir)?;
-    while !rest.is_empty() {
-        let len = take(rest, 4)?;
-        let path_len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-        let rel =
-            std::str::from_utf8(take(rest, path_len)?).map_err(|_| bad("path is not UTF-8"))?;
-        let file_len = u64::from_le_bytes(take(rest, 8)?.try_into().expect("8 bytes"));
-        let stored = u64::from_le_bytes(take(rest, 8)?.try_into().expect("8 bytes"));
+    loop {
+        // A record's first byte, or the bundle's clean end.
+        let mut len = [0u8; 4];
+        if input.read(&mut len[..1])? == 0 {
+            break;
+        }
+        input.read_exact(&mut len[1..]).map_err(truncated)?;
+        let path_len = u32::from_le_bytes(len) as usize;
+        if path_len > 4096 {
+            return Err(bad("path longer than 4096 bytes"));
+        }
+        let mut rel = vec![0u8; path_len];
+        input.read_exact(&mut rel).map_err(truncated)?;
+        let rel = String::from_utf8(rel).map_err(|_| bad("path is not UTF-8"))?;
+        let mut word = [0u8; 8];
+        input.read_exact(&mut word).map_err(truncated)?;
+        let file_len = u64::from_le_bytes(word);
+        input.read_exact(&mut word).map_err(truncated)?;
+        let stored = u64::from_le_bytes(word);
         if stored > file_len {
             return Err(bad("stored bytes exceed the file length"));
         }
-        let data = take(
-            rest,
-            usize::try_from(stored).map_err(|_| bad("file too large"))?,
-        )?;
-        let rel_path = Path::new(rel);
+        let rel_path = Path::new(&rel);
         if rel_path.is_absolute()
             || rel_path
                 .components()
@@ -278,9 +425,11 @@ fn unpack(bytes: &[u8], dir: &Path) -> std::io::Result<()> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let file = std::fs::File::create(&path)?;
-        use std::io::Write;
-        (&file).write_all(data)?;
+        let mut file = std::fs::File::create(&path)?;
+        let copied = std::io::copy(&mut (&mut input).take(stored), &mut file)?;
+        if copied != stored {
+            return Err(bad("truncated"));
+        }
         file.set_len(file_len)?;
     }
     // Make the files durable before the directory becomes current.
@@ -323,25 +472,47 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let shared = self.shared.clone();
         let meta2 = meta.clone();
-        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        let started = std::time::Instant::now();
+        let empty = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
             engine
                 .checkpoint_finish(pending)
                 .map_err(|e| other(e.to_string()))?;
             drop(engine);
-            let data = pack(&dir)?;
-            let _ = std::fs::remove_dir_all(&dir);
-            shared.snapshot.save(&meta2, &data)?;
-            Ok(data)
+            shared.snapshot.save(&meta2, &dir)?;
+            empty_file(&shared.dir)
         })
         .await
         .map_err(snap_err)?
         .map_err(snap_err)?;
-        tracing::info!(id = %meta.snapshot_id, bytes = data.len(), "snapshot built");
+        tracing::info!(
+            id = %meta.snapshot_id,
+            took_ms = started.elapsed().as_millis() as u64,
+            "snapshot built"
+        );
+        // openraft takes only the meta of a snapshot it had built (its state machine worker
+        // answers `BuildSnapshot(meta)` and drops the data) and reads the bundle through
+        // `get_current_snapshot` when a follower needs it, so it is not packed here.
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(empty)),
         })
     }
+}
+
+/// An empty, already removed file in `dir` (for snapshot data nobody reads, and for a
+/// bundle being received).
+fn empty_file(dir: &Path) -> std::io::Result<std::fs::File> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("scratch-{}-{n}.tmp", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -442,23 +613,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let dir = self.shared.dir.clone();
+        let file = tokio::task::spawn_blocking(move || empty_file(&dir))
+            .await
+            .map_err(snap_err)?
+            .map_err(snap_err)?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         let shared = self.shared.clone();
-        let data = snapshot.into_inner();
+        let mut bundle = snapshot.into_std().await;
         let meta = meta.clone();
         let (engine, marker) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+            bundle.seek(std::io::SeekFrom::Start(0)).map_err(snap_err)?;
             let generation = current_generation(&shared.dir).map_err(snap_err)? + 1;
             let dir = shared.dir.join(generation.to_string());
             let _ = std::fs::remove_dir_all(&dir);
-            unpack(&data, &dir).map_err(snap_err)?;
+            unpack(
+                std::io::BufReader::with_capacity(BUNDLE_CHUNK_BYTES, bundle),
+                &dir,
+            )
+            .map_err(snap_err)?;
             let engine = Engine::open(&dir, shared.config.clone()).map_err(snap_err)?;
             let marker = read_marker(&engine)?;
             if marker.last_applied != meta.last_log_id {
@@ -472,7 +653,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 generation.to_string().as_bytes(),
             )
             .map_err(snap_err)?;
-            shared.snapshot.save(&meta, &data).map_err(snap_err)?;
+            // The installed state becomes this node's current snapshot (a checkpoint of the
+            // engine just opened: nothing has been applied to it yet).
+            let built = shared
+                .dir
+                .join(format!("build-install-{}", meta.snapshot_id));
+            let _ = std::fs::remove_dir_all(&built);
+            engine.checkpoint(&built).map_err(snap_err)?;
+            shared.snapshot.save(&meta, &built).map_err(snap_err)?;
             Ok((engine, marker))
         })
         .await
@@ -501,9 +689,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(snap_err)?
             .map_err(snap_err)?;
-        Ok(loaded.map(|(meta, data)| Snapshot {
+        Ok(loaded.map(|(meta, bundle)| Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(bundle)),
         }))
     }
 }
@@ -523,38 +711,146 @@ mod tests {
     }
 
     fn data(i: u64) -> Vec<u8> {
-        vec![(i % 251) as u8; 64 * 1024]
+        let mut d = vec![(i % 251) as u8; 64 * 1024];
+        // Trailing zeros are not stored in a bundle but restored from the file's length.
+        d.extend([0u8; 1000]);
+        d
+    }
+
+    /// A finished "checkpoint" directory for snapshot `i`: one data file, one in a subdirectory.
+    fn built(root: &Path, i: u64) -> PathBuf {
+        let dir = root.join(format!("build-{i}"));
+        std::fs::create_dir_all(dir.join("log")).unwrap();
+        std::fs::write(dir.join("log").join("seg"), data(i)).unwrap();
+        std::fs::write(dir.join("id"), i.to_string()).unwrap();
+        dir
+    }
+
+    /// Unpacks a loaded bundle and returns the snapshot id its files hold.
+    fn unpacked_id(bundle: std::fs::File, into: &Path) -> u64 {
+        unpack(std::io::BufReader::new(bundle), into).expect("the bundle unpacks");
+        let i: u64 = std::fs::read_to_string(into.join("id"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            std::fs::read(into.join("log").join("seg")).unwrap(),
+            data(i)
+        );
+        i
     }
 
     /// While snapshots are replaced, a reader always finds one, and its bundle is the one its
-    /// meta names. It fails without the lock: the reader then sees no meta between the old
-    /// one's removal and the new one's rename.
+    /// meta names; replaced snapshots' directories are removed. It fails without the lock:
+    /// the reader then packs a directory the writer is removing, or finds none.
     #[test]
     fn the_snapshot_is_never_missing_while_it_is_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = Arc::new(SnapshotFiles::new(dir.path()));
-        files.save(&meta(0), &data(0)).expect("first save");
+        files
+            .save(&meta(0), &built(dir.path(), 0))
+            .expect("first save");
         let done = Arc::new(AtomicBool::new(false));
         let writer = {
-            let (files, done) = (files.clone(), done.clone());
+            let (files, done, root) = (files.clone(), done.clone(), dir.path().to_path_buf());
             std::thread::spawn(move || {
-                for i in 1..=100 {
-                    files.save(&meta(i), &data(i)).expect("save");
+                for i in 1..=60 {
+                    files.save(&meta(i), &built(&root, i)).expect("save");
                 }
                 done.store(true, Ordering::Release);
             })
         };
         let mut reads = 0;
         while !done.load(Ordering::Acquire) {
-            let (m, d) = files
+            let (m, bundle) = files
                 .load()
                 .expect("load")
                 .expect("a snapshot is always there");
             let i: u64 = m.snapshot_id.parse().expect("a numeric id");
-            assert_eq!(d, data(i), "snapshot {i}'s bundle");
+            let into = dir.path().join(format!("read-{reads}"));
+            assert_eq!(unpacked_id(bundle, &into), i, "snapshot {i}'s bundle");
+            std::fs::remove_dir_all(into).unwrap();
             reads += 1;
         }
         writer.join().expect("writer");
         assert!(reads > 0);
+        let snapshot_dirs = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("snapshot-")
+            })
+            .count();
+        assert_eq!(snapshot_dirs, 1, "replaced snapshots are removed");
+    }
+
+    /// The export writes the current snapshot as a bundle `restore_bundle` reads, and a
+    /// node of an earlier version (only `snapshot.meta` and `snapshot.data`) still serves
+    /// that bundle; leftovers of interrupted builds and saves are removed by `clean`.
+    #[test]
+    fn exported_bundles_restore_and_leftovers_are_cleaned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = SnapshotFiles::new(dir.path());
+        assert!(files.load().unwrap().is_none());
+        assert!(files.export().unwrap().is_none());
+        files.save(&meta(7), &built(dir.path(), 7)).unwrap();
+        assert_eq!(
+            files.export().unwrap().map(|m| m.snapshot_id),
+            Some("7".into())
+        );
+        let restored = dir.path().join("restored");
+        restore_bundle(&dir.path().join(EXPORTED_DATA), &restored).unwrap();
+        assert_eq!(std::fs::read_to_string(restored.join("id")).unwrap(), "7");
+        assert_eq!(
+            std::fs::read(restored.join("log").join("seg")).unwrap(),
+            data(7)
+        );
+
+        // Without `snapshot.current`, the exported pair is the current snapshot.
+        std::fs::remove_file(dir.path().join(CURRENT_SNAPSHOT)).unwrap();
+        let (m, bundle) = files.load().unwrap().expect("the exported snapshot");
+        assert_eq!(m.snapshot_id, "7");
+        assert_eq!(unpacked_id(bundle, &dir.path().join("legacy")), 7);
+
+        // Leftovers: an unnamed snapshot directory (the one whose name file was removed
+        // above), a checkpoint being built, a temporary file.
+        built(dir.path(), 8);
+        std::fs::write(dir.path().join("x.bundle.tmp"), b"partial").unwrap();
+        files.clean().unwrap();
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.starts_with("snapshot-") || n.starts_with("build-") || n.ends_with(".tmp")
+            })
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    /// Truncated or hostile bundles are refused with an error naming the problem.
+    #[test]
+    fn bad_bundles_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = SnapshotFiles::new(dir.path());
+        files.save(&meta(3), &built(dir.path(), 3)).unwrap();
+        let (_, mut bundle) = files.load().unwrap().unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut bundle, &mut bytes).unwrap();
+        let cut = &bytes[..bytes.len() - 10];
+        let err = unpack(cut, &dir.path().join("cut")).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        let mut evil = Vec::new();
+        let path = b"../escape";
+        evil.extend((path.len() as u32).to_le_bytes());
+        evil.extend(path);
+        evil.extend(1u64.to_le_bytes());
+        evil.extend(1u64.to_le_bytes());
+        evil.push(1);
+        let err = unpack(&evil[..], &dir.path().join("evil")).unwrap_err();
+        assert!(err.to_string().contains("bad path"), "{err}");
+        assert!(!dir.path().join("escape").exists());
     }
 }

@@ -1,7 +1,5 @@
 //! The openraft type configuration: what a Raft log entry carries and what applying it answers.
 
-use std::io::Cursor;
-
 use chatlog::engine::{Op, Outcome, Refusal};
 use serde::{Deserialize, Serialize};
 
@@ -24,14 +22,14 @@ pub struct Response(pub Vec<Result<Outcome, Refusal>>);
 
 openraft::declare_raft_types!(
     /// chatlog's Raft types: requests are engine operations, nodes are addressed by their
-    /// replication address (`--peer-listen`), snapshots are byte bundles.
+    /// replication address (`--peer-listen`), snapshots are byte bundles streamed from files.
     pub TypeConfig:
         D = Request,
         R = Response,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -231,6 +231,7 @@ fn sends_between(from: u64, to: u64) -> Vec<Entry> {
 /// holds exactly the state at its begin (sealed engine segments linked, the last one copied
 /// up to the applied entry, the index tail not ingested but replayed by the install), and a
 /// replica that installs it and applies the rest matches the one that applied everything.
+/// The replica's own current snapshot is then the installed state.
 #[tokio::test]
 async fn a_snapshot_finished_during_later_applies_holds_the_state_at_its_begin() {
     use openraft::RaftSnapshotBuilder;
@@ -260,8 +261,11 @@ async fn a_snapshot_finished_during_later_applies_holds_the_state_at_its_begin()
     for e in sends_between(301, 340) {
         source.apply(vec![e]).await.unwrap();
     }
-    let snapshot = builder.build_snapshot().await.unwrap();
-    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(300));
+    let built = builder.build_snapshot().await.unwrap();
+    assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(300));
+    // What a follower is sent: the current snapshot, packed from its directory.
+    let snapshot = source.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(snapshot.meta, built.meta);
 
     // The state at the begin, from a replica that applied only that far.
     let (_, at_300) = {
@@ -277,6 +281,8 @@ async fn a_snapshot_finished_during_later_applies_holds_the_state_at_its_begin()
     let (applied, _) = replica.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(300));
     assert_eq!(digest(&replica.cell().get()).unwrap(), at_300);
+    let again = replica.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(again.meta.last_log_id.map(|l| l.index), Some(300));
     for e in sends_between(301, 340) {
         replica.apply(vec![e]).await.unwrap();
     }
