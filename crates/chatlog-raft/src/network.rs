@@ -123,7 +123,7 @@ pub enum SendError {
     /// The message was delivered but its answer was lost (a link cut one way back).
     #[error("answer from node {0} lost")]
     AnswerLost(NodeId),
-    /// Could not connect, the connection failed, or no answer came in time.
+    /// Could not connect, or the connection failed.
     #[error("node {node} at {addr}: {why}")]
     Transport {
         /// Target.
@@ -135,6 +135,17 @@ pub enum SendError {
         /// The message certainly did not leave this node (no connection, or it was closed
         /// before the message was queued).
         never_sent: bool,
+    },
+    /// No answer came in time over a working connection: the peer is slow (a long
+    /// `fdatasync`) or hung. Its answer may still come and is then dropped.
+    #[error("node {node} at {addr}: no answer within {after:?}")]
+    TimedOut {
+        /// Target.
+        node: NodeId,
+        /// Its address.
+        addr: String,
+        /// The timeout.
+        after: Duration,
     },
     /// The peer answered with an error or an undecodable body.
     #[error("node {node}: {why}")]
@@ -242,7 +253,11 @@ impl PeerClient {
             .map_err(|e| match e {
                 CallError::Closed => transport("connection closed".into(), true),
                 CallError::Lost(why) => transport(why, false),
-                CallError::TimedOut => transport(format!("no answer within {timeout:?}"), false),
+                CallError::TimedOut => SendError::TimedOut {
+                    node: to,
+                    addr: addr.to_owned(),
+                    after: timeout,
+                },
             })?;
         if code != wire::OK {
             return Err(SendError::Protocol {
@@ -294,12 +309,20 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// openraft backs off (100 ms here, [`RaftNetworkFactory::backoff`]) after `Unreachable`,
+/// not after other errors. A peer that answers late is reachable: its AppendEntries timed out
+/// (openraft's timeout is the heartbeat interval, 100 ms) because an `fdatasync` took longer,
+/// and backing off on top of that doubled the stall (a follower's 147 ms sync held the
+/// leader's entries for 228 ms, docs/benchmarks.md). So a timeout is a `Network` error: sent
+/// again at once.
 fn rpc_error<E: std::error::Error>(e: SendError) -> RPCError<NodeId, BasicNode, E> {
     match e {
         SendError::Dropped(_) | SendError::AnswerLost(_) | SendError::Transport { .. } => {
             RPCError::Unreachable(Unreachable::new(&e))
         }
-        SendError::Protocol { .. } => RPCError::Network(NetworkError::new(&e)),
+        SendError::TimedOut { .. } | SendError::Protocol { .. } => {
+            RPCError::Network(NetworkError::new(&e))
+        }
     }
 }
 
@@ -359,6 +382,29 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only errors that say the peer cannot be reached make openraft back off; a late answer
+    /// is sent again at once.
+    #[test]
+    fn a_timeout_is_not_unreachable_but_a_failed_connection_is() {
+        type E = RPCError<NodeId, BasicNode, RaftError<NodeId>>;
+        let timed_out: E = rpc_error(SendError::TimedOut {
+            node: 2,
+            addr: "127.0.0.1:1".into(),
+            after: Duration::from_millis(100),
+        });
+        assert!(matches!(timed_out, RPCError::Network(_)), "{timed_out:?}");
+        assert!(timed_out.to_string().contains("no answer within 100ms"));
+        let refused: E = rpc_error(SendError::Transport {
+            node: 2,
+            addr: "127.0.0.1:1".into(),
+            why: "connect: connection refused".into(),
+            never_sent: true,
+        });
+        assert!(matches!(refused, RPCError::Unreachable(_)), "{refused:?}");
+        let dropped: E = rpc_error(SendError::Dropped(2));
+        assert!(matches!(dropped, RPCError::Unreachable(_)), "{dropped:?}");
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// An address whose connects hang: a listener with a full accept queue that never

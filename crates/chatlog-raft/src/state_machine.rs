@@ -598,6 +598,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // The checkpoint is begun here, between two applies, so it matches `marker` exactly;
         // the rest of it (copying the log's last segment) waits for `build_snapshot`, which
         // does not hold up applies.
+        let started = std::time::Instant::now();
         let checkpoint = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_dir_all(&d);
             let pending = engine.checkpoint_begin(&d).map_err(|e| e.to_string())?;
@@ -605,6 +606,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
+        tracing::info!(
+            id,
+            applies_paused_ms = started.elapsed().as_millis() as u64,
+            "snapshot checkpoint begun"
+        );
         SnapshotBuilder {
             shared: self.shared.clone(),
             checkpoint,
