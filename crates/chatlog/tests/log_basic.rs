@@ -538,3 +538,86 @@ fn a_copy_whose_entries_were_truncated_meanwhile_fails() {
     let err = pending.finish().unwrap_err();
     assert!(matches!(err, Error::Corruption { .. }), "{err}");
 }
+
+/// The real file system without hard links (the trait's default `hard_link`).
+#[derive(Debug)]
+struct NoLinks(chatlog::io::StdFs);
+
+impl chatlog::io::FileSystem for NoLinks {
+    fn create_dir_all(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.0.create_dir_all(path)
+    }
+    fn list_dir(&self, path: &std::path::Path) -> std::io::Result<Vec<String>> {
+        self.0.list_dir(path)
+    }
+    fn open(
+        &self,
+        path: &std::path::Path,
+        mode: chatlog::io::OpenMode,
+    ) -> std::io::Result<Arc<dyn chatlog::io::FileHandle>> {
+        self.0.open(path, mode)
+    }
+    fn remove_file(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.0.remove_file(path)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        self.0.rename(from, to)
+    }
+    fn sync_dir(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.0.sync_dir(path)
+    }
+    fn drop_cache(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.0.drop_cache(path)
+    }
+    fn lock(
+        &self,
+        path: &std::path::Path,
+    ) -> std::io::Result<Box<dyn std::fmt::Debug + Send + Sync>> {
+        self.0.lock(path)
+    }
+}
+
+/// Where the file system has no hard links, sealed segments are copied instead: the copy is
+/// the same, and shares no file with the original (its segments have one link each).
+#[test]
+fn a_copy_without_hard_links_copies_the_sealed_segments() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fs: Arc<dyn chatlog::io::FileSystem> = Arc::new(NoLinks(chatlog::io::StdFs));
+    let log = Log::open_with(fs, dir.path().join("log"), small_config()).unwrap();
+    for i in 1..=300u64 {
+        log.append(entry(i)).unwrap();
+    }
+    let dest = dir.path().join("copy");
+    log.copy_through(&dest, 250).unwrap().finish().unwrap();
+    let mut segments = 0;
+    for e in std::fs::read_dir(&dest).unwrap() {
+        let e = e.unwrap();
+        if e.path().extension().is_some_and(|x| x == "seg") {
+            assert_eq!(e.metadata().unwrap().nlink(), 1, "{:?} is a copy", e.path());
+            segments += 1;
+        }
+    }
+    assert!(segments > 3, "the copy has {segments} segments");
+    let own = dir.path().join("own");
+    copy_dir(&dest, &own);
+    let copy = Log::open(&own, small_config()).unwrap();
+    assert_eq!((copy.first_index(), copy.next_index()), (1, 251));
+    for (i, data) in copy.iter_from(1).map(|r| r.unwrap()) {
+        assert_eq!(&data[..], &entry(i)[..], "entry {i}");
+    }
+
+    // With links (the real file system), the same copy links them: two names per sealed one.
+    let linked_log = dir.path().join("linked-log");
+    let linked = Log::open(&linked_log, small_config()).unwrap();
+    for i in 1..=300u64 {
+        linked.append(entry(i)).unwrap();
+    }
+    let dest = dir.path().join("linked");
+    linked.copy_through(&dest, 250).unwrap().finish().unwrap();
+    let shared = std::fs::read_dir(&dest)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().metadata().unwrap().nlink() == 2)
+        .count();
+    assert!(shared > 3, "{shared} files of the copy are links");
+}
