@@ -27,6 +27,7 @@ mod forward;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod snapshot_data;
 pub mod state_machine;
 pub mod types;
 pub mod wire;

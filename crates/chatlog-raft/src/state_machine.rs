@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::cell::EngineCell;
 use crate::log_store::write_atomic;
+use crate::snapshot_data::SnapshotData;
 use crate::types::{Entry, LogId, Response, StorageError, StoredMembership, TypeConfig, any};
 
 /// What the engine's `Applied` records carry.
@@ -49,12 +50,21 @@ struct Marker {
 /// leader's Raft core quit with "when Read Snapshot(None): snapshot not found" in
 /// `wiped_node_catches_up_from_a_snapshot`, under load, while the next snapshot was saved).
 #[derive(Debug)]
-struct SnapshotFiles {
+pub(crate) struct SnapshotFiles {
     dir: PathBuf,
     lock: Mutex<()>,
 }
 
 type Meta = SnapshotMeta<u64, openraft::BasicNode>;
+
+/// Where a snapshot's bundle comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum BundleSource {
+    /// A snapshot directory (`snapshot-<id>-<stamp>`), packed when read.
+    Dir(String),
+    /// An exported bundle (`snapshot.data`).
+    Exported,
+}
 
 /// Names the current snapshot's directory, with its meta.
 const CURRENT_SNAPSHOT: &str = "snapshot.current";
@@ -87,7 +97,7 @@ impl SnapshotFiles {
 
     /// Makes `built`, a finished checkpoint directory under this directory, the current
     /// snapshot, and removes the one before.
-    fn save(&self, meta: &Meta, built: &Path) -> std::io::Result<()> {
+    fn save(&self, meta: &Meta, built: &Path) -> std::io::Result<BundleSource> {
         let _held = self.held();
         let previous = self.current_locked()?;
         // Unique even when a restarted node builds a snapshot with an earlier id again.
@@ -102,29 +112,19 @@ impl SnapshotFiles {
         if let Some((_, old)) = previous.filter(|(_, old)| *old != name) {
             let _ = std::fs::remove_dir_all(self.dir.join(old));
         }
-        Ok(())
+        Ok(BundleSource::Dir(name))
     }
 
-    /// The current snapshot's meta and bundle: packed from its directory into a temporary
-    /// file (removed once the returned handle closes), or an earlier version's bundle.
-    fn load(&self) -> std::io::Result<Option<(Meta, std::fs::File)>> {
+    /// The current snapshot's meta and where its bundle comes from, without packing it:
+    /// its directory, or an earlier version's exported bundle.
+    pub(crate) fn current(&self) -> std::io::Result<Option<(Meta, BundleSource)>> {
         let _held = self.held();
+        self.current_source_locked()
+    }
+
+    fn current_source_locked(&self) -> std::io::Result<Option<(Meta, BundleSource)>> {
         if let Some((meta, name)) = self.current_locked()? {
-            let tmp = self.dir.join(format!("{name}.bundle.tmp"));
-            let mut file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            std::fs::remove_file(&tmp)?;
-            {
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
-                pack(&self.dir.join(name), &mut out)?;
-                out.flush()?;
-            }
-            file.seek(std::io::SeekFrom::Start(0))?;
-            return Ok(Some((meta, file)));
+            return Ok(Some((meta, BundleSource::Dir(name))));
         }
         let meta = match std::fs::read(self.dir.join(EXPORTED_META)) {
             Ok(b) => b,
@@ -133,10 +133,53 @@ impl SnapshotFiles {
         };
         let meta =
             postcard::from_bytes(&meta).map_err(|e| other(format!("{EXPORTED_META}: {e}")))?;
-        Ok(Some((
-            meta,
-            std::fs::File::open(self.dir.join(EXPORTED_DATA))?,
-        )))
+        Ok(Some((meta, BundleSource::Exported)))
+    }
+
+    /// The bundle of a snapshot [`SnapshotFiles::current`] named: its directory packed into
+    /// a temporary file (removed once the handle closes), or the exported file. Fails if
+    /// the snapshot was replaced meanwhile (its directory is gone).
+    pub(crate) fn open_bundle(&self, source: &BundleSource) -> std::io::Result<std::fs::File> {
+        let _held = self.held();
+        self.open_bundle_locked(source)
+    }
+
+    fn open_bundle_locked(&self, source: &BundleSource) -> std::io::Result<std::fs::File> {
+        let name = match source {
+            BundleSource::Exported => return std::fs::File::open(self.dir.join(EXPORTED_DATA)),
+            BundleSource::Dir(name) => name,
+        };
+        let dir = self.dir.join(name);
+        if !dir.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("snapshot {name} was replaced by a newer one before it was read"),
+            ));
+        }
+        let tmp = self.dir.join(format!("{name}.bundle.tmp"));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        std::fs::remove_file(&tmp)?;
+        {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
+            pack(&dir, &mut out)?;
+            out.flush()?;
+        }
+        file.seek(std::io::SeekFrom::Start(0))?;
+        Ok(file)
+    }
+
+    /// The current snapshot's meta and bundle (packed now).
+    fn load(&self) -> std::io::Result<Option<(Meta, std::fs::File)>> {
+        let _held = self.held();
+        match self.current_source_locked()? {
+            None => Ok(None),
+            Some((meta, source)) => Ok(Some((meta, self.open_bundle_locked(&source)?))),
+        }
     }
 
     /// Writes the current snapshot as `snapshot.data` (its bundle) and `snapshot.meta`;
@@ -202,7 +245,7 @@ struct Shared {
     last: Mutex<Marker>,
     applied: watch::Sender<u64>,
     snapshot_counter: Mutex<u64>,
-    snapshot: SnapshotFiles,
+    snapshot: Arc<SnapshotFiles>,
 }
 
 /// The Raft state machine over a chat engine.
@@ -259,7 +302,7 @@ impl StateMachine {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
-        let snapshot = SnapshotFiles::new(dir);
+        let snapshot = Arc::new(SnapshotFiles::new(dir));
         snapshot.clean().map_err(sm_err)?;
         let engine =
             Engine::open(dir.join(generation.to_string()), config.clone()).map_err(sm_err)?;
@@ -473,13 +516,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let shared = self.shared.clone();
         let meta2 = meta.clone();
         let started = std::time::Instant::now();
-        let empty = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        let source = tokio::task::spawn_blocking(move || -> std::io::Result<BundleSource> {
             engine
                 .checkpoint_finish(pending)
                 .map_err(|e| other(e.to_string()))?;
             drop(engine);
-            shared.snapshot.save(&meta2, &dir)?;
-            empty_file(&shared.dir)
+            shared.snapshot.save(&meta2, &dir)
         })
         .await
         .map_err(snap_err)?
@@ -489,18 +531,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             took_ms = started.elapsed().as_millis() as u64,
             "snapshot built"
         );
-        // openraft takes only the meta of a snapshot it had built (its state machine worker
-        // answers `BuildSnapshot(meta)` and drops the data) and reads the bundle through
-        // `get_current_snapshot` when a follower needs it, so it is not packed here.
+        // Packed only if read: openraft keeps just the meta of a snapshot it had built.
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(tokio::fs::File::from_std(empty)),
+            snapshot: Box::new(SnapshotData::lazy(self.shared.snapshot.clone(), source)),
         })
     }
 }
 
-/// An empty, already removed file in `dir` (for snapshot data nobody reads, and for a
-/// bundle being received).
+/// An empty, already removed file in `dir` (for a bundle being received).
 fn empty_file(dir: &Path) -> std::io::Result<std::fs::File> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -619,22 +658,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
         let dir = self.shared.dir.clone();
         let file = tokio::task::spawn_blocking(move || empty_file(&dir))
             .await
             .map_err(snap_err)?
             .map_err(snap_err)?;
-        Ok(Box::new(tokio::fs::File::from_std(file)))
+        Ok(Box::new(SnapshotData::file(tokio::fs::File::from_std(
+            file,
+        ))))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        snapshot: Box<tokio::fs::File>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
         let shared = self.shared.clone();
-        let mut bundle = snapshot.into_std().await;
+        let mut bundle = snapshot.into_std().await.map_err(snap_err)?;
         let meta = meta.clone();
         let (engine, marker) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
             bundle.seek(std::io::SeekFrom::Start(0)).map_err(snap_err)?;
@@ -689,15 +730,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// The current snapshot's meta, its bundle packed only when read (at start-up openraft
+    /// reads only the meta).
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let shared = self.shared.clone();
-        let loaded = tokio::task::spawn_blocking(move || shared.snapshot.load())
+        let files = self.shared.snapshot.clone();
+        let current = tokio::task::spawn_blocking(move || files.current())
             .await
             .map_err(snap_err)?
             .map_err(snap_err)?;
-        Ok(loaded.map(|(meta, bundle)| Snapshot {
+        Ok(current.map(|(meta, source)| Snapshot {
             meta,
-            snapshot: Box::new(tokio::fs::File::from_std(bundle)),
+            snapshot: Box::new(SnapshotData::lazy(self.shared.snapshot.clone(), source)),
         }))
     }
 }

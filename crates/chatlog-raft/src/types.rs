@@ -22,14 +22,15 @@ pub struct Response(pub Vec<Result<Outcome, Refusal>>);
 
 openraft::declare_raft_types!(
     /// chatlog's Raft types: requests are engine operations, nodes are addressed by their
-    /// replication address (`--peer-listen`), snapshots are byte bundles streamed from files.
+    /// replication address (`--peer-listen`), snapshots are byte bundles in files, packed when
+    /// first read ([`crate::snapshot_data`]).
     pub TypeConfig:
         D = Request,
         R = Response,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = tokio::fs::File,
+        SnapshotData = crate::snapshot_data::SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -291,3 +291,56 @@ async fn a_snapshot_finished_during_later_applies_holds_the_state_at_its_begin()
         digest(&source.cell().get()).unwrap()
     );
 }
+
+/// The current snapshot's bundle is packed only when read: at start-up openraft asks for the
+/// current snapshot for its meta alone. A handle read after a newer snapshot replaced its
+/// directory fails and says so (openraft asks again).
+#[tokio::test]
+async fn a_snapshot_is_packed_only_when_read() {
+    use openraft::RaftSnapshotBuilder;
+    use tokio::io::AsyncReadExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sm");
+    {
+        let mut sm = StateMachine::open(&dir, config()).unwrap();
+        for e in entries() {
+            sm.apply(vec![e]).await.unwrap();
+        }
+        let built = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert!(!built.snapshot.is_packed(), "building packs nothing");
+    }
+    let mut sm = StateMachine::open(&dir, config()).unwrap();
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(3));
+    assert!(
+        !current.snapshot.is_packed(),
+        "asking for the snapshot packs nothing"
+    );
+    let stale = sm.get_current_snapshot().await.unwrap().unwrap();
+
+    let mut data = current.snapshot;
+    let mut bundle = Vec::new();
+    data.read_to_end(&mut bundle).await.unwrap();
+    assert!(data.is_packed());
+    assert!(
+        bundle.len() > 1000,
+        "the bundle holds the state ({} bytes)",
+        bundle.len()
+    );
+
+    // A newer snapshot replaces the directory the stale handle names.
+    sm.apply(sends_between(4, 5)).await.unwrap();
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let mut stale_data = stale.snapshot;
+    let err = stale_data.read_to_end(&mut Vec::new()).await.unwrap_err();
+    assert!(err.to_string().contains("replaced"), "{err}");
+}
