@@ -156,14 +156,7 @@ impl SnapshotFiles {
                 format!("snapshot {name} was replaced by a newer one before it was read"),
             ));
         }
-        let tmp = self.dir.join(format!("{name}.bundle.tmp"));
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        std::fs::remove_file(&tmp)?;
+        let mut file = empty_file(&self.dir)?;
         {
             let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
             pack(&dir, &mut out)?;
@@ -539,7 +532,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// An empty, already removed file in `dir` (for a bundle being received).
+/// An empty, already removed file in `dir` (for a bundle being packed or received).
 fn empty_file(dir: &Path) -> std::io::Result<std::fs::File> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -434,6 +434,15 @@ fn interval_durability_syncs_without_being_asked() {
     assert_eq!(log.durable_next_index(), before, "None synced unasked");
 }
 
+/// A log of entries 1..=300 (several sealed segments) in `dir/log`.
+fn log_of_300(dir: &std::path::Path) -> Log {
+    let log = Log::open(dir.join("log"), small_config()).unwrap();
+    for i in 1..=300u64 {
+        log.append(entry(i)).unwrap();
+    }
+    log
+}
+
 /// Copies a log directory file by file (what a snapshot's pack and unpack do), so the copy
 /// shares nothing with the original.
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -452,10 +461,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 #[test]
 fn a_copy_through_an_index_holds_exactly_the_entries_up_to_it() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path().join("log"), small_config()).unwrap();
-    for i in 1..=300u64 {
-        log.append(entry(i)).unwrap();
-    }
+    let log = log_of_300(dir.path());
     log.purge_before(100).unwrap();
     let first = log.first_index();
     assert!(first > 1, "the purge removed a segment");
@@ -502,10 +508,7 @@ fn a_copy_through_an_index_holds_exactly_the_entries_up_to_it() {
 #[test]
 fn a_copy_survives_a_purge_of_the_original_before_it_finishes() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path().join("log"), small_config()).unwrap();
-    for i in 1..=300u64 {
-        log.append(entry(i)).unwrap();
-    }
+    let log = log_of_300(dir.path());
     let dest = dir.path().join("copy");
     let pending = log.copy_through(&dest, 290).unwrap();
     let first = log.purge_before(280).unwrap();
@@ -529,10 +532,7 @@ fn a_copy_survives_a_purge_of_the_original_before_it_finishes() {
 #[test]
 fn a_copy_whose_entries_were_truncated_meanwhile_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path().join("log"), small_config()).unwrap();
-    for i in 1..=300u64 {
-        log.append(entry(i)).unwrap();
-    }
+    let log = log_of_300(dir.path());
     let pending = log.copy_through(&dir.path().join("copy"), 298).unwrap();
     log.truncate_from(295).unwrap();
     let err = pending.finish().unwrap_err();
@@ -608,11 +608,7 @@ fn a_copy_without_hard_links_copies_the_sealed_segments() {
     }
 
     // With links (the real file system), the same copy links them: two names per sealed one.
-    let linked_log = dir.path().join("linked-log");
-    let linked = Log::open(&linked_log, small_config()).unwrap();
-    for i in 1..=300u64 {
-        linked.append(entry(i)).unwrap();
-    }
+    let linked = log_of_300(&dir.path().join("linked-log"));
     let dest = dir.path().join("linked");
     linked.copy_through(&dest, 250).unwrap().finish().unwrap();
     let shared = std::fs::read_dir(&dest)
