@@ -167,6 +167,7 @@ impl SnapshotFiles {
     }
 
     /// The current snapshot's meta and bundle (packed now).
+    #[cfg(test)]
     fn load(&self) -> std::io::Result<Option<(Meta, std::fs::File)>> {
         let _held = self.held();
         match self.current_source_locked()? {
@@ -178,16 +179,22 @@ impl SnapshotFiles {
     /// Writes the current snapshot as `snapshot.data` (its bundle) and `snapshot.meta`;
     /// returns its meta, or `None` if there is no snapshot.
     fn export(&self) -> std::io::Result<Option<Meta>> {
-        let Some((meta, mut bundle)) = self.load()? else {
-            return Ok(None);
+        let _held = self.held();
+        let (meta, name) = match self.current_source_locked()? {
+            None => return Ok(None),
+            // Already exported (the current snapshot of an earlier version).
+            Some((meta, BundleSource::Exported)) => return Ok(Some(meta)),
+            Some((meta, BundleSource::Dir(name))) => (meta, name),
         };
         let tmp = self.dir.join(format!("{EXPORTED_DATA}.tmp"));
         {
             let mut out = std::fs::File::create(&tmp)?;
-            std::io::copy(&mut bundle, &mut out)?;
+            let mut buffered = std::io::BufWriter::with_capacity(BUNDLE_CHUNK_BYTES, &mut out);
+            pack(&self.dir.join(name), &mut buffered)?;
+            buffered.flush()?;
+            drop(buffered);
             out.sync_all()?;
         }
-        let _held = self.held();
         std::fs::rename(&tmp, self.dir.join(EXPORTED_DATA))?;
         let bytes = postcard::to_allocvec(&meta).map_err(|e| other(e.to_string()))?;
         write_atomic(&self.dir.join(EXPORTED_META), &bytes)?;
