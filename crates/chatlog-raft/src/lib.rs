@@ -57,4 +57,10 @@ pub mod stages {
     /// After the leader's answer: waiting until this node applied the entry too, before its
     /// callers are answered (read-your-writes on this node).
     pub const APPLIED_WAIT: &str = "chatlog_raft_applied_wait_seconds";
+    /// Applies paused while a snapshot's checkpoint begins (a RocksDB checkpoint and links to
+    /// the engine log's sealed segments).
+    pub const SNAPSHOT_PAUSE: &str = "chatlog_raft_snapshot_pause_seconds";
+    /// Finishing a snapshot after that pause (copying the engine log's last segment, syncing
+    /// it), while applies go on.
+    pub const SNAPSHOT_BUILD: &str = "chatlog_raft_snapshot_build_seconds";
 }

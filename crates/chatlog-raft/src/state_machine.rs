@@ -526,6 +526,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         .await
         .map_err(snap_err)?
         .map_err(snap_err)?;
+        metrics::histogram!(crate::stages::SNAPSHOT_BUILD).record(started.elapsed().as_secs_f64());
         tracing::info!(
             id = %meta.snapshot_id,
             took_ms = started.elapsed().as_millis() as u64,
@@ -645,6 +646,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
+        metrics::histogram!(crate::stages::SNAPSHOT_PAUSE).record(started.elapsed().as_secs_f64());
         tracing::info!(
             id,
             applies_paused_ms = started.elapsed().as_millis() as u64,
