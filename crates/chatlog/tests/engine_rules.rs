@@ -613,3 +613,72 @@ fn a_failed_index_tail_ingestion_keeps_the_tail_and_is_retried() {
         "dedup after the retried ingestion and a reopen"
     );
 }
+
+/// A body long enough that 200 messages fill several 8 KiB segments.
+fn body(i: u64) -> String {
+    format!("body {i}: {}", "x".repeat(60))
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for item in std::fs::read_dir(from).unwrap() {
+        let item = item.unwrap();
+        let target = to.join(item.file_name());
+        if item.file_type().unwrap().is_dir() {
+            copy_tree(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), target).unwrap();
+        }
+    }
+}
+
+/// A checkpoint holds the state at its begin even when retention removes log segments
+/// (and ingests the index tail) before it finishes: the sealed segments it linked stay, and
+/// the copy, opened elsewhere, replays the tail it did not ingest.
+#[test]
+fn a_checkpoint_holds_its_state_when_retention_purges_the_log_before_it_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, _) = config();
+    config.log.segment_size_bytes = 8 * 1024;
+    config.log.entry_size_bytes_max = 1024;
+    config.retention = chatlog::engine::Retention {
+        max_age_ms: None,
+        max_events_per_chat: Some(30),
+    };
+    let e = Engine::open(dir.path().join("engine"), config.clone()).unwrap();
+    let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
+    for i in 0..200 {
+        e.send("alice", &chat, &format!("m{i}"), Some(body(i)), None)
+            .unwrap();
+    }
+    let dest = dir.path().join("checkpoint");
+    let pending = e.checkpoint_begin(&dest).unwrap();
+    let first_before = e.log().first_index();
+    let report = e.enforce_retention().unwrap();
+    assert!(
+        report.log_first_index > first_before,
+        "segments were removed: {report:?}, first before {first_before}"
+    );
+    e.send("alice", &chat, "after", Some(s("later")), None)
+        .unwrap();
+    e.checkpoint_finish(pending).unwrap();
+
+    let own = dir.path().join("own");
+    copy_tree(&dest, &own);
+    config.retention = chatlog::engine::Retention::default();
+    let copy = Engine::open(&own, config).unwrap();
+    let h = copy.history("bob", &chat, None, None, Some(500)).unwrap();
+    assert_eq!((h.horizon, h.last_seq), (1, 201), "the state at the begin");
+    assert_eq!(h.events.len(), 201);
+    for (i, ev) in h.events[1..].iter().enumerate() {
+        let EventKind::Message { body, .. } = &ev.event.kind else {
+            panic!("event {} is not a message", ev.event.seq)
+        };
+        assert_eq!(body.as_deref(), Some(self::body(i as u64).as_str()));
+    }
+    // Dedup came along: a retry of a message from before is answered with its seq.
+    let again = copy
+        .send("alice", &chat, "m7", Some(body(7)), None)
+        .unwrap();
+    assert_eq!(again.seq, 9);
+}

@@ -678,12 +678,22 @@ impl Engine {
     /// it elsewhere before opening it.
     pub fn checkpoint_begin(&self, dest: &Path) -> Result<PendingCheckpoint, ChatError> {
         std::fs::create_dir_all(dest).map_err(|e| crate::Error::io("create_dir_all", dest, e))?;
-        self.store.checkpoint(&dest.join("index"))?;
-        // Read after the RocksDB checkpoint: the log copy holds at least every entry its
-        // indexes name.
         let applied = self.store.applied_index()?;
-        let through = applied.max(self.log.first_index() - 1);
-        let log = self.log.copy_through(&dest.join("log"), through)?;
+        // The log first: the segments linked now stay, whatever retention purges meanwhile
+        // (`enforce_retention` runs on its own thread). The RocksDB checkpoint taken next
+        // replays from a tail durable point no earlier than the live one now, which the log
+        // keeps, so the copy holds every entry it needs.
+        let log = self
+            .log
+            .copy_through(&dest.join("log"), applied.max(self.log.first_index() - 1))?;
+        self.store.checkpoint(&dest.join("index"))?;
+        if self.store.applied_index()? != applied {
+            return Err(ChatError::BadRequest(
+                "a write was applied while the checkpoint began: its indexes are ahead of its \
+                 log; begin a checkpoint only while no write is in flight"
+                    .into(),
+            ));
+        }
         Ok(PendingCheckpoint { log })
     }
 
