@@ -73,8 +73,8 @@ enum ClusterAction {
     Status,
     /// Print the node's applied index and a digest of its chat state (JSON).
     Digest,
-    /// Build a snapshot now (a consistent backup: copy `snapshot.data` and `snapshot.meta`
-    /// from the node's `<data-dir>/cluster/sm/`).
+    /// Build a snapshot now and write it as `snapshot.data` and `snapshot.meta` in the node's
+    /// `<data-dir>/cluster/sm/` (a consistent backup: copy those two files).
     Snapshot,
     /// Add a node as a learner (it receives the log but does not vote yet).
     AddLearner {
