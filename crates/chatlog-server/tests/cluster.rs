@@ -201,7 +201,10 @@ async fn minority_refuses_and_membership_changes_through_the_cli() {
         assert!(reply.get("result").is_some(), "{reply}");
     }
     // Every replicated-write stage docs/protocol.md lists is at /metrics, on some node (a
-    // write went through each, so through the leader and through followers).
+    // write went through each, so through the leader and through followers; a snapshot on
+    // node 1 records the snapshot stages).
+    let (ok, out) = admin(all[0].peer_port, &["snapshot"]);
+    assert!(ok, "snapshot: {out}");
     let documented: Vec<String> = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol.md"),
     )
