@@ -13,7 +13,6 @@
 //! The regression tests at the end pin, as literal scripts, the disagreements the model found.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,6 +21,7 @@ use chatlog::engine::{Engine, EngineConfig, Ticket};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
+mod common;
 #[path = "support/engine_model.rs"]
 mod model;
 
@@ -207,19 +207,6 @@ fn digest(e: &Engine) -> Digest {
         .iter()
         .map(|cf| (cf.to_string(), e.store().dump(cf).unwrap()))
         .collect()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 struct Harness {
@@ -447,7 +434,7 @@ impl Script {
                     if snapshot.exists() {
                         std::fs::remove_dir_all(&snapshot).unwrap();
                     }
-                    copy_dir(&h.index_dir(), &snapshot);
+                    common::copy_dir(&h.index_dir(), &snapshot);
                 })?;
                 self.h.has_snapshot = true;
             }
@@ -463,7 +450,7 @@ impl Script {
                 self.h.reopen_with(|h| {
                     if stale {
                         std::fs::remove_dir_all(h.index_dir()).unwrap();
-                        copy_dir(&h.snapshot_dir(), &h.index_dir());
+                        common::copy_dir(&h.snapshot_dir(), &h.index_dir());
                     }
                 })?;
             }

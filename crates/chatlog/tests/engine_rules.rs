@@ -1,5 +1,7 @@
 //! The chat engine's rules, one by one, on a real engine (real log, real RocksDB).
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -444,16 +446,23 @@ fn reopen_replays_and_rebuilds_identical_indexes() {
     assert_eq!(again.seq, 7, "dedup survives the rebuild");
 }
 
-#[test]
-fn retention_by_count_and_age_keeps_seqs_gapless_and_removes_segments() {
-    let dir = tempfile::tempdir().unwrap();
+/// [`config`] with small log segments (8 KiB, so a few hundred messages fill several) and
+/// retention of the latest 30 events per chat, and of `max_age_ms` if given.
+fn retention_config(max_age_ms: Option<u64>) -> (EngineConfig, Arc<AtomicU64>) {
     let (mut config, now) = config();
     config.log.segment_size_bytes = 8 * 1024;
     config.log.entry_size_bytes_max = 1024;
     config.retention = chatlog::engine::Retention {
-        max_age_ms: Some(60_000),
+        max_age_ms,
         max_events_per_chat: Some(30),
     };
+    (config, now)
+}
+
+#[test]
+fn retention_by_count_and_age_keeps_seqs_gapless_and_removes_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, now) = retention_config(Some(60_000));
     let e = Engine::open(dir.path(), config.clone()).unwrap();
     let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
     for i in 0..200 {
@@ -619,32 +628,13 @@ fn body(i: u64) -> String {
     format!("body {i}: {}", "x".repeat(60))
 }
 
-fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for item in std::fs::read_dir(from).unwrap() {
-        let item = item.unwrap();
-        let target = to.join(item.file_name());
-        if item.file_type().unwrap().is_dir() {
-            copy_tree(&item.path(), &target);
-        } else {
-            std::fs::copy(item.path(), target).unwrap();
-        }
-    }
-}
-
 /// A checkpoint holds the state at its begin even when retention removes log segments
 /// (and ingests the index tail) before it finishes: the sealed segments it linked stay, and
 /// the copy, opened elsewhere, replays the tail it did not ingest.
 #[test]
 fn a_checkpoint_holds_its_state_when_retention_purges_the_log_before_it_finishes() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut config, _) = config();
-    config.log.segment_size_bytes = 8 * 1024;
-    config.log.entry_size_bytes_max = 1024;
-    config.retention = chatlog::engine::Retention {
-        max_age_ms: None,
-        max_events_per_chat: Some(30),
-    };
+    let (mut config, _) = retention_config(None);
     let e = Engine::open(dir.path().join("engine"), config.clone()).unwrap();
     let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
     for i in 0..200 {
@@ -664,7 +654,7 @@ fn a_checkpoint_holds_its_state_when_retention_purges_the_log_before_it_finishes
     e.checkpoint_finish(pending).unwrap();
 
     let own = dir.path().join("own");
-    copy_tree(&dest, &own);
+    common::copy_dir(&dest, &own);
     config.retention = chatlog::engine::Retention::default();
     let copy = Engine::open(&own, config).unwrap();
     let h = copy.history("bob", &chat, None, None, Some(500)).unwrap();
