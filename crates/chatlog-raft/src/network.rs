@@ -381,6 +381,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Transport failures, timeouts included, make openraft back off; a peer's error answer
     /// does not.
@@ -412,7 +413,6 @@ mod tests {
         let dropped: E = rpc_error(SendError::Dropped(2));
         assert!(matches!(dropped, RPCError::Unreachable(_)), "{dropped:?}");
     }
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// An address whose connects hang: a listener with a full accept queue that never
     /// accepts (further SYNs are dropped).
