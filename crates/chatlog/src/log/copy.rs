@@ -135,19 +135,13 @@ impl Log {
 
 impl LogCopy {
     /// Gives a sealed segment (and its index file) a name in the copy.
-    fn link_sealed(&self, src_dir: &Path, seg: &Sealed) -> Result<()> {
+    fn link_sealed(&self, src_dir: &Path, seg: &Arc<Sealed>) -> Result<()> {
         let to = name::segment(&self.dir, seg.first_index);
         if self.fs.hard_link(&seg.path, &to).is_err() {
             // No links here, or the name was purged meanwhile: the mapping still holds the
             // bytes.
-            self.write_file(&to, |file, _| {
-                for (i, chunk) in seg.map.chunks(COPY_CHUNK_BYTES).enumerate() {
-                    file.write_at(chunk, (i * COPY_CHUNK_BYTES) as u64)
-                        .map_err(|e| Error::io("write", &to, e))?;
-                }
-                Ok(seg.map.len() as u64)
-            })?;
-            return Ok(());
+            let source = Source::Sealed(seg.clone());
+            return self.write_file(&to, &source, seg.map.len() as u64);
         }
         let index_to = name::index(&self.dir, seg.first_index);
         // Without its index file the copy's open scans the segment and writes one.
@@ -157,19 +151,32 @@ impl LogCopy {
         Ok(())
     }
 
-    /// Creates `path`, lets `fill` write it (returning the bytes written), pads it sparsely
-    /// to the segment size and syncs it.
-    fn write_file(
-        &self,
-        path: &Path,
-        fill: impl FnOnce(&dyn crate::io::FileHandle, &Path) -> Result<u64>,
-    ) -> Result<()> {
+    /// Creates `path` holding bytes `[0, end)` of `source`, pads it sparsely to the segment
+    /// size and syncs it.
+    fn write_file(&self, path: &Path, source: &Source, end: u64) -> Result<()> {
         let file = self
             .fs
             .open(path, OpenMode::CreateTruncate)
             .map_err(|e| Error::io("create", path, e))?;
-        let len = fill(file.as_ref(), path)?;
-        file.set_len(len.max(self.segment_size_bytes))
+        let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+        let mut at = 0u64;
+        while at < end {
+            let n = (end - at).min(COPY_CHUNK_BYTES as u64) as usize;
+            let chunk = match source {
+                Source::Sealed(seg) => &seg.map[at as usize..at as usize + n],
+                Source::Active(active) => {
+                    active
+                        .file
+                        .read_at(&mut buf[..n], at)
+                        .map_err(|e| Error::io("read", &active.path, e))?;
+                    &buf[..n]
+                }
+            };
+            file.write_at(chunk, at)
+                .map_err(|e| Error::io("write", path, e))?;
+            at += n as u64;
+        }
+        file.set_len(end.max(self.segment_size_bytes))
             .map_err(|e| Error::io("set_len", path, e))?;
         file.sync_data()
             .map_err(|e| Error::io("fdatasync", path, e))
@@ -180,27 +187,7 @@ impl LogCopy {
     pub fn finish(mut self) -> Result<()> {
         if let Some(partial) = self.partial.take() {
             let path = name::segment(&self.dir, partial.first_index);
-            self.write_file(&path, |file, path| {
-                let mut buf = vec![0u8; COPY_CHUNK_BYTES];
-                let mut at = 0u64;
-                while at < partial.end {
-                    let n = (partial.end - at).min(COPY_CHUNK_BYTES as u64) as usize;
-                    let chunk = &mut buf[..n];
-                    match &partial.source {
-                        Source::Sealed(seg) => {
-                            chunk.copy_from_slice(&seg.map[at as usize..at as usize + n]);
-                        }
-                        Source::Active(active) => active
-                            .file
-                            .read_at(chunk, at)
-                            .map_err(|e| Error::io("read", &active.path, e))?,
-                    }
-                    file.write_at(chunk, at)
-                        .map_err(|e| Error::io("write", path, e))?;
-                    at += n as u64;
-                }
-                Ok(partial.end)
-            })?;
+            self.write_file(&path, &partial.source, partial.end)?;
             self.check(&path, partial.first_index, partial.end)?;
         }
         self.fs
