@@ -157,11 +157,7 @@ impl SnapshotFiles {
             ));
         }
         let mut file = empty_file(&self.dir)?;
-        {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
-            pack(&dir, &mut out)?;
-            out.flush()?;
-        }
+        pack(&dir, &mut file)?;
         file.seek(std::io::SeekFrom::Start(0))?;
         Ok(file)
     }
@@ -189,10 +185,7 @@ impl SnapshotFiles {
         let tmp = self.dir.join(format!("{EXPORTED_DATA}.tmp"));
         {
             let mut out = std::fs::File::create(&tmp)?;
-            let mut buffered = std::io::BufWriter::with_capacity(BUNDLE_CHUNK_BYTES, &mut out);
-            pack(&self.dir.join(name), &mut buffered)?;
-            buffered.flush()?;
-            drop(buffered);
+            pack(&self.dir.join(name), &mut out)?;
             out.sync_all()?;
         }
         std::fs::rename(&tmp, self.dir.join(EXPORTED_DATA))?;
@@ -375,8 +368,8 @@ fn stored_len(file: &std::fs::File, len: u64) -> std::io::Result<u64> {
 /// Writes every file under `dir` to `out` as one bundle: per file, the path's length (u32
 /// LE) and bytes, the file's length (u64 LE), the stored length (u64 LE) and the stored
 /// bytes. Trailing zeros (preallocated, unwritten segment space) are not stored; unpacking
-/// restores the file's length. Streams: memory does not grow with the files.
-fn pack(dir: &Path, out: &mut impl std::io::Write) -> std::io::Result<()> {
+/// restores the file's length. Streams through a buffer: memory does not grow with the files.
+fn pack(dir: &Path, out: &mut std::fs::File) -> std::io::Result<()> {
     fn walk(root: &Path, dir: &Path, out: &mut impl std::io::Write) -> std::io::Result<()> {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
@@ -407,7 +400,9 @@ fn pack(dir: &Path, out: &mut impl std::io::Write) -> std::io::Result<()> {
         }
         Ok(())
     }
-    walk(dir, dir, out)
+    let mut buffered = std::io::BufWriter::with_capacity(BUNDLE_CHUNK_BYTES, out);
+    walk(dir, dir, &mut buffered)?;
+    buffered.flush()
 }
 
 /// Restores a snapshot's bundle (`snapshot.data`, exported by the admin snapshot endpoint) as
