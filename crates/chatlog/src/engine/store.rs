@@ -333,6 +333,13 @@ fn cf_options_for(name: &str) -> Options {
         cf.set_level_zero_slowdown_writes_trigger(runs * 5 / 2);
         cf.set_level_zero_stop_writes_trigger(runs * 9 / 2);
     }
+    if name == CF_META {
+        // A handful of keys (the applied index, a replica's apply marker) rewritten by every
+        // batch: updated in place in the memtable instead of a new skiplist node each time.
+        // A replica applies about one batch per Raft entry, and inserting into a memtable
+        // full of versions of the same two keys took ~13 µs of CPU per batch there.
+        cf.set_inplace_update_support(true);
+    }
     cf
 }
 
@@ -425,6 +432,8 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(4);
+        // `meta`'s in-place updates need it; batches come from one applier anyway.
+        opts.set_allow_concurrent_memtable_write(false);
         // Bound what RocksDB replays from its WAL when reopening after a crash: past this size
         // it flushes the column families that pin old WAL files.
         opts.set_max_total_wal_size(INDEX_WAL_BYTES_MAX);
