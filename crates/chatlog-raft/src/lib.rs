@@ -18,10 +18,13 @@
 //!   on the same port), and the
 //!   proposer that turns the engine's writes into Raft writes (forwarded to the leader).
 //! - [`cell`]: the node's current engine (replaced when a snapshot is installed).
+//! - [`blobs`]: file attachments' bytes, content-addressed on every node, copied to a
+//!   majority before an upload is acknowledged and fetched from a peer where missing.
 
 // openraft's traits return its `StorageError` (224 bytes); our helpers return it too.
 #![allow(clippy::result_large_err)]
 
+pub mod blobs;
 pub mod cell;
 mod forward;
 pub mod log_store;

@@ -175,6 +175,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// (a host that drops SYNs takes the whole connect timeout) never holds up calls to others.
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
 
+/// Which of a peer's connections a call uses.
+#[derive(Debug, Clone, Copy)]
+enum Lane {
+    /// Raft's messages, forwarded writes, gossip.
+    Raft,
+    /// Large transfers.
+    Bulk,
+}
+
 /// A node's connections to its peers ([`crate::wire`]: one multiplexed TCP connection per
 /// peer address, opened on first use and again after it fails).
 #[derive(Debug, Clone)]
@@ -194,13 +203,17 @@ impl PeerClient {
         }
     }
 
-    /// The open connection to `addr`, or a new one.
-    async fn conn(&self, addr: &str) -> std::io::Result<Arc<Conn>> {
+    /// The open connection to `addr` (Raft's, or the one for bulk transfers), or a new one.
+    async fn conn(&self, addr: &str, lane: Lane) -> std::io::Result<Arc<Conn>> {
+        let key = match lane {
+            Lane::Raft => addr.to_owned(),
+            Lane::Bulk => format!("{addr} bulk"),
+        };
         let slot = self
             .conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(addr.to_owned())
+            .entry(key)
             .or_default()
             .clone();
         let mut slot = slot.lock().await;
@@ -216,6 +229,33 @@ impl PeerClient {
     /// postcard answer.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
+        to: NodeId,
+        addr: &str,
+        route: Route,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, SendError> {
+        self.call_on(Lane::Raft, to, addr, route, body, timeout)
+            .await
+    }
+
+    /// [`PeerClient::call`] on a connection of its own (one per peer), so that large
+    /// transfers (file blobs) never hold Raft's messages up behind them.
+    pub async fn call_bulk<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        to: NodeId,
+        addr: &str,
+        route: Route,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, SendError> {
+        self.call_on(Lane::Bulk, to, addr, route, body, timeout)
+            .await
+    }
+
+    async fn call_on<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        lane: Lane,
         to: NodeId,
         addr: &str,
         route: Route,
@@ -240,7 +280,7 @@ impl PeerClient {
             never_sent,
         };
         let conn = self
-            .conn(addr)
+            .conn(addr, lane)
             .await
             .map_err(|e| transport(format!("connect: {e}"), true))?;
         if twice {

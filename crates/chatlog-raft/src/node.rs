@@ -15,6 +15,8 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use chatlog::engine::{ChatError, Engine, EngineConfig, Op, Outcome, Proposer, Refusal, Responder};
 use chatlog::log::LogConfig;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
@@ -22,6 +24,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::blobs::{BlobGot, BlobPut, BlobStore};
 use crate::cell::EngineCell;
 use crate::forward::{Forwarded, Order, Stamps, Turn, WriteReply};
 use crate::log_store::LogStore;
@@ -62,6 +65,9 @@ pub struct ClusterConfig {
     pub initialize: bool,
     /// Injected network faults (tests).
     pub faults: Arc<NetFaults>,
+    /// Where file attachments' bytes are kept ([`crate::blobs`]). Default: `data_dir/files`;
+    /// the server gives its own files directory.
+    pub blob_dir: PathBuf,
 }
 
 impl ClusterConfig {
@@ -70,7 +76,7 @@ impl ClusterConfig {
         ClusterConfig {
             node_id,
             peers,
-            data_dir,
+            data_dir: data_dir.clone(),
             engine: EngineConfig::default(),
             raft_log: LogConfig {
                 cached_sealed_segments: Some(RAFT_LOG_CACHED_SEALED_SEGMENTS),
@@ -83,6 +89,7 @@ impl ClusterConfig {
             keep_after_snapshot: 10_000,
             initialize: true,
             faults: NetFaults::new(),
+            blob_dir: data_dir.join("files"),
         }
     }
 }
@@ -125,6 +132,8 @@ struct Inner {
     write_timeout: Duration,
     /// The batcher's queue (forwarded operations join the leader's entries through it).
     queue: tokio::sync::mpsc::UnboundedSender<Pending>,
+    /// File attachments' bytes.
+    blobs: BlobStore,
 }
 
 /// A running cluster node.
@@ -158,6 +167,9 @@ fn unavailable(why: String) -> ChatError {
 /// reused ones: the threads zero-filling them took a quarter of the servers' CPU in case C
 /// (docs/benchmarks.md, "Where the waves in p99 come from").
 const RAFT_LOG_CACHED_SEALED_SEGMENTS: usize = 1;
+
+/// How long one copy of a file blob to or from a peer may take (25 MiB at the default limit).
+pub const BLOB_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Operations one Raft entry carries at most.
 const BATCH_OPS_MAX: usize = 4096;
@@ -587,6 +599,7 @@ impl ClusterNode {
             order: Order::default(),
             write_timeout: config.write_timeout,
             queue: queue.clone(),
+            blobs: BlobStore::new(config.blob_dir.clone()),
         });
         let stop = CancellationToken::new();
         tokio::spawn(run_batcher(
@@ -719,6 +732,98 @@ impl ClusterNode {
         }
     }
 
+    /// The other nodes of the current membership (voters and learners), with whether each
+    /// votes, and the number of votes that make a majority.
+    fn others(&self) -> (Vec<(NodeId, String, bool)>, usize, bool) {
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let others = membership
+            .nodes()
+            .filter(|(id, _)| **id != self.inner.id)
+            .map(|(id, node)| (*id, node.addr.clone(), voters.contains(id)))
+            .collect();
+        (
+            others,
+            voters.len() / 2 + 1,
+            voters.contains(&self.inner.id),
+        )
+    }
+
+    /// Copies blob `bytes` (named by its SHA-256 `sha`, already stored on this node) to the
+    /// other nodes; returns once a majority of the voters holds it, this node included (the
+    /// copies to the rest go on). Fails, naming how many hold it, if no majority can be
+    /// reached within [`BLOB_TIMEOUT`].
+    pub async fn replicate_blob(&self, sha: &str, bytes: Bytes) -> Result<(), String> {
+        let (others, majority, votes) = self.others();
+        let mut holders = usize::from(votes);
+        let mut copies: FuturesUnordered<_> = others
+            .into_iter()
+            .map(|(id, addr, voter)| {
+                let client = self.inner.client.clone();
+                let sha = sha.to_owned();
+                let bytes = bytes.clone();
+                async move {
+                    let put = BlobPut {
+                        sha: &sha,
+                        bytes: &bytes,
+                    };
+                    let result: Result<(), _> = client
+                        .call_bulk(id, &addr, Route::BlobPut, &put, BLOB_TIMEOUT)
+                        .await;
+                    if let Err(e) = &result {
+                        tracing::warn!(node = id, error = %e, sha, "copying a file to a peer failed");
+                    }
+                    (voter, result.is_ok())
+                }
+            })
+            .collect();
+        while holders < majority {
+            match copies.next().await {
+                Some((voter, ok)) => holders += usize::from(voter && ok),
+                None => {
+                    return Err(format!(
+                        "the file reached {holders} of the cluster's voters; a majority \
+                         ({majority}) must hold it before it is acknowledged"
+                    ));
+                }
+            }
+        }
+        // The rest (learners, slower voters) finish on their own.
+        tokio::spawn(async move { while copies.next().await.is_some() {} });
+        Ok(())
+    }
+
+    /// Blob `sha` fetched from another node (checked against its hash), or `None` if no
+    /// reachable node holds it.
+    pub async fn fetch_blob(&self, sha: &str) -> Option<Vec<u8>> {
+        let (others, _, _) = self.others();
+        for (id, addr, _) in others {
+            let got: Result<BlobGot, _> = self
+                .inner
+                .client
+                .call_bulk(id, &addr, Route::BlobGet, &sha, BLOB_TIMEOUT)
+                .await;
+            match got {
+                Ok(BlobGot(Some(bytes))) if crate::blobs::sha256_hex(&bytes) == sha => {
+                    return Some(bytes);
+                }
+                Ok(BlobGot(Some(_))) => {
+                    tracing::error!(
+                        node = id,
+                        sha,
+                        "a peer's copy of a file does not match its hash"
+                    );
+                }
+                Ok(BlobGot(None)) => {}
+                Err(e) => {
+                    tracing::warn!(node = id, error = %e, sha, "fetching a file from a peer failed")
+                }
+            }
+        }
+        None
+    }
+
     /// Gossip received from other nodes.
     pub fn gossip_received(&self) -> broadcast::Receiver<Gossip> {
         self.inner.gossip.subscribe()
@@ -792,6 +897,25 @@ async fn peer_rpc(inner: &Arc<Inner>, route: Route, body: Bytes) -> Result<Vec<u
             let msg: Gossip = decode(&body)?;
             let _ = inner.gossip.send(msg);
             encode(&())
+        }
+        Route::BlobPut => {
+            let put: BlobPut<'_> =
+                postcard::from_bytes(&body).map_err(|e| format!("undecodable request: {e}"))?;
+            inner
+                .blobs
+                .put(put.sha, put.bytes)
+                .await
+                .map_err(|e| format!("storing blob {}: {e}", put.sha))?;
+            encode(&())
+        }
+        Route::BlobGet => {
+            let sha: String = decode(&body)?;
+            let bytes = inner
+                .blobs
+                .read(&sha)
+                .await
+                .map_err(|e| format!("reading blob {sha}: {e}"))?;
+            encode(&BlobGot(bytes))
         }
     }
 }

@@ -48,6 +48,10 @@ pub enum Route {
     Write = 4,
     /// Presence gossip.
     Gossip = 5,
+    /// A file's bytes, copied to a peer ([`crate::blobs::BlobPut`]).
+    BlobPut = 6,
+    /// A file's bytes, asked of a peer (by SHA-256; [`crate::blobs::BlobGot`]).
+    BlobGet = 7,
 }
 
 impl Route {
@@ -59,6 +63,8 @@ impl Route {
             3 => Route::Snapshot,
             4 => Route::Write,
             5 => Route::Gossip,
+            6 => Route::BlobPut,
+            7 => Route::BlobGet,
             _ => return None,
         })
     }

@@ -1,6 +1,9 @@
 //! Files over HTTP (PROTOCOL.md "Files"): uploads are streamed to a temporary file under the
 //! data directory while their SHA-256 is computed, then renamed into a content-addressed blob
-//! store (`files/<sha[0..2]>/<sha>`; the same bytes are stored once). The file id is derived
+//! store (`files/<sha[0..2]>/<sha>`, [`chatlog_raft::blobs::BlobStore`]; the same bytes are
+//! stored once). In a cluster, an upload is copied to a majority of the voters before its
+//! metadata is proposed, and a node that lacks a file's bytes fetches them from a peer when
+//! the file is first downloaded there (see [`chatlog_raft::blobs`]). The file id is derived
 //! from the uploader and the content hash (`f` + 32 hex digits of SHA-256(uploader, 0, sha)):
 //! stable for a re-upload by the same user, distinct per uploader (so each upload keeps its
 //! own access rule), and not guessable without the bytes. Metadata goes through the engine's
@@ -15,6 +18,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chatlog::engine::FileMeta;
+use chatlog_raft::blobs::BlobStore;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -31,8 +35,9 @@ pub fn files_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("files")
 }
 
-fn blob_path(dir: &Path, sha: &str) -> PathBuf {
-    dir.join(&sha[..2]).join(sha)
+/// The blob store in `data_dir`.
+fn blobs(data_dir: &Path) -> BlobStore {
+    BlobStore::new(files_dir(data_dir))
 }
 
 /// The id of `sha` uploaded by `user`.
@@ -103,14 +108,27 @@ pub async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, body: Body)
             &format!("file of {len} bytes is above the limit of {limit}"),
         );
     }
-    let dir = files_dir(&app.config.data_dir);
-    match store_upload(&dir, body, limit).await {
+    let store = blobs(&app.config.data_dir);
+    match store_upload(&store, body, limit).await {
         Ok(Stored::TooLarge) => json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             &format!("file is above the limit of {limit} bytes"),
         ),
         Ok(Stored::Done { sha, size }) => {
+            if let Some(node) = &app.cluster {
+                let copied = match tokio::fs::read(store.path(&sha)).await {
+                    Ok(bytes) => node.replicate_blob(&sha, bytes.into()).await,
+                    Err(e) => Err(format!("reading the stored upload: {e}")),
+                };
+                if let Err(why) = copied {
+                    return json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        &format!("the upload is not stored durably: {why}"),
+                    );
+                }
+            }
             let meta = FileMeta {
                 id: file_id(&user, &sha),
                 uploader: user,
@@ -155,10 +173,8 @@ enum Stored {
     TooLarge,
 }
 
-async fn store_upload(dir: &Path, body: Body, limit: u64) -> std::io::Result<Stored> {
-    let tmp_dir = dir.join("tmp");
-    tokio::fs::create_dir_all(&tmp_dir).await?;
-    let tmp = tmp_dir.join(format!("upload-{:032x}", rand::random::<u128>()));
+async fn store_upload(store: &BlobStore, body: Body, limit: u64) -> std::io::Result<Stored> {
+    let tmp = store.temp_path().await?;
     let result = write_stream(&tmp, body, limit).await;
     let (sha, size) = match result {
         Ok(Some(done)) => done,
@@ -171,20 +187,7 @@ async fn store_upload(dir: &Path, body: Body, limit: u64) -> std::io::Result<Sto
             return Err(e);
         }
     };
-    let target = blob_path(dir, &sha);
-    let parent = target
-        .parent()
-        .expect("blob paths have a parent")
-        .to_owned();
-    tokio::fs::create_dir_all(&parent).await?;
-    if tokio::fs::try_exists(&target).await? {
-        tokio::fs::remove_file(&tmp).await?;
-    } else {
-        tokio::fs::rename(&tmp, &target).await?;
-        tokio::task::spawn_blocking(move || std::fs::File::open(&parent)?.sync_all())
-            .await
-            .map_err(std::io::Error::other)??;
-    }
+    store.adopt(&tmp, &sha).await?;
     Ok(Stored::Done { sha, size })
 }
 
@@ -245,19 +248,36 @@ pub async fn download(
             );
         }
     };
-    let path = blob_path(&files_dir(&app.config.data_dir), &meta.sha256);
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::error!(error = %e, path = %path.display(), "file metadata without blob");
-            return json_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "file content missing",
-            );
-        }
+    let store = blobs(&app.config.data_dir);
+    let path = store.path(&meta.sha256);
+    let body = match tokio::fs::File::open(&path).await {
+        Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::new(f)),
+        Err(e) => match &app.cluster {
+            // Not copied here yet (this node was down during the upload, was wiped, or
+            // joined later): a peer has it.
+            Some(node) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(bytes) = node.fetch_blob(&meta.sha256).await else {
+                    return json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "the file's content is on no reachable node",
+                    );
+                };
+                if let Err(e) = store.put(&meta.sha256, &bytes).await {
+                    tracing::warn!(error = %e, "keeping a file fetched from a peer failed");
+                }
+                Body::from(bytes)
+            }
+            _ => {
+                tracing::error!(error = %e, path = %path.display(), "file metadata without blob");
+                return json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "file content missing",
+                );
+            }
+        },
     };
-    let stream = tokio_util::io::ReaderStream::new(file);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, meta.content_type)
@@ -265,7 +285,7 @@ pub async fn download(
         .header("x-content-type-options", "nosniff")
         // Uploaded content is never run as a page of this origin.
         .header("content-security-policy", "sandbox")
-        .body(Body::from_stream(stream))
+        .body(body)
         .unwrap_or_else(|_| json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "response"))
 }
 

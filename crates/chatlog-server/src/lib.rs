@@ -358,6 +358,7 @@ pub async fn serve(
             cc.write_timeout = Duration::from_millis(settings.write_timeout_ms);
             cc.snapshot_every = settings.snapshot_every;
             cc.initialize = !settings.join;
+            cc.blob_dir = files::files_dir(&config.data_dir);
             let node = ClusterNode::start(cc, peer_listener)
                 .await
                 .map_err(|e| ServerError::Config(format!("cluster: {e}")))?;

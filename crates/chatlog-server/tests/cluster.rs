@@ -364,3 +364,100 @@ async fn minority_refuses_and_membership_changes_through_the_cli() {
         kill(n);
     }
 }
+
+/// `POST /v1/files` on the node at `port` as `user`: (status, JSON body or null).
+async fn upload(port: u16, user: &str, bytes: &[u8]) -> (u16, Value) {
+    let bearer = format!("Bearer {}", common::token(user));
+    let headers = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/octet-stream"),
+    ];
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (status, body, _) = common::http_with(
+        addr,
+        "POST",
+        "/v1/files",
+        &headers,
+        common::Body::Sized(bytes),
+    )
+    .await
+    .expect("upload answered");
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// `GET /v1/files/{id}` on the node at `port` as `user`: (status, bytes).
+async fn download(port: u16, user: &str, id: &str) -> (u16, Vec<u8>) {
+    let bearer = format!("Bearer {}", common::token(user));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (status, body, _) = common::http_with(
+        addr,
+        "GET",
+        &format!("/v1/files/{id}"),
+        &[("Authorization", bearer.as_str())],
+        common::Body::Sized(&[]),
+    )
+    .await
+    .expect("download answered");
+    (status, body)
+}
+
+/// A file uploaded through one node is downloadable through every node, also once the node
+/// it was uploaded to is dead, and on a node that was down during the upload (it fetches the
+/// bytes from a peer); an upload that cannot reach a majority is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = nodes(dir.path(), 3);
+    let peers = peers_flag(&nodes);
+    for n in nodes.iter_mut() {
+        start(n, &peers);
+    }
+    wait_healthy(&nodes).await;
+    // Node 3 misses the upload.
+    kill(&mut nodes[2]);
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (status, up) = upload(nodes[0].client_port, "alice", &bytes).await;
+    assert_eq!(status, 201, "{up}");
+    let id = up["file"].as_str().unwrap().to_owned();
+    let mut alice = connect(nodes[0].client_port, "alice").await.unwrap();
+    let chat = call(&mut alice, 1, json!({"op":"create_chat","members":["bob"]}))
+        .await
+        .unwrap()["result"]["chat"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sent = call(
+        &mut alice,
+        2,
+        json!({"op":"send","chat":chat,"cmid":"f1","file":id}),
+    )
+    .await
+    .unwrap();
+    assert!(sent.get("result").is_some(), "{sent}");
+    drop(alice);
+
+    // The uploader's node dies; node 3 comes back.
+    kill(&mut nodes[0]);
+    start(&mut nodes[2], &peers);
+    wait_healthy(&nodes[1..]).await;
+    for n in &nodes[1..] {
+        let (status, got) = download(n.client_port, "bob", &id).await;
+        assert_eq!(
+            status,
+            200,
+            "node {}: {}",
+            n.id,
+            String::from_utf8_lossy(&got)
+        );
+        assert!(got == bytes, "node {}: the bytes differ", n.id);
+    }
+
+    // Node 3 alone holds no majority: an upload there is refused, not acknowledged.
+    kill(&mut nodes[1]);
+    let (status, refused) = upload(nodes[2].client_port, "alice", b"lonely").await;
+    assert_eq!(status, 503, "{refused}");
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    for n in nodes.iter_mut() {
+        kill(n);
+    }
+}
