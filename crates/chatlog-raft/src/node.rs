@@ -1202,6 +1202,14 @@ pub struct AddLearner {
     pub id: NodeId,
     /// Its replication address.
     pub addr: String,
+    /// Give up waiting for it to catch up once it received nothing for this long (seconds;
+    /// default 30). It stays a learner.
+    #[serde(default = "learner_stall_secs")]
+    pub wait_secs: u64,
+}
+
+fn learner_stall_secs() -> u64 {
+    LEARNER_STALL.as_secs()
 }
 
 /// `POST /admin/change-membership` body.
@@ -1237,22 +1245,150 @@ fn admin_answer<T: Serialize>(
     }
 }
 
+/// A membership request refused before it reaches Raft.
+fn refused(why: String) -> HttpResponse {
+    (
+        StatusCode::CONFLICT,
+        axum::Json(serde_json::json!({ "error": why })),
+    )
+        .into_response()
+}
+
+/// How long a learner may go without receiving any entry before `add-learner` gives up
+/// waiting for it to catch up (it stays a learner).
+const LEARNER_STALL: Duration = Duration::from_secs(30);
+
+/// A learner within this many entries of the leader's log may be promoted.
+const PROMOTE_LAG_MAX: u64 = 1_000;
+
+/// How far node `id` has caught up, as the leader sees it: (its last replicated index, the
+/// leader's last log index); `None` on a node that is not the leader.
+fn replication_of(inner: &Inner, id: NodeId) -> Option<(Option<u64>, u64)> {
+    let metrics = inner.raft.metrics().borrow().clone();
+    let replication = metrics.replication.as_ref()?;
+    let matched = replication.get(&id).cloned().flatten().map(|l| l.index);
+    Some((matched, metrics.last_log_index.unwrap_or(0)))
+}
+
 async fn admin_add_learner(
     State(inner): Shared,
     axum::Json(req): axum::Json<AddLearner>,
 ) -> HttpResponse {
-    let result = inner
+    let membership = inner
         .raft
-        .add_learner(req.id, BasicNode::new(req.addr), true)
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    if let Some(node) = membership.get_node(&req.id) {
+        let voter = membership.voter_ids().any(|v| v == req.id);
+        if voter || node.addr != req.addr {
+            let role = if voter { "a voter" } else { "a learner" };
+            return refused(format!(
+                "node {} is already {role} at {}: pick an unused id, or remove node {} first \
+                 (`remove --ids {}`) to change its address",
+                req.id, node.addr, req.id, req.id
+            ));
+        }
+    }
+    let log_id = match inner
+        .raft
+        .add_learner(req.id, BasicNode::new(req.addr.clone()), true)
         .await
-        .map(|r| r.log_id);
-    admin_answer(result)
+    {
+        Ok(r) => r.log_id,
+        Err(e) => return admin_answer::<()>(Err(e)),
+    };
+    // openraft's blocking `add_learner` returns before an unreachable learner received
+    // anything; wait until it holds the log up to its addition.
+    let target = log_id.index;
+    let mut best = None;
+    let mut since = Instant::now();
+    loop {
+        let Some((matched, _)) = replication_of(&inner, req.id) else {
+            return refused(format!(
+                "node {} was added as a learner, but this node stopped being the leader before \
+                 it caught up: check `cluster status` before promoting it",
+                req.id
+            ));
+        };
+        if matched.is_some_and(|m| m >= target) {
+            return axum::Json(log_id).into_response();
+        }
+        if matched > best {
+            best = matched;
+            since = Instant::now();
+        }
+        if since.elapsed() > Duration::from_secs(req.wait_secs) {
+            return (
+                StatusCode::GATEWAY_TIMEOUT,
+                axum::Json(serde_json::json!({
+                    "error": format!(
+                        "node {} at {} is a learner now, but received nothing for {} s (holds \
+                         entries up to {}, needs {target}): is it running, and is the address \
+                         right? Fix it, or remove it with `remove --ids {}`",
+                        req.id,
+                        req.addr,
+                        req.wait_secs,
+                        best.map_or("none".to_owned(), |b| b.to_string()),
+                        req.id
+                    ),
+                    "log_id": log_id,
+                })),
+            )
+                .into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn admin_change_membership(
     State(inner): Shared,
     axum::Json(req): axum::Json<ChangeMembership>,
 ) -> HttpResponse {
+    let membership = inner
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+    let list = |ids: &BTreeSet<NodeId>| {
+        ids.iter()
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let unknown: BTreeSet<NodeId> = req
+        .remove
+        .iter()
+        .chain(&req.voters)
+        .filter(|id| !members.contains(id))
+        .copied()
+        .collect();
+    if !unknown.is_empty() {
+        return refused(format!(
+            "not in the cluster: node {} (members: {}); add a node with `add-learner` first",
+            list(&unknown),
+            list(&members)
+        ));
+    }
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    for id in req.voters.difference(&voters) {
+        // On a follower this is skipped: Raft answers "not leader" below and the CLI retries
+        // on the leader, which checks.
+        if let Some((matched, last)) = replication_of(&inner, *id)
+            && matched.is_none_or(|m| m + PROMOTE_LAG_MAX < last)
+        {
+            return refused(format!(
+                "node {id} has not caught up (it holds entries up to {}, the leader {last}): \
+                 promote it once it has; `cluster status` shows its progress",
+                matched.map_or("none".to_owned(), |m| m.to_string())
+            ));
+        }
+    }
     let result = async {
         if !req.remove.is_empty() {
             inner

@@ -413,10 +413,20 @@ pub fn restore_bundle(bundle: &Path, dir: &Path) -> std::io::Result<()> {
         return Err(other(format!("{} exists and is not empty", dir.display())));
     }
     let file = std::fs::File::open(bundle)?;
-    unpack(
+    let existed = dir.exists();
+    let result = unpack(
         std::io::BufReader::with_capacity(BUNDLE_CHUNK_BYTES, file),
         dir,
-    )
+    );
+    if result.is_err() {
+        // Leave the directory as it was (absent or empty), so that a retry with a good bundle
+        // is not refused for what the bad one left.
+        let _ = std::fs::remove_dir_all(dir);
+        if existed {
+            let _ = std::fs::create_dir_all(dir);
+        }
+    }
+    result
 }
 
 /// Unpacks a bundle made by [`pack`] into `dir`, refusing paths that leave it and truncated
@@ -438,7 +448,10 @@ fn unpack(mut input: impl std::io::Read, dir: &Path) -> std::io::Result<()> {
         input.read_exact(&mut len[1..]).map_err(truncated)?;
         let path_len = u32::from_le_bytes(len) as usize;
         if path_len > 4096 {
-            return Err(bad("path longer than 4096 bytes"));
+            return Err(bad(
+                "a path longer than 4096 bytes: not a snapshot bundle, or a damaged one \
+                 (pass the `snapshot.data` that `cluster snapshot` wrote, not `snapshot.meta`)",
+            ));
         }
         let mut rel = vec![0u8; path_len];
         input.read_exact(&mut rel).map_err(truncated)?;
@@ -898,5 +911,25 @@ mod tests {
         let err = unpack(&evil[..], &dir.path().join("evil")).unwrap_err();
         assert!(err.to_string().contains("bad path"), "{err}");
         assert!(!dir.path().join("escape").exists());
+
+        // Through `restore_bundle`: a failed restore leaves nothing behind, so a retry with
+        // the good bundle works; a file that is no bundle at all says so.
+        let target = dir.path().join("restored");
+        let cut_file = dir.path().join("cut.data");
+        std::fs::write(&cut_file, cut).unwrap();
+        assert!(restore_bundle(&cut_file, &target).is_err());
+        assert!(
+            !target.exists(),
+            "a failed restore left {}",
+            target.display()
+        );
+        let garbage = dir.path().join("garbage.data");
+        std::fs::write(&garbage, [0xffu8; 64]).unwrap();
+        let err = restore_bundle(&garbage, &target).unwrap_err();
+        assert!(err.to_string().contains("not a snapshot bundle"), "{err}");
+        let good = dir.path().join("good.data");
+        std::fs::write(&good, &bytes).unwrap();
+        restore_bundle(&good, &target).unwrap();
+        assert!(std::fs::read_dir(&target).unwrap().next().is_some());
     }
 }

@@ -335,6 +335,7 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     config.validate().map_err(ServerError::Config)?;
     std::fs::create_dir_all(&config.data_dir)?;
+    check_data_dir_mode(&config.data_dir, config.cluster.is_some())?;
     let (cell, cluster) = match &config.cluster {
         None => {
             let engine_dir = config.data_dir.join("engine");
@@ -461,6 +462,31 @@ pub async fn serve(
 
 /// Cluster presence: sends this node's presence changes at once and its full online list
 /// every [`presence::GOSSIP_FULL_MS`] to the other nodes, and applies theirs.
+/// Refuses a data directory that holds the other mode's state: a cluster node keeps its
+/// chats under `cluster/` and would ignore a single server's `engine/` (from `restore`, or an
+/// earlier single-server run), and a single server would ignore a cluster node's state.
+fn check_data_dir_mode(dir: &std::path::Path, cluster: bool) -> Result<(), ServerError> {
+    let holds = |name: &str| {
+        std::fs::read_dir(dir.join(name)).is_ok_and(|mut entries| entries.next().is_some())
+    };
+    if cluster && holds("engine") && !holds("cluster") {
+        return Err(ServerError::Config(format!(
+            "--data-dir {} holds a single server's chats (engine/), which a cluster node does \
+             not read: it would start empty. Start cluster nodes on new data directories \
+             (docs/operations.md, \"Back up and restore\")",
+            dir.display()
+        )));
+    }
+    if !cluster && holds("cluster") && !holds("engine") {
+        return Err(ServerError::Config(format!(
+            "--data-dir {} holds a cluster node's data (cluster/): start it with its \
+             --node-id and --peers, or restore a backup into a new directory to run it alone",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 async fn presence_gossip(node: Arc<ClusterNode>, presence: Arc<presence::PresenceHub>) {
     let mut received = node.gossip_received();
     let mut full = tokio::time::interval(Duration::from_millis(presence::GOSSIP_FULL_MS));

@@ -84,17 +84,21 @@ enum ClusterAction {
         /// Its replication address.
         #[arg(long)]
         addr: String,
+        /// Fail if the learner received nothing for this many seconds (it stays a learner).
+        #[arg(long, default_value_t = 30)]
+        wait_secs: u64,
     },
-    /// Set the voters (learners listed here are promoted).
+    /// Set the voters: learners listed here are promoted (once they have caught up), voters
+    /// not listed leave the cluster.
     SetVoters {
         /// Comma-separated node ids.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', required = true)]
         voters: Vec<u64>,
     },
     /// Remove nodes from the cluster.
     Remove {
         /// Comma-separated node ids.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<u64>,
     },
 }
@@ -247,17 +251,27 @@ fn token(args: TokenArgs) -> ExitCode {
 /// Cluster settings from the flags; `None` for a single node.
 fn cluster_settings(args: &ServeArgs) -> Result<Option<config::ClusterSettings>, String> {
     let (node_id, peers) = match (args.node_id, &args.peers) {
-        (None, None) if args.peer_listen.is_none() => return Ok(None),
+        (None, None) if args.peer_listen.is_none() && !args.join => return Ok(None),
         (Some(id), Some(peers)) => (id, config::parse_peers(peers)?),
+        _ if args.join => {
+            return Err(
+                "--join adds this node to a running cluster: it needs --node-id and --peers too"
+                    .into(),
+            );
+        }
         _ => return Err("cluster mode needs both --node-id and --peers".into()),
     };
     let own = peers
         .get(&node_id)
         .ok_or_else(|| format!("--peers does not list this node's id {node_id}"))?;
-    let listen = args.peer_listen.clone().unwrap_or_else(|| own.clone());
-    let peer_listen = listen
-        .parse::<std::net::SocketAddr>()
-        .map_err(|e| format!("--peer-listen {listen:?}: {e} (use IP:PORT)"))?;
+    let (flag, listen) = match &args.peer_listen {
+        Some(listen) => ("--peer-listen".to_owned(), listen.clone()),
+        None => (format!("--peers (node {node_id}'s entry)"), own.clone()),
+    };
+    let peer_listen = std::net::ToSocketAddrs::to_socket_addrs(&listen)
+        .map_err(|e| format!("{flag} {listen:?}: {e} (use HOST:PORT)"))?
+        .next()
+        .ok_or_else(|| format!("{flag} {listen:?}: the host has no address"))?;
     if args.auth_secret.is_none() {
         return Err(
             "cluster mode needs --auth-secret (or CHATLOG_AUTH_SECRET), the same on every \
@@ -291,6 +305,14 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runti
 }
 
 fn restore(args: RestoreArgs) -> ExitCode {
+    if args.data_dir.join("cluster").exists() {
+        eprintln!(
+            "error: restore: {} holds a cluster node's data (cluster/); restore into a new, \
+             empty data directory",
+            args.data_dir.display()
+        );
+        return ExitCode::from(2);
+    }
     let dir = args.data_dir.join("engine");
     match chatlog_raft::state_machine::restore_bundle(&args.snapshot, &dir) {
         Ok(()) => {
@@ -319,10 +341,14 @@ fn cluster_admin(args: ClusterArgs) -> ExitCode {
         ClusterAction::Status => (false, "/admin/metrics", serde_json::Value::Null),
         ClusterAction::Digest => (false, "/admin/digest", serde_json::Value::Null),
         ClusterAction::Snapshot => (true, "/admin/snapshot", serde_json::Value::Null),
-        ClusterAction::AddLearner { id, addr } => (
+        ClusterAction::AddLearner {
+            id,
+            addr,
+            wait_secs,
+        } => (
             true,
             "/admin/add-learner",
-            serde_json::json!({"id": id, "addr": addr}),
+            serde_json::json!({"id": id, "addr": addr, "wait_secs": wait_secs}),
         ),
         ClusterAction::SetVoters { voters } => (
             true,

@@ -461,3 +461,90 @@ async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_
         kill(n);
     }
 }
+
+/// Operator mistakes are refused and named: re-adding a voter's id, promoting or removing a
+/// node that is not in the cluster, a learner at an address where nothing listens (it is
+/// reported, and cannot be promoted), `--join` without the cluster flags, and a cluster node
+/// started on a single server's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_and_start_up_mistakes_are_refused_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = nodes(dir.path(), 3);
+    let peers = peers_flag(&nodes);
+    for n in nodes.iter_mut() {
+        start(n, &peers);
+    }
+    wait_healthy(&nodes).await;
+    let port = nodes[0].peer_port;
+    let spare = format!("127.0.0.1:{}", free_port());
+
+    let (ok, out) = admin(port, &["add-learner", "--id", "2", "--addr", &spare]);
+    assert!(!ok && out.contains("node 2 is already a voter"), "{out}");
+    let (ok, out) = admin(port, &["set-voters", "--voters", "1,2,3,9"]);
+    assert!(!ok && out.contains("not in the cluster: node 9"), "{out}");
+    let (ok, out) = admin(port, &["remove", "--ids", "7"]);
+    assert!(!ok && out.contains("not in the cluster: node 7"), "{out}");
+    let (ok, out) = admin(port, &["remove"]);
+    assert!(!ok && out.contains("--ids"), "{out}");
+
+    // Nothing listens at the learner's address: reported, and it cannot be promoted.
+    let (ok, out) = admin(
+        port,
+        &[
+            "add-learner",
+            "--id",
+            "6",
+            "--addr",
+            &spare,
+            "--wait-secs",
+            "2",
+        ],
+    );
+    assert!(!ok && out.contains("received nothing for 2 s"), "{out}");
+    let (ok, out) = admin(port, &["set-voters", "--voters", "1,2,3,6"]);
+    assert!(!ok && out.contains("node 6 has not caught up"), "{out}");
+    let (ok, out) = admin(port, &["remove", "--ids", "6"]);
+    assert!(ok, "{out}");
+    let reply = send(nodes[1].client_port, "nochat", "m").await;
+    assert_eq!(
+        reply["error"]["code"], "not_found",
+        "the cluster still serves: {reply}"
+    );
+
+    let serve = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_chatlog-server"))
+            .arg("serve")
+            .args(["--auth-secret", common::SECRET])
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let join_dir = dir.path().join("join");
+    let (code, err) = serve(&["--join", "--data-dir", join_dir.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--join") && err.contains("--node-id"), "{err}");
+
+    // A single server's data directory is not silently ignored by a cluster node.
+    for n in nodes.iter_mut() {
+        kill(n);
+    }
+    let single = dir.path().join("single");
+    std::fs::create_dir_all(single.join("engine")).unwrap();
+    std::fs::write(single.join("engine").join("x"), b"x").unwrap();
+    let lone_peers = format!("1=127.0.0.1:{}", free_port());
+    let (code, err) = serve(&[
+        "--node-id",
+        "1",
+        "--peers",
+        &lone_peers,
+        "--data-dir",
+        single.to_str().unwrap(),
+    ]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("holds a single server's chats"), "{err}");
+}
