@@ -216,6 +216,9 @@ impl ServerConfig {
         if self.header_read_timeout_ms == 0 {
             return Err("--header-read-timeout-ms: must be positive".into());
         }
+        if self.engine.members_max == 0 {
+            return Err("--max-members: must be at least 1 (the creator counts)".into());
+        }
         if self.outbound_queue == 0 {
             return Err("--outbound-queue: must be positive".into());
         }

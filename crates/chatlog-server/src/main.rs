@@ -116,7 +116,7 @@ struct ServeArgs {
     #[arg(long, env = "CHATLOG_AUTH_SECRET", hide_env_values = true)]
     auth_secret: Option<String>,
     /// Sends per user per minute; 0 turns the limit off.
-    #[arg(long, env = "CHATLOG_RATE_LIMIT", default_value_t = config::RATE_LIMIT_PER_MINUTE_DEFAULT)]
+    #[arg(long, env = "CHATLOG_RATE_LIMIT", default_value_t = config::RATE_LIMIT_PER_MINUTE_DEFAULT, allow_negative_numbers = true)]
     rate_limit: u32,
     /// Largest WebSocket message parsed, in bytes.
     #[arg(long, env = "CHATLOG_MAX_FRAME_BYTES", default_value_t = config::MAX_FRAME_BYTES_DEFAULT)]

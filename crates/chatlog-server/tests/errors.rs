@@ -84,6 +84,7 @@ async fn malformed_frames_get_bad_request_and_the_connection_stays_open() {
         json!({"op": "send", "id": 30, "chat": chat, "cmid": "m"}),
         json!({"op": "send", "id": 31, "chat": chat, "cmid": "", "body": "x"}),
         json!({"op": "send", "id": 32, "chat": chat, "cmid": "c".repeat(65), "body": "x"}),
+        json!({"op": "send", "id": 34, "chat": chat, "cmid": "é".repeat(65), "body": "x"}),
         json!({"op": "add_members", "id": 33, "chat": chat, "users": ["not a user!"]}),
         // A second hello on an authenticated connection.
         json!({"op": "hello", "id": 37, "token": token("alice"), "device": "default"}),
@@ -95,9 +96,12 @@ async fn malformed_frames_get_bad_request_and_the_connection_stays_open() {
         assert!(v.get("result").is_none(), "{v}");
         still_usable_and_unchanged(&mut alice, &chat, 1).await;
     }
-    // A cmid of exactly 64 characters is fine, and the next seq follows without a gap.
+    // A cmid of exactly 64 characters is fine, and the next seq follows without a gap; 64
+    // two-byte characters are too (PROTOCOL.md counts characters).
     let sent = alice.send_msg(&chat, &"c".repeat(64), "ok").await;
     assert_eq!(sent["seq"], 2);
+    let sent = alice.send_msg(&chat, &"é".repeat(64), "ok").await;
+    assert_eq!(sent["seq"], 3);
     // Still the welcome user after the refused second hello.
     assert_eq!(alice.welcome["user"], "alice");
     let list = alice.ok(json!({"op": "list_chats"})).await;

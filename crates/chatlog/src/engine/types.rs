@@ -32,11 +32,11 @@ fn check_id(what: &str, id: &str) -> Result<(), ChatError> {
     }
 }
 
-/// Checks a client message id: 1–64 bytes of UTF-8.
+/// Checks a client message id: 1–64 characters (PROTOCOL.md; so up to 256 bytes of UTF-8).
 pub fn check_cmid(cmid: &str) -> Result<(), ChatError> {
-    if cmid.is_empty() || cmid.len() > ID_BYTES_MAX {
+    if cmid.is_empty() || cmid.chars().count() > ID_BYTES_MAX {
         return Err(ChatError::BadRequest(format!(
-            "cmid must be 1-{ID_BYTES_MAX} bytes"
+            "cmid must be 1-{ID_BYTES_MAX} characters"
         )));
     }
     Ok(())
