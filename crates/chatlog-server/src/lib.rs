@@ -268,13 +268,23 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     let mut status = String::from("ok\n");
     if let Some(node) = &app.cluster {
         let m = node.metrics();
+        if m.membership_config.membership().get_node(&m.id).is_none() {
+            return unavailable(format!(
+                "node {} is not a member of the cluster (removed, or waiting to be added with \
+                 `cluster add-learner`)\n",
+                m.id
+            ));
+        }
         let leader = match m.current_leader {
             Some(l) if node.quorum_ok(Duration::from_secs(1)).await => l,
             _ => {
                 return unavailable(format!(
-                    "no quorum (node {}, term {}, leader {:?}): writes are refused until a \
+                    "no quorum (node {}, term {}, leader {}): writes are refused until a \
                      majority is reachable\n",
-                    m.id, m.current_term, m.current_leader
+                    m.id,
+                    m.current_term,
+                    m.current_leader
+                        .map_or_else(|| "unknown".to_owned(), |l| l.to_string())
                 ));
             }
         };

@@ -502,7 +502,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::FAILURE
+                // Bad settings (an address in use, a data directory of the other mode) exit
+                // 2, as flags that fail to parse do.
+                if matches!(e, chatlog_server::ServerError::Config(_)) {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         }
     })

@@ -441,7 +441,15 @@ async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_
     start(&mut nodes[2], &peers);
     wait_healthy(&nodes[1..]).await;
     for n in &nodes[1..] {
-        let (status, got) = download(n.client_port, "bob", &id).await;
+        // Reads are local: node 3 answers 404 until it has applied the upload's entries.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (status, got) = loop {
+            let (status, got) = download(n.client_port, "bob", &id).await;
+            if status != 404 || Instant::now() > deadline {
+                break (status, got);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         assert_eq!(
             status,
             200,
