@@ -515,6 +515,93 @@ impl Proposer for RaftProposer {
     }
 }
 
+/// Restores a backup (`snapshot.data` and `snapshot.meta`, written by `/admin/snapshot`) as
+/// the state of node `config.node_id` under `config.data_dir`, which must hold no cluster
+/// state yet: the snapshot is installed as if the leader had sent it, and the Raft log starts
+/// empty after the snapshot's last entry. The node keeps the backup's membership (node ids
+/// and replication addresses); it must be one of its voters or learners. Returns the
+/// snapshot's last log index and the membership.
+pub async fn restore_node(
+    config: &ClusterConfig,
+    bundle: &std::path::Path,
+    meta: &std::path::Path,
+) -> Result<(u64, BTreeMap<NodeId, String>), String> {
+    use openraft::storage::{RaftLogStorage, RaftStateMachine};
+    if config.data_dir.exists()
+        && std::fs::read_dir(&config.data_dir)
+            .map_err(|e| format!("{}: {e}", config.data_dir.display()))?
+            .next()
+            .is_some()
+    {
+        return Err(format!(
+            "{} exists and is not empty: restore a node into a new directory",
+            config.data_dir.display()
+        ));
+    }
+    let meta_bytes = std::fs::read(meta).map_err(|e| format!("{}: {e}", meta.display()))?;
+    let meta: openraft::SnapshotMeta<NodeId, BasicNode> = postcard::from_bytes(&meta_bytes)
+        .map_err(|e| format!("{}: not a snapshot meta ({e})", meta.display()))?;
+    let last = meta
+        .last_log_id
+        .ok_or_else(|| "the backup holds no entries".to_owned())?;
+    let members: BTreeMap<NodeId, String> = meta
+        .last_membership
+        .membership()
+        .nodes()
+        .map(|(id, node)| (*id, node.addr.clone()))
+        .collect();
+    if !members.contains_key(&config.node_id) {
+        return Err(format!(
+            "node {} is not in the backup's cluster ({}): restore it as one of those ids",
+            config.node_id,
+            members
+                .iter()
+                .map(|(id, addr)| format!("{id}={addr}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    let file = tokio::fs::File::open(bundle)
+        .await
+        .map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let restored = async {
+        let log_dir = config.data_dir.join("raft");
+        let sm_dir = config.data_dir.join("sm");
+        let raft_log = config.raft_log.clone();
+        let engine_config = config.engine.clone();
+        let (mut log_store, mut sm) = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::types::StorageError>((
+                LogStore::open(&log_dir, raft_log)?,
+                StateMachine::open(&sm_dir, engine_config)?,
+            ))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        sm.install_snapshot(
+            &meta,
+            Box::new(crate::snapshot_data::SnapshotData::file(file)),
+        )
+        .await
+        .map_err(|e| format!("installing the backup: {e}"))?;
+        log_store
+            .purge(last)
+            .await
+            .map_err(|e| format!("starting the Raft log after the backup: {e}"))?;
+        // Closing (dropping) the engine and the log off the async threads.
+        tokio::task::spawn_blocking(move || drop((sm, log_store)))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Err(why) = restored {
+        let _ = std::fs::remove_dir_all(&config.data_dir);
+        return Err(why);
+    }
+    Ok((last.index, members))
+}
+
 impl ClusterNode {
     /// Starts a node: opens its storage, serves its peers on `peer_listener`, and (when its
     /// log is empty and `config.initialize`) proposes the initial membership of `peers`; the

@@ -52,9 +52,17 @@ struct RestoreArgs {
     /// The snapshot bundle (`<data-dir>/cluster/sm/snapshot.data` of a node).
     #[arg(long)]
     snapshot: PathBuf,
+    /// The snapshot's meta (`snapshot.meta`); default: next to `--snapshot`. Needed with
+    /// `--node-id` only.
+    #[arg(long)]
+    meta: Option<PathBuf>,
     /// The new server's data directory (its `engine/` must not exist yet).
     #[arg(long, env = "CHATLOG_DATA_DIR", default_value = DATA_DIR_DEFAULT)]
     data_dir: PathBuf,
+    /// Restore as node ID of the backup's cluster (same ids and replication addresses)
+    /// instead of as a single server.
+    #[arg(long)]
+    node_id: Option<u64>,
 }
 
 #[derive(Args)]
@@ -305,6 +313,9 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runti
 }
 
 fn restore(args: RestoreArgs) -> ExitCode {
+    if let Some(node_id) = args.node_id {
+        return restore_node(&args, node_id);
+    }
     if args.data_dir.join("cluster").exists() {
         eprintln!(
             "error: restore: {} holds a cluster node's data (cluster/); restore into a new, \
@@ -320,6 +331,49 @@ fn restore(args: RestoreArgs) -> ExitCode {
                 "restored {} into {}; start it with: chatlog-server serve --data-dir {}",
                 args.snapshot.display(),
                 dir.display(),
+                args.data_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: restore {}: {e}", args.snapshot.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `restore --node-id`: the backup as one node of its cluster.
+fn restore_node(args: &RestoreArgs, node_id: u64) -> ExitCode {
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
+    };
+    let meta = args
+        .meta
+        .clone()
+        .unwrap_or_else(|| args.snapshot.with_file_name("snapshot.meta"));
+    let config = chatlog_raft::ClusterConfig::new(
+        node_id,
+        Default::default(),
+        args.data_dir.join("cluster"),
+    );
+    match runtime.block_on(chatlog_raft::node::restore_node(
+        &config,
+        &args.snapshot,
+        &meta,
+    )) {
+        Ok((index, members)) => {
+            let peers = members
+                .iter()
+                .map(|(id, addr)| format!("{id}={addr}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            println!(
+                "restored {} (up to log index {index}) as node {node_id} into {}; restore the \
+                 same backup for every node of {peers} (or start the others on empty \
+                 directories with --join), then start each with: chatlog-server serve \
+                 --node-id {node_id} --peers {peers} --data-dir {}",
+                args.snapshot.display(),
+                args.data_dir.display(),
                 args.data_dir.display()
             );
             ExitCode::SUCCESS

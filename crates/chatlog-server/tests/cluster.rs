@@ -556,3 +556,108 @@ async fn membership_and_start_up_mistakes_are_refused_and_named() {
     assert_ne!(code, Some(0), "{err}");
     assert!(err.contains("holds a single server's chats"), "{err}");
 }
+
+/// A whole cluster restored from a backup (`cluster snapshot`, then `restore --node-id` for
+/// every node, on new data directories, with the backup's ids and addresses): every node
+/// serves the backup's chats and nothing written after it, dedup still knows the backup's
+/// cmids, and the cluster takes writes again, with the same state on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = nodes(dir.path(), 3);
+    let peers = peers_flag(&nodes);
+    for n in nodes.iter_mut() {
+        start(n, &peers);
+    }
+    wait_healthy(&nodes).await;
+    let chat = {
+        let mut ws = connect(nodes[0].client_port, "owner").await.unwrap();
+        let r = call(&mut ws, 1, json!({"op":"create_chat","members":["bob"]}))
+            .await
+            .unwrap();
+        r["result"]["chat"].as_str().unwrap().to_owned()
+    };
+    for k in 0..6 {
+        let reply = send(nodes[k % 3].client_port, &chat, &format!("m{k}")).await;
+        assert!(reply.get("result").is_some(), "{reply}");
+    }
+    let (ok, out) = admin(nodes[1].peer_port, &["snapshot"]);
+    assert!(ok, "snapshot: {out}");
+    let backup = dir.path().join("backup");
+    std::fs::create_dir_all(&backup).unwrap();
+    for file in ["snapshot.data", "snapshot.meta"] {
+        std::fs::copy(
+            nodes[1].dir.join("cluster/sm").join(file),
+            backup.join(file),
+        )
+        .unwrap();
+    }
+    let reply = send(nodes[2].client_port, &chat, "after-backup").await;
+    assert!(reply.get("result").is_some(), "{reply}");
+    for n in nodes.iter_mut() {
+        kill(n);
+    }
+
+    // A node id outside the backup's cluster is refused, naming its members.
+    let restore = |id: u64, data: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_chatlog-server"))
+            .args(["restore", "--node-id", &id.to_string(), "--snapshot"])
+            .arg(backup.join("snapshot.data"))
+            .arg("--data-dir")
+            .arg(data)
+            .output()
+            .unwrap()
+    };
+    let out = restore(7, &dir.path().join("r7"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("node 7 is not in the backup's cluster"),
+        "{err}"
+    );
+    assert!(!dir.path().join("r7/cluster").exists());
+
+    for n in nodes.iter_mut() {
+        n.dir = dir.path().join(format!("restored{}", n.id));
+        let out = restore(n.id, &n.dir);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        start(n, &peers);
+    }
+    wait_healthy(&nodes).await;
+    for n in &nodes {
+        let events = all_events(n.client_port, "owner", &chat).await;
+        let cmids: Vec<&str> = events.iter().filter_map(|e| e["cmid"].as_str()).collect();
+        assert_eq!(cmids, ["m0", "m1", "m2", "m3", "m4", "m5"], "node {}", n.id);
+    }
+    // Dedup came along; new writes follow without a gap, on every node.
+    let again = send(nodes[2].client_port, &chat, "m3").await;
+    assert_eq!(again["result"]["seq"], 5, "{again}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let next = loop {
+        let r = send(nodes[0].client_port, &chat, "after-restore").await;
+        if r.get("result").is_some() || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(next["result"]["seq"], 8, "{next}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let digests: Vec<String> = nodes
+            .iter()
+            .map(|n| admin(n.peer_port, &["digest"]).1)
+            .collect();
+        if digests.iter().all(|d| *d == digests[0]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas differ: {digests:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for n in nodes.iter_mut() {
+        kill(n);
+    }
+}
