@@ -67,3 +67,23 @@ pub mod stages {
     /// it), while applies go on.
     pub const SNAPSHOT_BUILD: &str = "chatlog_raft_snapshot_build_seconds";
 }
+
+/// Names of the gauges that show a node's Raft state, set once a second
+/// ([`node::ClusterNode::start`]): what an operator alerts on.
+pub mod gauges {
+    /// The current term.
+    pub const TERM: &str = "chatlog_raft_term";
+    /// The leader this node knows (its id; 0 if none).
+    pub const LEADER: &str = "chatlog_raft_leader";
+    /// 1 on the leader, 0 elsewhere.
+    pub const IS_LEADER: &str = "chatlog_raft_is_leader";
+    /// The last index in this node's Raft log.
+    pub const LAST_LOG_INDEX: &str = "chatlog_raft_last_log_index";
+    /// The last index this node applied to its engine.
+    pub const LAST_APPLIED_INDEX: &str = "chatlog_raft_last_applied_index";
+    /// Voters in the membership this node knows.
+    pub const VOTERS: &str = "chatlog_raft_voters";
+    /// On the leader, per other member (`peer` label): entries of the leader's log that it
+    /// does not hold yet.
+    pub const REPLICATION_LAG: &str = "chatlog_raft_replication_lag_entries";
+}

@@ -708,6 +708,7 @@ impl ClusterNode {
         }));
         let app = router(inner.clone());
         let server = tokio::spawn(serve_peers(inner.clone(), peer_listener, app, stop.clone()));
+        tokio::spawn(publish_gauges(raft.clone(), stop.clone()));
         let fresh = !raft
             .is_initialized()
             .await
@@ -923,6 +924,44 @@ impl ClusterNode {
         if let Some(server) = self.server.lock().await.take() {
             let _ = server.await;
         }
+    }
+}
+
+/// Sets the [`crate::gauges`] from openraft's metrics once a second until `stop`.
+async fn publish_gauges(raft: Raft, stop: CancellationToken) {
+    use crate::gauges;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut lagging: BTreeSet<NodeId> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let m = raft.metrics().borrow().clone();
+        metrics::gauge!(gauges::TERM).set(m.current_term as f64);
+        metrics::gauge!(gauges::LEADER).set(m.current_leader.unwrap_or(0) as f64);
+        metrics::gauge!(gauges::IS_LEADER).set(f64::from(u8::from(m.current_leader == Some(m.id))));
+        let last = m.last_log_index.unwrap_or(0);
+        metrics::gauge!(gauges::LAST_LOG_INDEX).set(last as f64);
+        metrics::gauge!(gauges::LAST_APPLIED_INDEX)
+            .set(m.last_applied.map_or(0, |l| l.index) as f64);
+        metrics::gauge!(gauges::VOTERS)
+            .set(m.membership_config.membership().voter_ids().count() as f64);
+        let replication = m.replication.clone().unwrap_or_default();
+        for (peer, matched) in &replication {
+            if *peer == m.id {
+                continue;
+            }
+            let behind = last.saturating_sub(matched.map_or(0, |l| l.index));
+            metrics::gauge!(gauges::REPLICATION_LAG, "peer" => peer.to_string()).set(behind as f64);
+        }
+        // A node that stopped leading (or a removed peer) reports no lag rather than a stale one.
+        for peer in std::mem::take(&mut lagging) {
+            if !replication.contains_key(&peer) {
+                metrics::gauge!(gauges::REPLICATION_LAG, "peer" => peer.to_string()).set(0.0);
+            }
+        }
+        lagging = replication.keys().copied().filter(|p| *p != m.id).collect();
     }
 }
 

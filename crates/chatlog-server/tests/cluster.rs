@@ -211,10 +211,10 @@ async fn minority_refuses_and_membership_changes_through_the_cli() {
     .unwrap()
     .lines()
     .filter_map(|l| l.strip_prefix("| `chatlog_raft_"))
-    .filter_map(|rest| rest.split('`').next())
+    .filter_map(|rest| rest.split(['`', '{']).next())
     .map(|name| format!("chatlog_raft_{name}"))
     .collect();
-    assert!(documented.len() >= 7, "{documented:?}");
+    assert!(documented.len() >= 14, "{documented:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut text = String::new();
@@ -225,12 +225,22 @@ async fn minority_refuses_and_membership_changes_through_the_cli() {
             .iter()
             .filter(|name| !text.lines().any(|l| l.starts_with(name.as_str())))
             .collect();
-        if missing.is_empty() {
+        // The state gauges agree: one leader, known to all three, and the leader reports
+        // its two followers' lag.
+        let leaders = text
+            .lines()
+            .filter(|l| *l == "chatlog_raft_is_leader 1")
+            .count();
+        let lags = text
+            .lines()
+            .filter(|l| l.starts_with("chatlog_raft_replication_lag_entries{peer="))
+            .count();
+        if missing.is_empty() && leaders == 1 && lags == 2 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "documented but not at /metrics: {missing:?}"
+            "documented but not at /metrics: {missing:?}; {leaders} leaders, {lags} lags"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
