@@ -515,6 +515,24 @@ impl Proposer for RaftProposer {
     }
 }
 
+/// Opens a node's Raft log (`data_dir/raft`) and state machine (`data_dir/sm`), off the
+/// async threads.
+async fn open_storage(config: &ClusterConfig) -> Result<(LogStore, StateMachine), StartError> {
+    let log_dir = config.data_dir.join("raft");
+    let sm_dir = config.data_dir.join("sm");
+    let raft_log = config.raft_log.clone();
+    let engine_config = config.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::types::StorageError>((
+            LogStore::open(&log_dir, raft_log)?,
+            StateMachine::open(&sm_dir, engine_config)?,
+        ))
+    })
+    .await
+    .map_err(|e| StartError::Config(e.to_string()))?
+    .map_err(StartError::from)
+}
+
 /// Restores a backup (`snapshot.data` and `snapshot.meta`, written by `/admin/snapshot`) as
 /// the state of node `config.node_id` under `config.data_dir`, which must hold no cluster
 /// state yet: the snapshot is installed as if the leader had sent it, and the Raft log starts
@@ -565,19 +583,7 @@ pub async fn restore_node(
         .await
         .map_err(|e| format!("{}: {e}", bundle.display()))?;
     let restored = async {
-        let log_dir = config.data_dir.join("raft");
-        let sm_dir = config.data_dir.join("sm");
-        let raft_log = config.raft_log.clone();
-        let engine_config = config.engine.clone();
-        let (mut log_store, mut sm) = tokio::task::spawn_blocking(move || {
-            Ok::<_, crate::types::StorageError>((
-                LogStore::open(&log_dir, raft_log)?,
-                StateMachine::open(&sm_dir, engine_config)?,
-            ))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        let (mut log_store, mut sm) = open_storage(config).await.map_err(|e| e.to_string())?;
         sm.install_snapshot(
             &meta,
             Box::new(crate::snapshot_data::SnapshotData::file(file)),
@@ -616,18 +622,7 @@ impl ClusterNode {
                 config.node_id
             )));
         }
-        let log_dir = config.data_dir.join("raft");
-        let sm_dir = config.data_dir.join("sm");
-        let raft_log = config.raft_log.clone();
-        let engine_config = config.engine.clone();
-        let (mut log_store, mut sm) = tokio::task::spawn_blocking(move || {
-            Ok::<_, crate::types::StorageError>((
-                LogStore::open(&log_dir, raft_log)?,
-                StateMachine::open(&sm_dir, engine_config)?,
-            ))
-        })
-        .await
-        .map_err(|e| StartError::Config(e.to_string()))??;
+        let (mut log_store, mut sm) = open_storage(&config).await?;
         // The engine must hold every entry the Raft log no longer does (it is synced before
         // each snapshot, and entries are purged only up to a snapshot). If it does not, its
         // synced data was lost or damaged: applying the Raft log onto it would diverge.

@@ -40,6 +40,17 @@ async fn wait_healthy(nodes: &[Node]) {
     }
 }
 
+/// A 3-node cluster under `dir`, started and healthy; its nodes and `--peers` flag.
+async fn start_cluster(dir: &std::path::Path) -> (Vec<Node>, String) {
+    let mut nodes = nodes(dir, 3);
+    let peers = peers_flag(&nodes);
+    for n in nodes.iter_mut() {
+        start(n, &peers);
+    }
+    wait_healthy(&nodes).await;
+    (nodes, peers)
+}
+
 /// The next `presence` push for `user`, within `within`.
 async fn presence_push(ws: &mut Ws, user: &str, within: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + within;
@@ -60,12 +71,7 @@ async fn presence_push(ws: &mut Ws, user: &str, within: Duration) -> Option<Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_cluster_wide() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = nodes(dir.path(), 3);
-    let peers = peers_flag(&nodes);
-    for n in nodes.iter_mut() {
-        start(n, &peers);
-    }
-    wait_healthy(&nodes).await;
+    let (mut nodes, _) = start_cluster(dir.path()).await;
     let mut bob = connect(nodes[1].client_port, "bob").await.unwrap();
     let reply = call(
         &mut bob,
@@ -417,12 +423,7 @@ async fn download(port: u16, user: &str, id: &str) -> (u16, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_to() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = nodes(dir.path(), 3);
-    let peers = peers_flag(&nodes);
-    for n in nodes.iter_mut() {
-        start(n, &peers);
-    }
-    wait_healthy(&nodes).await;
+    let (mut nodes, peers) = start_cluster(dir.path()).await;
     // Node 3 misses the upload.
     kill(&mut nodes[2]);
     let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -487,12 +488,7 @@ async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_and_start_up_mistakes_are_refused_and_named() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = nodes(dir.path(), 3);
-    let peers = peers_flag(&nodes);
-    for n in nodes.iter_mut() {
-        start(n, &peers);
-    }
-    wait_healthy(&nodes).await;
+    let (mut nodes, _) = start_cluster(dir.path()).await;
     let port = nodes[0].peer_port;
     let spare = format!("127.0.0.1:{}", free_port());
 
@@ -574,12 +570,7 @@ async fn membership_and_start_up_mistakes_are_refused_and_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = nodes(dir.path(), 3);
-    let peers = peers_flag(&nodes);
-    for n in nodes.iter_mut() {
-        start(n, &peers);
-    }
-    wait_healthy(&nodes).await;
+    let (mut nodes, peers) = start_cluster(dir.path()).await;
     let chat = {
         let mut ws = connect(nodes[0].client_port, "owner").await.unwrap();
         let r = call(&mut ws, 1, json!({"op":"create_chat","members":["bob"]}))
