@@ -1262,7 +1262,8 @@ async fn admin_metrics(State(inner): Shared) -> HttpResponse {
 }
 
 async fn admin_digest(State(inner): Shared) -> HttpResponse {
-    let applied = *inner.applied.borrow();
+    // The last applied index, as `cluster status` (openraft's `last_applied`) counts it.
+    let applied = inner.applied.borrow().checked_sub(1);
     let engine = inner.cell.get();
     match tokio::task::spawn_blocking(move || digest(&engine)).await {
         Ok(Ok(d)) => {

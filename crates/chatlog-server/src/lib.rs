@@ -293,7 +293,10 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
             m.id,
             m.current_term,
             leader,
+            // The last applied index, as `cluster status` counts it.
             node.applied()
+                .checked_sub(1)
+                .map_or_else(|| "none".to_owned(), |i| i.to_string())
         );
     }
     // Writes report their own failures (above); reads do not poison anything, so read the
