@@ -232,7 +232,8 @@ impl Pending {
 
 fn timed_out(timeout: Duration) -> ChatError {
     unavailable(format!(
-        "no quorum: the write was not committed within {} ms (safe to retry with the same cmid)",
+        "no quorum: the write was not committed within {} ms; it may still commit, and a \
+         retry is safe (a send retried with the same cmid is not duplicated)",
         timeout.as_millis()
     ))
 }
