@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
@@ -287,6 +288,70 @@ pub async fn download(
         .header("content-security-policy", "sandbox")
         .body(body)
         .unwrap_or_else(|_| json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "response"))
+}
+
+/// Files fetched from peers at once by [`repair_missing`].
+const REPAIRS_IN_FLIGHT: usize = 4;
+
+/// In a cluster: copies every file this node applies the metadata of but does not hold
+/// (it was down during the upload, or the upload's copies went to a majority without it)
+/// from a peer, so that each file ends up on every node and not only on the majority that
+/// acknowledged it. Runs until the engine cell closes; follows snapshot installs.
+pub async fn repair_missing(
+    cell: Arc<chatlog_raft::EngineCell>,
+    node: Arc<chatlog_raft::ClusterNode>,
+    data_dir: PathBuf,
+) {
+    let store = blobs(&data_dir);
+    let slots = Arc::new(tokio::sync::Semaphore::new(REPAIRS_IN_FLIGHT));
+    let mut changes = cell.changes();
+    loop {
+        changes.borrow_and_update();
+        let mut subscription = cell.get().subscribe();
+        loop {
+            let record = tokio::select! {
+                r = subscription.recv() => r,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            };
+            let meta = match record {
+                Ok(committed) => match &committed.record {
+                    chatlog::engine::Record::File(meta) => meta.clone(),
+                    _ => continue,
+                },
+                Err(chatlog::engine::SubscriptionError::Lagged { .. }) => continue,
+                Err(_) => return,
+            };
+            if store.contains(&meta.sha256).await {
+                continue;
+            }
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (node, store) = (node.clone(), store.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                // The uploading node is still copying it here, or holds it alone for a moment.
+                for attempt in 0..5u32 {
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    if store.contains(&meta.sha256).await {
+                        return;
+                    }
+                    if let Some(bytes) = node.fetch_blob(&meta.sha256).await {
+                        if let Err(e) = store.put(&meta.sha256, &bytes).await {
+                            tracing::warn!(error = %e, file = %meta.id, "keeping a repaired file failed");
+                        }
+                        return;
+                    }
+                }
+                tracing::warn!(file = %meta.id, "no peer had a missing file's content; it is fetched again when downloaded");
+            });
+        }
+    }
 }
 
 #[cfg(test)]

@@ -423,6 +423,13 @@ pub async fn serve(
     let gossip_task = cluster
         .clone()
         .map(|node| tokio::spawn(presence_gossip(node, presence.clone())));
+    let repair_task = cluster.clone().map(|node| {
+        tokio::spawn(files::repair_missing(
+            cell.clone(),
+            node,
+            app.config.data_dir.clone(),
+        ))
+    });
     let limiter_app = app.clone();
     let limiter_task = tokio::spawn(async move {
         // Forget users whose buckets are full again (bounded memory).
@@ -449,7 +456,7 @@ pub async fn serve(
     app.tracker.wait().await;
     limiter_task.abort();
     presence_task.abort();
-    if let Some(t) = gossip_task {
+    for t in [gossip_task, repair_task].into_iter().flatten() {
         t.abort();
     }
     let _ = presence_task.await;

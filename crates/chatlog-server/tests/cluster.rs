@@ -418,8 +418,9 @@ async fn download(port: u16, user: &str, id: &str) -> (u16, Vec<u8>) {
 }
 
 /// A file uploaded through one node is downloadable through every node, also once the node
-/// it was uploaded to is dead, and on a node that was down during the upload (it fetches the
-/// bytes from a peer); an upload that cannot reach a majority is refused.
+/// it was uploaded to is dead, and on a node that was down during the upload (it copies the
+/// bytes from a peer when it applies the upload); an upload that cannot reach a majority is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_to() {
     let dir = tempfile::tempdir().unwrap();
@@ -447,10 +448,18 @@ async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_
     assert!(sent.get("result").is_some(), "{sent}");
     drop(alice);
 
-    // The uploader's node dies; node 3 comes back.
+    // The uploader's node dies; node 3 comes back, and copies the file from node 2 by itself
+    // as it applies the upload (nobody downloads it there).
     kill(&mut nodes[0]);
     start(&mut nodes[2], &peers);
     wait_healthy(&nodes[1..]).await;
+    let sha = up["sha256"].as_str().unwrap();
+    let copy = nodes[2].dir.join("files").join(&sha[..2]).join(sha);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !copy.exists() {
+        assert!(Instant::now() < deadline, "node 3 never copied the file");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for n in &nodes[1..] {
         // Reads are local: node 3 answers 404 until it has applied the upload's entries.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -471,8 +480,12 @@ async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_
         assert!(got == bytes, "node {}: the bytes differ", n.id);
     }
 
-    // Node 3 alone holds no majority: an upload there is refused, not acknowledged.
+    // Node 3 alone holds no majority: it still serves the file from its own copy, and an
+    // upload there is refused, not acknowledged.
     kill(&mut nodes[1]);
+    let (status, got) = download(nodes[2].client_port, "bob", &id).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+    assert!(got == bytes, "node 3 alone: the bytes differ");
     let (status, refused) = upload(nodes[2].client_port, "alice", b"lonely").await;
     assert_eq!(status, 503, "{refused}");
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
