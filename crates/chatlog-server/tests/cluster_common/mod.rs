@@ -115,8 +115,14 @@ fn truncate(line: &str) -> &str {
 }
 
 pub fn start(node: &mut Node, peers: &str) {
+    start_with(node, peers, &[]);
+}
+
+/// [`start`] with more `serve` flags (e.g. `--join`).
+pub fn start_with(node: &mut Node, peers: &str, more: &[&str]) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog-server"))
         .args(["serve", "--rate-limit", "0"])
+        .args(more)
         .args(["--listen", &format!("127.0.0.1:{}", node.client_port)])
         .args(["--node-id", &node.id.to_string(), "--peers", peers])
         .args(["--auth-secret", SECRET, "--write-timeout-ms", "2000"])
