@@ -516,6 +516,37 @@ impl Proposer for RaftProposer {
     }
 }
 
+/// Name of the file that records which node a data directory belongs to.
+const NODE_ID_FILE: &str = "node-id";
+
+/// Ties `dir` to node `id` on its first start, and refuses it to any other id afterwards: a
+/// node's Raft state (its vote, its log) is that node's, and run under another id it would
+/// vote and acknowledge for a node it is not. A directory from before this check (state but
+/// no record) is claimed as it is.
+fn claim_data_dir(dir: &std::path::Path, id: NodeId) -> Result<(), StartError> {
+    let path = dir.join(NODE_ID_FILE);
+    let io = |e: std::io::Error| StartError::Config(format!("{}: {e}", path.display()));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse::<NodeId>() {
+            Ok(owner) if owner == id => Ok(()),
+            Ok(owner) => Err(StartError::Config(format!(
+                "{} holds node {owner}'s data, not node {id}'s: start it with --node-id \
+                 {owner}, or give node {id} its own data directory",
+                dir.display()
+            ))),
+            Err(_) => Err(StartError::Config(format!(
+                "{} does not hold a node id ({text:?})",
+                path.display()
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            crate::log_store::write_atomic(&path, id.to_string().as_bytes()).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
 /// A replica's index tail size: `base` made larger by a quarter per node id (cycling over
 /// four). Replicas apply the same entries, so with one size they all froze and ingested their
 /// tails at the same entry, three ingestions' CPU at once, which showed as a wave of slow
@@ -528,6 +559,7 @@ fn staggered_tail(base: usize, node_id: NodeId) -> usize {
 /// Opens a node's Raft log (`data_dir/raft`) and state machine (`data_dir/sm`), off the
 /// async threads.
 async fn open_storage(config: &ClusterConfig) -> Result<(LogStore, StateMachine), StartError> {
+    claim_data_dir(&config.data_dir, config.node_id)?;
     let log_dir = config.data_dir.join("raft");
     let sm_dir = config.data_dir.join("sm");
     let raft_log = config.raft_log.clone();

@@ -556,10 +556,23 @@ async fn membership_and_start_up_mistakes_are_refused_and_named() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--join") && err.contains("--node-id"), "{err}");
 
-    // A single server's data directory is not silently ignored by a cluster node.
     for n in nodes.iter_mut() {
         kill(n);
     }
+    // A node's data directory is that node's: under another id it is refused.
+    let swapped = format!("1=127.0.0.1:{},2=127.0.0.1:{}", free_port(), free_port());
+    let (code, err) = serve(&[
+        "--node-id",
+        "2",
+        "--peers",
+        &swapped,
+        "--data-dir",
+        nodes[0].dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("holds node 1's data, not node 2's"), "{err}");
+
+    // A single server's data directory is not silently ignored by a cluster node.
     let single = dir.path().join("single");
     std::fs::create_dir_all(single.join("engine")).unwrap();
     std::fs::write(single.join("engine").join("x"), b"x").unwrap();
