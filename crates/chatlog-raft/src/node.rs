@@ -134,7 +134,12 @@ struct Inner {
     queue: tokio::sync::mpsc::UnboundedSender<Pending>,
     /// File attachments' bytes.
     blobs: BlobStore,
+    /// Read barriers waiting for the next round ([`run_barriers`]).
+    barriers: tokio::sync::mpsc::UnboundedSender<BarrierWaiter>,
 }
+
+/// A caller of [`ClusterNode::read_barrier`]: told the leader's read index, or why not.
+type BarrierWaiter = tokio::sync::oneshot::Sender<Result<Option<u64>, String>>;
 
 /// A running cluster node.
 pub struct ClusterNode {
@@ -713,6 +718,7 @@ impl ClusterNode {
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
         let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+        let (barriers, barrier_rx) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             id: config.node_id,
             cell: cell.clone(),
@@ -726,6 +732,7 @@ impl ClusterNode {
             write_timeout: config.write_timeout,
             queue: queue.clone(),
             blobs: BlobStore::new(config.blob_dir.clone()),
+            barriers,
         });
         let stop = CancellationToken::new();
         tokio::spawn(run_batcher(
@@ -748,6 +755,11 @@ impl ClusterNode {
         let app = router(inner.clone());
         let server = tokio::spawn(serve_peers(inner.clone(), peer_listener, app, stop.clone()));
         tokio::spawn(publish_gauges(raft.clone(), stop.clone()));
+        tokio::spawn(run_barriers(
+            Arc::downgrade(&inner),
+            barrier_rx,
+            stop.clone(),
+        ));
         let fresh = !raft
             .is_initialized()
             .await
@@ -951,6 +963,34 @@ impl ClusterNode {
         None
     }
 
+    /// Waits until this node has applied every entry committed before the call: a read
+    /// barrier (the leader confirms it still leads and names its commit point; this node
+    /// waits to apply up to it). A client that moves to this node then reads at least what
+    /// it wrote or acknowledged elsewhere: its cursors, its chats. Concurrent callers share
+    /// one round trip to the leader. Fails after `timeout` (no leader reachable, or this
+    /// node far behind); reads then see this node's applied state as it is.
+    pub async fn read_barrier(&self, timeout: Duration) -> Result<(), String> {
+        let work = async {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.inner
+                .barriers
+                .send(tx)
+                .map_err(|_| "the node is stopping".to_owned())?;
+            let Some(index) = rx.await.map_err(|_| "the node is stopping".to_owned())?? else {
+                return Ok(());
+            };
+            let mut applied = self.inner.applied.clone();
+            applied
+                .wait_for(|a| *a > index)
+                .await
+                .map_err(|_| "the node is stopping".to_owned())?;
+            Ok(())
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| format!("no read barrier within {} ms", timeout.as_millis()))?
+    }
+
     /// Gossip received from other nodes.
     pub fn gossip_received(&self) -> broadcast::Receiver<Gossip> {
         self.inner.gossip.subscribe()
@@ -964,6 +1004,69 @@ impl ClusterNode {
             let _ = server.await;
         }
     }
+}
+
+/// Answers read barriers in rounds: every caller queued when a round starts gets that round's
+/// read index (a round started after a caller arrived covers every write committed before
+/// it). On the leader the index comes from openraft (`get_read_log_id`: a heartbeat round
+/// confirms the leadership); on a follower from the leader, over [`Route::ReadIndex`].
+async fn run_barriers(
+    inner: std::sync::Weak<Inner>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<BarrierWaiter>,
+    stop: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            w = rx.recv() => match w {
+                Some(w) => w,
+                None => return,
+            },
+            () = stop.cancelled() => return,
+        };
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let result = read_index(&inner).await;
+        drop(inner);
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+/// The leader's read index (the last log index a read must see; `None` before any entry),
+/// asked of the leader.
+async fn read_index(inner: &Inner) -> Result<Option<u64>, String> {
+    let metrics = inner.raft.metrics().borrow().clone();
+    let leader = metrics
+        .current_leader
+        .ok_or_else(|| "no leader known".to_owned())?;
+    let read = if leader == inner.id {
+        inner
+            .raft
+            .get_read_log_id()
+            .await
+            .map_err(|e| format!("read index: {e}"))?
+            .0
+            .map(|l| l.index)
+    } else {
+        let addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| format!("leader {leader} has no address"))?;
+        inner
+            .client
+            .call::<(), Option<u64>>(leader, &addr, Route::ReadIndex, &(), inner.write_timeout)
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    Ok(read)
 }
 
 /// Sets the [`crate::gauges`] from openraft's metrics once a second until `stop`.
@@ -1062,6 +1165,14 @@ async fn peer_rpc(inner: &Arc<Inner>, route: Route, body: Bytes) -> Result<Vec<u
             let msg: Gossip = decode(&body)?;
             let _ = inner.gossip.send(msg);
             encode(&())
+        }
+        Route::ReadIndex => {
+            let (read, _) = inner
+                .raft
+                .get_read_log_id()
+                .await
+                .map_err(|e| format!("read index: {e}"))?;
+            encode(&read.map(|l| l.index))
         }
         Route::BlobPut => {
             let put: BlobPut<'_> =

@@ -52,6 +52,9 @@ pub enum Route {
     BlobPut = 6,
     /// A file's bytes, asked of a peer (by SHA-256; [`crate::blobs::BlobGot`]).
     BlobGet = 7,
+    /// The leader's commit point for a read barrier
+    /// ([`crate::node::ClusterNode::read_barrier`]).
+    ReadIndex = 8,
 }
 
 impl Route {
@@ -65,6 +68,7 @@ impl Route {
             5 => Route::Gossip,
             6 => Route::BlobPut,
             7 => Route::BlobGet,
+            8 => Route::ReadIndex,
             _ => return None,
         })
     }

@@ -147,6 +147,9 @@ async fn refuse_hello(socket: &mut WebSocket, id: Option<&RequestId>, message: S
     .await;
 }
 
+/// How long a cluster node waits, at `hello`, to apply what the leader has committed.
+const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Waits for `hello`, authenticates, registers the connection, resumes. `None` if the
 /// connection ended.
 async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
@@ -213,6 +216,15 @@ async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
     if let Err(e) = chatlog::engine::types::check_device(&device) {
         refuse_hello(socket, Some(&id), format!("bad hello: {e}")).await;
         return None;
+    }
+    if let Some(node) = &app.cluster {
+        // A client that moves to this node (its node died, or it reconnected elsewhere) must
+        // find here at least what it wrote and acknowledged before: wait until this node
+        // has applied everything committed so far. Without a reachable leader it resumes
+        // from this node's state as it is.
+        if let Err(why) = node.read_barrier(READ_BARRIER_TIMEOUT).await {
+            tracing::debug!(%why, "resuming without a read barrier");
+        }
     }
     let user: Arc<str> = Arc::from(claims.sub.as_str());
     let outbox = Arc::new(Outbox::new(

@@ -695,3 +695,95 @@ async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
         kill(n);
     }
 }
+
+/// A device that acknowledged events through one node and reconnects to a node that has just
+/// restarted (and has not applied them yet) resumes exactly after its cursor there: nothing
+/// it acknowledged comes again, and its chat is there at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moving_to_a_restarted_node_resumes_exactly_after_its_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, peers) = start_cluster(dir.path()).await;
+    kill(&mut nodes[2]);
+    let mut owner = connect(nodes[0].client_port, "owner").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let chat = loop {
+        let r = call(&mut owner, 1, json!({"op":"create_chat","members":["bob"]}))
+            .await
+            .unwrap();
+        if let Some(chat) = r["result"]["chat"].as_str() {
+            break chat.to_owned();
+        }
+        assert!(Instant::now() < deadline, "{r}");
+    };
+    let mut last = 0;
+    for k in 0..300u64 {
+        let r = call(
+            &mut owner,
+            10 + k,
+            json!({"op":"send","chat":chat,"cmid":format!("m{k}"),"body":"x"}),
+        )
+        .await
+        .unwrap();
+        last = r["result"]["seq"].as_u64().unwrap_or_else(|| panic!("{r}"));
+    }
+    let mut bob = connect(nodes[0].client_port, "bob").await.unwrap();
+    let r = call(
+        &mut bob,
+        1,
+        json!({"op":"delivered","chat":chat,"seq":last}),
+    )
+    .await
+    .unwrap();
+    assert!(r.get("result").is_some(), "{r}");
+    drop(bob);
+
+    // Node 3 comes back, behind by 301 events: bob's device moves there at once.
+    start(&mut nodes[2], &peers);
+    let url = format!("ws://127.0.0.1:{}/v1/ws", nodes[2].client_port);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let hello = json!({"op":"hello","token":common::token("bob"),"device":"d"});
+    futures_util::SinkExt::send(&mut ws, Message::text(hello.to_string()))
+        .await
+        .unwrap();
+    let mut again = Vec::new();
+    let mut synced = false;
+    let quiet = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(quiet);
+    // Until `synced`, and one second after it: any event of the chat is one bob acknowledged.
+    let mut after_synced = None;
+    loop {
+        let msg = tokio::select! {
+            m = ws.next() => m,
+            () = &mut quiet => break,
+            () = async {
+                match after_synced {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => break,
+        };
+        let Some(Ok(Message::Text(t))) = msg else {
+            break;
+        };
+        let v: Value = serde_json::from_str(t.as_str()).unwrap();
+        if v["ev"] == "event" && v["event"]["chat"] == chat.as_str() {
+            again.push(v["event"]["seq"].clone());
+        }
+        if v["ev"] == "synced" {
+            synced = true;
+            after_synced = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+        }
+    }
+    assert!(synced, "no synced");
+    assert!(
+        again.is_empty(),
+        "acknowledged events pushed again: {again:?}"
+    );
+    let r = call(&mut ws, 2, json!({"op":"history","chat":chat,"limit":1}))
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["last_seq"], last, "{r}");
+    for n in nodes.iter_mut() {
+        kill(n);
+    }
+}
