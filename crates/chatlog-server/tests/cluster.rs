@@ -737,8 +737,12 @@ async fn a_device_moving_to_a_restarted_node_resumes_exactly_after_its_cursor() 
     assert!(r.get("result").is_some(), "{r}");
     drop(bob);
 
-    // Node 3 comes back, behind by 301 events: bob's device moves there at once.
+    // Node 3 comes back, behind by 301 events: bob's device moves there as soon as it
+    // reports healthy (it knows the leader; the leader may not have sent it the log yet).
     start(&mut nodes[2], &peers);
+    while !healthy(nodes[2].client_port).await {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let url = format!("ws://127.0.0.1:{}/v1/ws", nodes[2].client_port);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let hello = json!({"op":"hello","token":common::token("bob"),"device":"d"});
