@@ -715,6 +715,8 @@ async fn a_device_moving_to_a_restarted_node_resumes_exactly_after_its_cursor() 
         }
         assert!(Instant::now() < deadline, "{r}");
     };
+    // bob's device is known from the start: it starts at the chat's beginning.
+    let mut bob = connect(nodes[0].client_port, "bob").await.unwrap();
     let mut last = 0;
     for k in 0..300u64 {
         let r = call(
@@ -726,7 +728,6 @@ async fn a_device_moving_to_a_restarted_node_resumes_exactly_after_its_cursor() 
         .unwrap();
         last = r["result"]["seq"].as_u64().unwrap_or_else(|| panic!("{r}"));
     }
-    let mut bob = connect(nodes[0].client_port, "bob").await.unwrap();
     let r = call(
         &mut bob,
         1,
