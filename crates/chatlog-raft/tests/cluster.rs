@@ -636,3 +636,53 @@ async fn pipelined_writes_through_a_follower_keep_their_order_on_a_reordering_ne
     drop(engine);
     c.stop_all().await;
 }
+
+/// A read barrier on a follower the leader cannot reach does not pass while the follower
+/// lacks committed entries; once the link heals it passes, and the follower then holds every
+/// entry committed before the call (what a client moving to that node must find there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_barrier_waits_until_the_node_holds_everything_committed_before_it() {
+    let mut c = Cluster::start(3, 100_000).await;
+    let leader = c.leader().await;
+    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
+    let lagging = c
+        .running()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    // The leader's messages to the follower are lost (its answers to the follower too).
+    c.faults.block(leader, lagging);
+    let mut last = 0;
+    for i in 0..20 {
+        let sent = c
+            .node(leader)
+            .engine()
+            .send_ticket("alice", &chat, &format!("b-{i}"), Some("x".into()), None)
+            .await
+            .unwrap();
+        if let Answer::Sent(s) = sent {
+            last = s.seq;
+        }
+    }
+    let node = c.node(lagging);
+    let refused = node.read_barrier(Duration::from_millis(500)).await;
+    assert!(
+        refused.is_err(),
+        "a barrier passed on a node cut off from the leader"
+    );
+    c.faults.heal();
+    node.read_barrier(Duration::from_secs(10))
+        .await
+        .expect("the barrier passes once the link heals");
+    let h = node
+        .engine()
+        .history("alice", &chat, None, None, Some(1))
+        .unwrap();
+    assert_eq!(
+        h.last_seq, last,
+        "the follower lacks entries committed before the barrier"
+    );
+    drop(node);
+    c.stop_all().await;
+}
