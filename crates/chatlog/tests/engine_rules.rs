@@ -672,3 +672,47 @@ fn a_checkpoint_holds_its_state_when_retention_purges_the_log_before_it_finishes
         .unwrap();
     assert_eq!(again.seq, 9);
 }
+
+/// A log that lost acknowledged entries (damaged after they were synced, or restored from an
+/// older copy) under indexes that hold them is refused at open, and the error says what
+/// removing the indexes would cost instead of only advising it.
+#[test]
+fn a_log_missing_acknowledged_entries_is_refused_and_the_cost_of_rebuilding_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = config();
+    let e = Engine::open(dir.path(), config.clone()).unwrap();
+    let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
+    for i in 0..10 {
+        e.send("alice", &chat, &format!("m{i}"), Some(s("hello")), None)
+            .unwrap();
+    }
+    e.close();
+    // Tear the last frame of the active segment (the newest `.seg`; the spare is empty).
+    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "seg")
+                && !p
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("spare")
+        })
+        .collect();
+    segments.sort();
+    let active = segments.last().unwrap();
+    let mut bytes = std::fs::read(active).unwrap();
+    let end = bytes.iter().rposition(|b| *b != 0).unwrap() + 1;
+    for b in &mut bytes[end - 8..end] {
+        *b = 0;
+    }
+    std::fs::write(active, &bytes).unwrap();
+
+    let err = Engine::open(dir.path(), config).unwrap_err().to_string();
+    assert!(
+        err.contains("acknowledged entries are missing from the log")
+            && err.contains("drops those entries for good"),
+        "{err}"
+    );
+}

@@ -432,7 +432,10 @@ impl Engine {
                 "this replica cannot rebuild them from its log: remove the node's data \
                  directory to resynchronise it from a snapshot"
             } else {
-                "remove the index directory to rebuild it from the log"
+                "acknowledged entries are missing from the log (it was damaged or restored \
+                 from an older copy): restore the data directory from a backup; removing the \
+                 index directory instead rebuilds the indexes from the log as it is and \
+                 drops those entries for good"
             };
             return Err(ChatError::Unavailable(crate::Error::Corruption {
                 segment: dir.join("index"),
