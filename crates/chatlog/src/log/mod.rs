@@ -353,6 +353,26 @@ impl Log {
             .name("chatlog-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| Error::io("spawn writer thread", &dir, e))?;
+        // An operator should hear of both: a torn tail is what a crash mid-write leaves (never
+        // an acknowledged entry), but damage to the last frames looks the same.
+        let report = &recovered.report;
+        if let Some((segment, offset, bytes)) = &report.torn_tail {
+            tracing::warn!(
+                segment = %segment.display(),
+                offset,
+                bytes,
+                "log recovery cut a torn tail (an unfinished write; or damage to the last entry)"
+            );
+        }
+        if let Some((segment, offset)) = &report.repaired_at {
+            tracing::warn!(
+                segment = %segment.display(),
+                offset,
+                dropped_bytes = report.dropped_bytes,
+                dropped_entries = report.dropped_entries,
+                "log recovery cut the log at damaged data"
+            );
+        }
         Ok(Log {
             shared,
             tx: Some(tx),
