@@ -552,15 +552,6 @@ fn claim_data_dir(dir: &std::path::Path, id: NodeId) -> Result<(), StartError> {
     }
 }
 
-/// A replica's index tail size: `base` made larger by a quarter per node id (cycling over
-/// four). Replicas apply the same entries, so with one size they all froze and ingested their
-/// tails at the same entry, three ingestions' CPU at once, which showed as a wave of slow
-/// writes on every node (docs/benchmarks.md, "Where the waves in p99 come from"). The tail
-/// only decides when index entries move to RocksDB; what every replica holds is the same.
-fn staggered_tail(base: usize, node_id: NodeId) -> usize {
-    base + base / 4 * (node_id.saturating_sub(1) % 4) as usize
-}
-
 /// Opens a node's Raft log (`data_dir/raft`) and state machine (`data_dir/sm`), off the
 /// async threads.
 async fn open_storage(config: &ClusterConfig) -> Result<(LogStore, StateMachine), StartError> {
@@ -568,9 +559,7 @@ async fn open_storage(config: &ClusterConfig) -> Result<(LogStore, StateMachine)
     let log_dir = config.data_dir.join("raft");
     let sm_dir = config.data_dir.join("sm");
     let raft_log = config.raft_log.clone();
-    let mut engine_config = config.engine.clone();
-    engine_config.index_tail_entries =
-        staggered_tail(engine_config.index_tail_entries, config.node_id);
+    let engine_config = config.engine.clone();
     tokio::task::spawn_blocking(move || {
         Ok::<_, crate::types::StorageError>((
             LogStore::open(&log_dir, raft_log)?,
@@ -1688,13 +1677,4 @@ async fn admin_change_membership(
     }
     .await;
     admin_answer(result)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn index_tails_are_staggered_by_node_id() {
-        let sizes: Vec<usize> = (1..=5).map(|id| super::staggered_tail(200, id)).collect();
-        assert_eq!(sizes, [200, 250, 300, 350, 200]);
-    }
 }

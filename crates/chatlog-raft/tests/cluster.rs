@@ -69,8 +69,7 @@ impl Cluster {
     fn config(&self, id: NodeId) -> ClusterConfig {
         let mut config = ClusterConfig::new(id, self.peers.clone(), self.node_dir(id));
         config.engine.log = small_log();
-        // Small index tails, so replicas ingest them many times, each at other entries (the
-        // tail is staggered by node id) and the digests still agree.
+        // Small index tails, so replicas ingest them many times and the digests still agree.
         config.engine.index_tail_entries = 64;
         config.raft_log = small_log();
         config.faults = self.faults.clone();
