@@ -1536,17 +1536,22 @@ fn replication_of(inner: &Inner, id: NodeId) -> Option<(Option<u64>, u64)> {
     Some((matched, metrics.last_log_index.unwrap_or(0)))
 }
 
-async fn admin_add_learner(
-    State(inner): Shared,
-    axum::Json(req): axum::Json<AddLearner>,
-) -> HttpResponse {
-    let membership = inner
+/// The membership this node knows now.
+fn current_membership(inner: &Inner) -> openraft::Membership<NodeId, BasicNode> {
+    inner
         .raft
         .metrics()
         .borrow()
         .membership_config
         .membership()
-        .clone();
+        .clone()
+}
+
+async fn admin_add_learner(
+    State(inner): Shared,
+    axum::Json(req): axum::Json<AddLearner>,
+) -> HttpResponse {
+    let membership = current_membership(&inner);
     if let Some(node) = membership.get_node(&req.id) {
         let voter = membership.voter_ids().any(|v| v == req.id);
         if voter || node.addr != req.addr {
@@ -1613,13 +1618,7 @@ async fn admin_change_membership(
     State(inner): Shared,
     axum::Json(req): axum::Json<ChangeMembership>,
 ) -> HttpResponse {
-    let membership = inner
-        .raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .clone();
+    let membership = current_membership(&inner);
     let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
     let list = |ids: &BTreeSet<NodeId>| {
         ids.iter()
