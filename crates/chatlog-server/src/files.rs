@@ -293,10 +293,15 @@ pub async fn download(
 /// Files fetched from peers at once by [`repair_missing`].
 const REPAIRS_IN_FLIGHT: usize = 4;
 
-/// In a cluster: copies every file this node applies the metadata of but does not hold
-/// (it was down during the upload, or the upload's copies went to a majority without it)
-/// from a peer, so that each file ends up on every node and not only on the majority that
-/// acknowledged it. Runs until the engine cell closes; follows snapshot installs.
+/// Files' metadata read per page by [`repair_missing`]'s scan.
+const SCAN_PAGE: usize = 256;
+
+/// In a cluster: copies from a peer every file this node has the metadata of but not the
+/// bytes, so that each file ends up on every node and not only on the majority that
+/// acknowledged it. A node misses a file's bytes when it was down during the upload, when the
+/// upload's copies reached a majority without it, or when it caught up through a snapshot
+/// (which holds the metadata only). At start and after each snapshot install it scans every
+/// file; meanwhile it checks each upload it applies. Runs until the engine cell closes.
 pub async fn repair_missing(
     cell: Arc<chatlog_raft::EngineCell>,
     node: Arc<chatlog_raft::ClusterNode>,
@@ -307,11 +312,19 @@ pub async fn repair_missing(
     let mut changes = cell.changes();
     loop {
         changes.borrow_and_update();
-        let mut subscription = cell.get().subscribe();
+        let engine = cell.get();
+        let mut subscription = engine.subscribe();
+        let scan = tokio::spawn(scan_for_missing(
+            engine,
+            node.clone(),
+            store.clone(),
+            slots.clone(),
+        ));
         loop {
             let record = tokio::select! {
                 r = subscription.recv() => r,
                 changed = changes.changed() => {
+                    scan.abort();
                     if changed.is_err() {
                         return;
                     }
@@ -324,34 +337,84 @@ pub async fn repair_missing(
                     _ => continue,
                 },
                 Err(chatlog::engine::SubscriptionError::Lagged { .. }) => continue,
-                Err(_) => return,
-            };
-            if store.contains(&meta.sha256).await {
-                continue;
-            }
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let (node, store) = (node.clone(), store.clone());
-            tokio::spawn(async move {
-                let _slot = slot;
-                // The uploading node is still copying it here, or holds it alone for a moment.
-                for attempt in 0..5u32 {
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                    if store.contains(&meta.sha256).await {
-                        return;
-                    }
-                    if let Some(bytes) = node.fetch_blob(&meta.sha256).await {
-                        if let Err(e) = store.put(&meta.sha256, &bytes).await {
-                            tracing::warn!(error = %e, file = %meta.id, "keeping a repaired file failed");
-                        }
-                        return;
-                    }
+                Err(_) => {
+                    scan.abort();
+                    return;
                 }
-                tracing::warn!(file = %meta.id, "no peer had a missing file's content; it is fetched again when downloaded");
-            });
+            };
+            copy_if_missing(&node, &store, &slots, meta).await;
         }
     }
+}
+
+/// Checks every file's bytes, a page of metadata at a time.
+async fn scan_for_missing(
+    engine: Arc<chatlog::engine::Engine>,
+    node: Arc<chatlog_raft::ClusterNode>,
+    store: BlobStore,
+    slots: Arc<tokio::sync::Semaphore>,
+) {
+    let mut after: Option<String> = None;
+    loop {
+        let page = {
+            let engine = engine.clone();
+            let after = after.clone();
+            tokio::task::spawn_blocking(move || engine.files_page(after.as_deref(), SCAN_PAGE))
+                .await
+        };
+        let page = match page {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "scanning files for missing content failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let Some(last) = page.last() else {
+            return;
+        };
+        after = Some(last.id.clone());
+        for meta in page {
+            copy_if_missing(&node, &store, &slots, meta).await;
+        }
+    }
+}
+
+/// Starts copying `meta`'s bytes from a peer if this node lacks them (at most
+/// [`REPAIRS_IN_FLIGHT`] at once; waits for a slot).
+async fn copy_if_missing(
+    node: &Arc<chatlog_raft::ClusterNode>,
+    store: &BlobStore,
+    slots: &Arc<tokio::sync::Semaphore>,
+    meta: FileMeta,
+) {
+    if store.contains(&meta.sha256).await {
+        return;
+    }
+    let Ok(slot) = slots.clone().acquire_owned().await else {
+        return;
+    };
+    let (node, store) = (node.clone(), store.clone());
+    tokio::spawn(async move {
+        let _slot = slot;
+        // The uploading node may still be copying it here, or hold it alone for a moment.
+        for attempt in 0..5u32 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            if store.contains(&meta.sha256).await {
+                return;
+            }
+            if let Some(bytes) = node.fetch_blob(&meta.sha256).await {
+                if let Err(e) = store.put(&meta.sha256, &bytes).await {
+                    tracing::warn!(error = %e, file = %meta.id, "keeping a repaired file failed");
+                }
+                return;
+            }
+        }
+        tracing::warn!(
+            file = %meta.id,
+            "no peer had a missing file's content; it is fetched again when downloaded"
+        );
+    });
 }
 
 #[cfg(test)]

@@ -40,6 +40,20 @@ async fn wait_healthy(nodes: &[Node]) {
     }
 }
 
+/// Copies directory `from` (recursively) to `to`.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 /// A 3-node cluster under `dir`, started and healthy; its nodes and `--peers` flag.
 async fn start_cluster(dir: &std::path::Path) -> (Vec<Node>, String) {
     let mut nodes = nodes(dir, 3);
@@ -593,7 +607,8 @@ async fn membership_and_start_up_mistakes_are_refused_and_named() {
 /// new data directories, with the backup's ids and addresses, for two nodes; the third starts
 /// empty with `--join`): every node
 /// serves the backup's chats and nothing written after it, dedup still knows the backup's
-/// cmids, and the cluster takes writes again, with the same state on every node.
+/// cmids, and the cluster takes writes again, with the same state on every node; a file whose
+/// bytes were restored on one node only is copied to the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -609,6 +624,11 @@ async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
         let reply = send(nodes[k % 3].client_port, &chat, &format!("m{k}")).await;
         assert!(reply.get("result").is_some(), "{reply}");
     }
+    let (status, up) = upload(nodes[0].client_port, "owner", b"an attachment").await;
+    assert_eq!(status, 201, "{up}");
+    let sha = up["sha256"].as_str().unwrap().to_owned();
+    let files = dir.path().join("files-backup");
+    copy_dir(&nodes[0].dir.join("files"), &files);
     let (ok, out) = admin(nodes[1].peer_port, &["snapshot"]);
     assert!(ok, "snapshot: {out}");
     let backup = dir.path().join("backup");
@@ -646,7 +666,8 @@ async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
     assert!(!dir.path().join("r7/cluster").exists());
 
     // Nodes 1 and 2 restored; node 3 starts empty with --join and gets the backup from the
-    // leader as a snapshot (its Raft log starts after the backup).
+    // leader as a snapshot (its Raft log starts after the backup). The files' backup goes to
+    // node 1 only: the others copy the file from it (neither applies its upload).
     for n in nodes.iter_mut() {
         n.dir = dir.path().join(format!("restored{}", n.id));
         if n.id == 3 {
@@ -659,9 +680,24 @@ async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if n.id == 1 {
+            copy_dir(&files, &n.dir.join("files"));
+        }
         start(n, &peers);
     }
     wait_healthy(&nodes).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &nodes {
+        let copy = n.dir.join("files").join(&sha[..2]).join(&sha);
+        while !copy.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "node {} never copied the file",
+                n.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     for n in &nodes {
         let events = all_events(n.client_port, "owner", &chat).await;
         let cmids: Vec<&str> = events.iter().filter_map(|e| e["cmid"].as_str()).collect();

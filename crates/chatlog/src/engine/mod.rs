@@ -1179,6 +1179,22 @@ impl Engine {
         Err(not_found())
     }
 
+    /// Up to `limit` files' metadata in id order, after id `after` (from the first if
+    /// `None`): pages through every file, whoever uploaded it (for a server that checks its
+    /// copies of the files' bytes; no access rule applies).
+    pub fn files_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FileMeta>, ChatError> {
+        Ok(self
+            .store
+            .page::<FileMeta>(CF_FILES, after.map(str::as_bytes), limit)?
+            .into_iter()
+            .map(|(_, meta)| meta)
+            .collect())
+    }
+
     /// Persists last-seen times (soft state, written lazily by the presence layer).
     pub fn save_last_seen(&self, values: &[(String, u64)]) -> Result<(), ChatError> {
         Ok(self.store.put_last_seen(values)?)

@@ -788,6 +788,36 @@ impl Store {
         Ok(out)
     }
 
+    /// Up to `limit` values of column family `cf` (not a tail one), in key order, after key
+    /// `after` (from the start if `None`), with their keys: a page of a scan.
+    pub fn page<T: DeserializeOwned>(
+        &self,
+        cf: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, T)>> {
+        debug_assert!(
+            tail_cf(cf).is_none(),
+            "{cf} keeps its newest keys in the tail"
+        );
+        let mode = match after {
+            Some(key) => IteratorMode::From(key, Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf), mode) {
+            let (k, v) = item.map_err(rocks)?;
+            if Some(&*k) == after {
+                continue;
+            }
+            if out.len() == limit {
+                break;
+            }
+            out.push((k.to_vec(), decode(cf, &v)?));
+        }
+        Ok(out)
+    }
+
     /// Every key and value of a column family, in order (for digests and tests). The tail's
     /// entries are included, and `meta` shows the bookkeeping as it will be once the tail is
     /// ingested (so a dump does not depend on when ingestion ran).
