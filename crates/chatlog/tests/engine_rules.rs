@@ -726,7 +726,11 @@ fn files_page_lists_every_file_once_in_id_order() {
     let e = Engine::open(dir.path(), config.clone()).unwrap();
     let meta = |i: u32| FileMeta {
         id: format!("f{i:02}"),
-        uploader: if i % 2 == 0 { s("alice") } else { s("bob") },
+        uploader: if i.is_multiple_of(2) {
+            s("alice")
+        } else {
+            s("bob")
+        },
         size: u64::from(i),
         sha256: format!("{i:064}"),
         content_type: s("text/plain"),
