@@ -346,6 +346,18 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    serve_ready(listener, config, shutdown, || {}).await
+}
+
+/// [`serve`], calling `ready` once everything is open (the engine, in a cluster the node and
+/// its replication port) and connections are about to be served: the moment to announce the
+/// server. Settings that fail before that return their error without calling it.
+pub async fn serve_ready(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(),
+) -> Result<(), ServerError> {
     config.validate().map_err(ServerError::Config)?;
     std::fs::create_dir_all(&config.data_dir)?;
     check_data_dir_mode(&config.data_dir, config.cluster.is_some())?;
@@ -441,6 +453,7 @@ pub async fn serve(
         }
     });
     tracing::info!(addr = %tokio::net::TcpListener::local_addr(&listener)?, "serving");
+    ready();
     let stop = cancel.clone();
     tokio::spawn(async move {
         shutdown.await;

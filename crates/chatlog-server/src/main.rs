@@ -527,7 +527,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         let addr = listener
             .local_addr()
             .map_or(args.listen.clone(), |a| a.to_string());
-        if args.auth_secret.is_none() {
+        // Announced once the server is ready (in a cluster, once the node and its
+        // replication port are up): a clash found on the way is reported without a
+        // "listening" line before it.
+        let announcement = if args.auth_secret.is_none() {
             let token = match Auth::new(secret.as_bytes()) {
                 Ok(auth) => auth.sign("demo", now_secs() + 24 * 3600),
                 Err(e) => {
@@ -536,22 +539,25 @@ fn serve(args: ServeArgs) -> ExitCode {
                 }
             };
             let origin = if created { "created" } else { "from" };
-            println!(
-                "chatlog-server listening on ws://{addr}/v1/ws (data in {}, secret {origin} {})",
+            format!(
+                "chatlog-server listening on ws://{addr}/v1/ws (data in {}, secret {origin} {})\n\
+                 demo token (user \"demo\", valid 24 h):\n{token}\n\
+                 try: cargo run -p chat-cli -- --url ws://{addr}/v1/ws --token {token}\n\
+                 more users: cargo run --release -p chatlog-server -- token --user bob --data-dir {}\n\
+                 web client: http://{addr}/",
                 args.data_dir.display(),
-                args.data_dir.join(auth::SECRET_FILE).display()
-            );
-            println!("demo token (user \"demo\", valid 24 h):\n{token}");
-            println!(
-                "try: cargo run -p chat-cli -- --url ws://{addr}/v1/ws --token {token}\n\
-                 more users: cargo run --release -p chatlog-server -- token --user bob --data-dir {}",
+                args.data_dir.join(auth::SECRET_FILE).display(),
                 args.data_dir.display()
-            );
-            println!("web client: http://{addr}/");
+            )
         } else {
-            println!("chatlog-server listening on ws://{addr}/v1/ws");
-        }
-        match chatlog_server::serve(listener, config, shutdown_signal()).await {
+            format!("chatlog-server listening on ws://{addr}/v1/ws")
+        };
+        let ready = move || {
+            use std::io::Write;
+            println!("{announcement}");
+            let _ = std::io::stdout().flush();
+        };
+        match chatlog_server::serve_ready(listener, config, shutdown_signal(), ready).await {
             Ok(()) => {
                 eprintln!("chatlog-server: stopped cleanly");
                 ExitCode::SUCCESS
