@@ -632,6 +632,13 @@ pub async fn restore_node(
             .purge(last)
             .await
             .map_err(|e| format!("starting the Raft log after the backup: {e}"))?;
+        // A node's term is never below its last entry's: as if it had voted for itself in the
+        // backup's last term and lost. The restored cluster elects a leader in a later term,
+        // whose first entry then follows the backup's in log order.
+        log_store
+            .save_vote(&openraft::Vote::new(last.leader_id.term, config.node_id))
+            .await
+            .map_err(|e| format!("recording the backup's term: {e}"))?;
         // Closing (dropping) the engine and the log off the async threads.
         tokio::task::spawn_blocking(move || drop((sm, log_store)))
             .await

@@ -613,6 +613,15 @@ async fn membership_and_start_up_mistakes_are_refused_and_named() {
 async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, peers) = start_cluster(dir.path()).await;
+    // A later term than the first: the backup's entries carry it (the restored nodes start
+    // with no vote of their own, and must still elect a leader after it).
+    for n in nodes.iter_mut() {
+        kill(n);
+    }
+    for n in nodes.iter_mut() {
+        start(n, &peers);
+    }
+    wait_healthy(&nodes).await;
     let chat = {
         let mut ws = connect(nodes[0].client_port, "owner").await.unwrap();
         let r = call(&mut ws, 1, json!({"op":"create_chat","members":["bob"]}))
