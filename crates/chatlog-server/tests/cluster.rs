@@ -40,6 +40,11 @@ async fn wait_healthy(nodes: &[Node]) {
     }
 }
 
+/// Held by each test for its whole run: the tests of this file run one at a time. Each
+/// starts three server processes, and six clusters at once on a 2-core machine starve
+/// elections and heartbeats.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Copies directory `from` (recursively) to `to`.
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -84,6 +89,7 @@ async fn presence_push(ws: &mut Ws, user: &str, within: Duration) -> Option<Valu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_cluster_wide() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, _) = start_cluster(dir.path()).await;
     let mut bob = connect(nodes[1].client_port, "bob").await.unwrap();
@@ -202,6 +208,7 @@ async fn send(port: u16, chat: &str, cmid: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minority_refuses_and_membership_changes_through_the_cli() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut all = nodes(dir.path(), 4);
     let first3 = peers_flag(&all[..3]);
@@ -437,6 +444,7 @@ async fn download(port: u16, user: &str, id: &str) -> (u16, Vec<u8>) {
 /// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_to() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, peers) = start_cluster(dir.path()).await;
     // Node 3 misses the upload.
@@ -514,6 +522,7 @@ async fn files_are_served_by_every_node_and_outlive_the_node_they_were_uploaded_
 /// started on a single server's data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_and_start_up_mistakes_are_refused_and_named() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, _) = start_cluster(dir.path()).await;
     let port = nodes[0].peer_port;
@@ -611,6 +620,7 @@ async fn membership_and_start_up_mistakes_are_refused_and_named() {
 /// bytes were restored on one node only is copied to the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, peers) = start_cluster(dir.path()).await;
     // A later term than the first: the backup's entries carry it (the restored nodes start
@@ -747,6 +757,7 @@ async fn a_cluster_restored_from_a_backup_serves_it_and_takes_writes() {
 /// it for a new device), and its chat is there at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_moving_to_a_restarted_node_resumes_exactly_after_its_cursor() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, peers) = start_cluster(dir.path()).await;
     kill(&mut nodes[2]);
