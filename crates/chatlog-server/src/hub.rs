@@ -17,7 +17,7 @@ use tungstenite::Utf8Bytes;
 
 use crate::metrics as m;
 use crate::protocol;
-use crate::webhook::Webhook;
+use crate::webhook::{Recipient, Webhook};
 
 /// One queued frame for a connection.
 #[derive(Debug, Clone)]
@@ -194,10 +194,10 @@ impl Hub {
         delivered
     }
 
-    /// Connected users among `users`' complement: those with no device here.
-    fn offline<'a>(&self, users: &'a [Arc<str>]) -> Vec<&'a Arc<str>> {
+    /// Whether each of `users` has a device connected here, in order.
+    fn connected(&self, users: &[Arc<str>]) -> Vec<bool> {
         let map = self.connections.read().unwrap_or_else(|e| e.into_inner());
-        users.iter().filter(|u| !map.contains_key(&***u)).collect()
+        users.iter().map(|u| map.contains_key(&**u)).collect()
     }
 }
 
@@ -278,10 +278,21 @@ pub async fn run_fanout_cell(
     }
 }
 
-/// Decides, in a cluster, whether this node sends the push webhook for a user no device of
-/// which is connected here: only one node (the leader) does, and only for users offline on
-/// every node.
-pub type PushFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// Who sends the push webhook in a cluster: only one node (the leader), and a user counts as
+/// offline only when no device of it is connected to any node.
+#[derive(Clone)]
+pub struct PushFilter {
+    /// Whether this node sends the posts now.
+    pub posts_here: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Whether a device of the user is connected to another node.
+    pub online_elsewhere: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for PushFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushFilter").finish_non_exhaustive()
+    }
+}
 
 /// Runs the fanout until the engine closes.
 pub async fn run_fanout(
@@ -393,12 +404,21 @@ fn fan_out(
             out.delivered.increment(delivered);
             if let EventKind::Message { .. } = event.kind {
                 out.appended.increment(1);
-                if let Some((webhook, filter)) = webhook {
-                    for user in hub.offline(recipients) {
-                        if **user != *event.sender && filter.as_ref().is_none_or(|f| f(user)) {
-                            webhook.notify(user, &event.chat, event.seq, &event.sender);
-                        }
-                    }
+                if let Some((webhook, policy)) = webhook
+                    && policy.as_ref().is_none_or(|p| (p.posts_here)())
+                {
+                    let here = hub.connected(recipients);
+                    let recipients = recipients.iter().zip(here).map(|(user, here)| {
+                        let away =
+                            !here && policy.as_ref().is_none_or(|p| !(p.online_elsewhere)(user));
+                        let how = if away {
+                            Recipient::Offline
+                        } else {
+                            Recipient::Online
+                        };
+                        (&**user, how)
+                    });
+                    webhook.message(&event.chat, event.seq, &event.sender, recipients);
                 }
             }
         }

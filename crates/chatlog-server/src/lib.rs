@@ -422,7 +422,10 @@ pub async fn serve_ready(
     drop(engine);
     let push_filter: Option<hub::PushFilter> = cluster.clone().map(|node| {
         let presence = presence.clone();
-        Arc::new(move |user: &str| node.is_leader() && !presence.is_online(user)) as hub::PushFilter
+        hub::PushFilter {
+            posts_here: Arc::new(move || node.is_leader()),
+            online_elsewhere: Arc::new(move |user: &str| presence.is_online(user)),
+        }
     });
     let fanout = tokio::spawn(hub::run_fanout_cell(
         cell.clone(),

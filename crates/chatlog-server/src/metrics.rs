@@ -24,8 +24,6 @@ pub const OUTBOUND_DROPS: &str = "chatlog_outbound_queue_drops_total";
 pub const WEBHOOK_FAILURES: &str = "chatlog_webhook_failures_total";
 /// Webhook posts delivered.
 pub const WEBHOOK_POSTS: &str = "chatlog_webhook_posts_total";
-/// Webhook notices dropped because the webhook queue was full.
-pub const WEBHOOK_DROPS: &str = "chatlog_webhook_queue_drops_total";
 /// Requests refused, by error code.
 pub const ERRORS: &str = "chatlog_request_errors_total";
 /// Sends refused by the rate limit.

@@ -1,25 +1,23 @@
 //! The push webhook (PROTOCOL.md "Resume and offline delivery"): when a message is appended
 //! and a member has no connected device, post `{"user","chat","seq","sender","count"}` to the
 //! configured URL, at most once per user per interval, `count` being the messages since the
-//! previous post.
+//! previous post (also those the user received while connected).
 //!
-//! The fanout only hands notices to a bounded queue (`try_send`): a slow or dead webhook never
-//! delays the write path or fanout. Batching decisions are a pure [`Batcher`] over injected
-//! time; posts run in their own tasks with retries and backoff, and a post that fails after
+//! The fanout records each message for its recipients in a pure [`Batcher`] over injected time
+//! (one short lock per event, no I/O): a slow or dead webhook never delays the write path or
+//! fanout. Posts run in their own tasks with retries and backoff, and a post that fails after
 //! every retry puts its count back so the next post carries it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chatlog::engine::Clock;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::metrics as m;
 
-/// Notices queued for the webhook task before new ones are dropped (and counted).
-pub const QUEUE_DEPTH: usize = 65_536;
 /// Attempts per post.
 pub const ATTEMPTS_MAX: u32 = 4;
 /// Delay before the first retry; doubles each time.
@@ -28,6 +26,9 @@ pub const RETRY_BACKOFF_MS: u64 = 250;
 pub const POST_TIMEOUT_MS: u64 = 5_000;
 /// Posts in flight at once (bounded so a dead endpoint cannot pile up tasks).
 pub const POSTS_IN_FLIGHT_MAX: usize = 256;
+/// A user with nothing pending whose last post is this old is forgotten (bounded memory);
+/// its next post counts from the message that triggers it.
+pub const FORGET_AFTER_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// The body of one post.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -44,38 +45,80 @@ pub struct PushBody {
     pub count: u64,
 }
 
-#[derive(Debug)]
-struct Notice {
-    user: String,
-    chat: String,
-    seq: u64,
-    sender: String,
+/// Handle used by the fanout.
+#[derive(Clone)]
+pub struct Webhook {
+    shared: Arc<Shared>,
 }
 
-/// Handle used by the fanout.
-#[derive(Debug, Clone)]
-pub struct Webhook {
-    tx: mpsc::Sender<Notice>,
+struct Shared {
+    batcher: Mutex<Batcher>,
+    clock: Clock,
+    /// Posts due now, for the posting task.
+    due: mpsc::UnboundedSender<PushBody>,
+    /// Wakes the posting task when a new wait was scheduled.
+    scheduled: Notify,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook").finish_non_exhaustive()
+    }
+}
+
+/// One recipient of a message, as the fanout saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recipient {
+    /// No device connected anywhere: a post is due (now, or when the user's interval ends).
+    Offline,
+    /// Connected: the message only counts towards the user's next post.
+    Online,
 }
 
 impl Webhook {
     /// Starts the webhook task posting to `url`.
     pub fn start(url: String, interval_ms: u64, clock: Clock) -> Webhook {
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run(url, interval_ms, clock, rx));
-        Webhook { tx }
+        let (due, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            batcher: Mutex::new(Batcher::new(interval_ms)),
+            clock,
+            due,
+            scheduled: Notify::new(),
+        });
+        tokio::spawn(run(url, shared.clone(), rx));
+        Webhook { shared }
     }
 
-    /// A message was appended while `user` had no connected device. Never blocks.
-    pub fn notify(&self, user: &str, chat: &str, seq: u64, sender: &str) {
-        let notice = Notice {
-            user: user.to_owned(),
-            chat: chat.to_owned(),
-            seq,
-            sender: sender.to_owned(),
+    /// A message was appended: records it for each recipient (never the sender). Never blocks
+    /// on I/O.
+    pub fn message<'a>(
+        &self,
+        chat: &str,
+        seq: u64,
+        sender: &str,
+        recipients: impl IntoIterator<Item = (&'a str, Recipient)>,
+    ) {
+        let now = (self.shared.clock)();
+        let mut due = Vec::new();
+        let scheduled = {
+            let mut b = self.shared.batcher.lock().unwrap_or_else(|e| e.into_inner());
+            let timers = b.timers.len();
+            for (user, how) in recipients {
+                if user == sender {
+                    continue;
+                }
+                match how {
+                    Recipient::Offline => due.extend(b.message(user, chat, seq, sender, now)),
+                    Recipient::Online => b.seen(user),
+                }
+            }
+            b.timers.len() != timers
         };
-        if self.tx.try_send(notice).is_err() {
-            metrics::counter!(m::WEBHOOK_DROPS).increment(1);
+        for body in due {
+            let _ = self.shared.due.send(body);
+        }
+        if scheduled {
+            self.shared.scheduled.notify_one();
         }
     }
 }
@@ -98,6 +141,8 @@ pub struct Batcher {
     interval_ms: u64,
     users: HashMap<String, UserState>,
     timers: BTreeSet<(u64, String)>,
+    /// When users were last forgotten.
+    forgot_ms: u64,
 }
 
 impl Batcher {
@@ -107,6 +152,7 @@ impl Batcher {
             interval_ms,
             users: HashMap::new(),
             timers: BTreeSet::new(),
+            forgot_ms: 0,
         }
     }
 
@@ -123,6 +169,14 @@ impl Batcher {
         state.pending += 1;
         state.latest = Some((chat.to_owned(), seq, sender.to_owned()));
         self.due(user, now_ms)
+    }
+
+    /// A message reached `user` while connected: it counts towards the user's next post, if
+    /// the user has been posted to (a user never posted to starts counting at its first post).
+    pub fn seen(&mut self, user: &str) {
+        if let Some(state) = self.users.get_mut(user) {
+            state.pending += 1;
+        }
     }
 
     /// A post for `user` failed for good: its messages count towards the next one.
@@ -175,14 +229,21 @@ impl Batcher {
             }
             out.extend(self.due(&user, now_ms));
         }
-        // Forget users with nothing pending whose interval is over (bounded memory).
-        if self.users.len() > 4 * (self.timers.len() + 1024) {
-            let interval = self.interval_ms;
-            self.users.retain(|_, s| {
-                s.pending > 0 || s.last_post_ms.is_some_and(|l| now_ms < l + interval)
-            });
-        }
+        self.forget(now_ms);
         out
+    }
+
+    /// Forgets users with no wait scheduled whose last post is [`FORGET_AFTER_MS`] old
+    /// (bounded memory; checked at most once per interval).
+    fn forget(&mut self, now_ms: u64) {
+        if now_ms < self.forgot_ms.saturating_add(self.interval_ms.min(FORGET_AFTER_MS)) {
+            return;
+        }
+        self.forgot_ms = now_ms;
+        self.users.retain(|_, s| {
+            s.scheduled_ms.is_some()
+                || s.last_post_ms.is_some_and(|l| now_ms < l.saturating_add(FORGET_AFTER_MS))
+        });
     }
 
     /// When the next wait ends.
@@ -191,31 +252,41 @@ impl Batcher {
     }
 }
 
-async fn run(url: String, interval_ms: u64, clock: Clock, mut rx: mpsc::Receiver<Notice>) {
+async fn run(url: String, shared: Arc<Shared>, mut due_rx: mpsc::UnboundedReceiver<PushBody>) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(POST_TIMEOUT_MS))
         .build()
         .expect("HTTP client without TLS builds");
     let url: Arc<str> = Arc::from(url.as_str());
-    let mut batcher = Batcher::new(interval_ms);
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<(String, u64)>();
     let slots = Arc::new(tokio::sync::Semaphore::new(POSTS_IN_FLIGHT_MAX));
     loop {
-        let now = clock();
-        let wait = batcher.next_ms().map_or(Duration::from_secs(3600), |at| {
+        let now = (shared.clock)();
+        let next = shared
+            .batcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_ms();
+        let wait = next.map_or(Duration::from_secs(3600), |at| {
             Duration::from_millis(at.saturating_sub(now).max(1))
         });
         let mut due = Vec::new();
         tokio::select! {
-            notice = rx.recv() => {
-                let Some(n) = notice else { return };
-                due.extend(batcher.message(&n.user, &n.chat, n.seq, &n.sender, clock()));
+            body = due_rx.recv() => {
+                let Some(body) = body else { return };
+                due.push(body);
+                while let Ok(body) = due_rx.try_recv() {
+                    due.push(body);
+                }
             }
             Some((user, count)) = failed_rx.recv() => {
-                due.extend(batcher.failed(&user, count, clock()));
+                let mut b = shared.batcher.lock().unwrap_or_else(|e| e.into_inner());
+                due.extend(b.failed(&user, count, (shared.clock)()));
             }
+            () = shared.scheduled.notified() => {}
             () = tokio::time::sleep(wait) => {
-                due.extend(batcher.tick(clock()));
+                let mut b = shared.batcher.lock().unwrap_or_else(|e| e.into_inner());
+                due.extend(b.tick((shared.clock)()));
             }
         }
         for body in due {
@@ -295,5 +366,33 @@ mod tests {
         let third = b.tick(2000);
         assert_eq!(third.len(), 1);
         assert_eq!(third[0].count, 2);
+    }
+
+    #[test]
+    fn messages_received_while_connected_count_towards_the_next_post() {
+        let mut b = Batcher::new(1000);
+        // Never posted to: messages while connected start nothing.
+        b.seen("bob");
+        b.seen("bob");
+        assert!(b.tick(10_000).is_empty());
+        let first = b.message("bob", "g1", 3, "alice", 10_000).unwrap();
+        assert_eq!((first.seq, first.count), (3, 1), "counting starts at the first post");
+        // Two while connected, then one while offline after the interval: one post of 3.
+        b.seen("bob");
+        b.seen("bob");
+        assert!(b.tick(20_000).is_empty(), "messages while connected post nothing");
+        let second = b.message("bob", "g1", 6, "alice", 20_000).unwrap();
+        assert_eq!((second.seq, second.count), (6, 3));
+        // Within the interval: counted into the scheduled post.
+        assert_eq!(b.message("bob", "g1", 7, "alice", 20_100), None);
+        b.seen("bob");
+        let third = b.tick(21_000);
+        assert_eq!(third.len(), 1);
+        assert_eq!((third[0].seq, third[0].count), (7, 2));
+        // A day without a post: forgotten, so the next post counts from its own message.
+        b.seen("bob");
+        assert!(b.tick(21_000 + FORGET_AFTER_MS).is_empty());
+        let fourth = b.message("bob", "g1", 9, "alice", 22_000 + FORGET_AFTER_MS).unwrap();
+        assert_eq!(fourth.count, 1);
     }
 }

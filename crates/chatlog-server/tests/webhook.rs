@@ -222,6 +222,26 @@ async fn offline_members_get_one_post_per_interval_counting_only_messages() {
     assert_eq!(post["count"], 1);
     rest.extend(hook.drain(Duration::from_millis(500)).await);
     assert!(rest.is_empty(), "a connected member got a post: {rest:?}");
+
+    // bob leaves; his next post counts m5, which he got while connected, and m6
+    // (PROTOCOL.md: the messages since the previous post).
+    drop(bob);
+    loop {
+        let states = alice
+            .ok(json!({"op": "presence", "users": ["bob"]}))
+            .await;
+        if states["presence"][0]["online"] == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m6 = alice.send_msg(&chat, "m6", "six").await;
+    let post = hook.next_for("bob", &mut rest).await;
+    assert_eq!(
+        post,
+        json!({"user": "bob", "chat": chat, "seq": m6["seq"], "sender": "alice", "count": 2}),
+        "messages received while connected count towards the next post"
+    );
     server.stop().await;
 }
 
