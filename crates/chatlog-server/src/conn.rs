@@ -28,6 +28,7 @@ use crate::App;
 use crate::config::{INFLIGHT_PER_CONNECTION_MAX, PRESENCE_WATCHES_PER_CONNECTION_MAX};
 use crate::hub::{Outbox, Push};
 use crate::metrics as m;
+use crate::oversize::{self, Limited};
 use crate::protocol::{self, Code, Failure, Request, RequestId};
 
 /// Close codes of PROTOCOL.md, plus 1009 and 1013 (see docs/protocol.md).
@@ -47,7 +48,7 @@ pub mod close {
 }
 
 /// The upgraded connection.
-type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
+type WebSocket = WebSocketStream<Limited<TokioIo<Upgraded>>>;
 
 type ReplyFuture = Pin<Box<dyn Future<Output = String> + Send>>;
 
@@ -80,8 +81,9 @@ pub async fn serve(app: Arc<App>, on_upgrade: OnUpgrade, config: WebSocketConfig
             return;
         }
     };
-    let mut socket =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    // Messages above the limit are dropped below tungstenite, never buffered (`oversize`).
+    let stream = Limited::new(TokioIo::new(upgraded), app.config.max_frame_bytes);
+    let mut socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
     let socket = &mut socket;
     // Boxed: the handshake's state is large and needed only once; the connection's task keeps
     // only the main loop's state for its lifetime (idle memory per connection).
@@ -176,6 +178,13 @@ async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
         }
         Ok(None | Some(Err(_))) => return None,
         Ok(Some(Ok(Message::Text(t)))) if t.len() <= app.config.max_frame_bytes => t,
+        Ok(Some(Ok(Message::Binary(b)))) if oversize::skipped(&b).is_some() => {
+            let size = oversize::skipped(&b).unwrap_or_default();
+            let limit = app.config.max_frame_bytes;
+            let message = format!("hello of {size} bytes is above the limit of {limit}");
+            refuse_hello(socket, None, message).await;
+            return None;
+        }
         Ok(Some(Ok(_))) => {
             refuse_hello(
                 socket,
@@ -413,7 +422,9 @@ async fn run(app: &Arc<App>, socket: &mut WebSocket, mut session: Session) -> Se
                         }
                     }
                     Message::Binary(bytes) => {
-                        let text = if bytes.len() > app.config.max_frame_bytes {
+                        let text = if let Some(size) = oversize::skipped(&bytes) {
+                            too_large(size as usize, app)
+                        } else if bytes.len() > app.config.max_frame_bytes {
                             too_large(bytes.len(), app)
                         } else {
                             protocol::error(

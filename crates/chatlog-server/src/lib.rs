@@ -25,6 +25,7 @@ pub mod conn;
 pub mod files;
 pub mod hub;
 pub mod metrics;
+pub mod oversize;
 pub mod presence;
 pub mod protocol;
 mod web;
@@ -239,8 +240,9 @@ async fn ws_handler(
         // flushes happen after every batch of ready work, so nothing waits in the buffer.
         .write_buffer_size(config::WS_WRITE_BUFFER_BYTES)
         .max_write_buffer_size(hard.saturating_mul(4))
-        .max_message_size(Some(hard))
-        .max_frame_size(Some(hard));
+        // `conn::serve` drops larger messages before tungstenite reads them (`oversize`).
+        .max_message_size(Some(app.config.max_frame_bytes))
+        .max_frame_size(Some(app.config.max_frame_bytes));
     // The connection's whole life is this one task: its future holds the socket, so there is
     // no second copy in an upgrade wrapper (idle memory per connection).
     app.tracker.spawn(async move {

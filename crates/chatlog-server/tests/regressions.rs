@@ -197,22 +197,77 @@ async fn reconnecting_while_others_send_never_leaves_a_gap() {
     server.stop().await;
 }
 
-/// A message above the hard size limit closes the connection with 1009 (not a bare drop).
+/// A message of any size above the limit is answered `too_large` (without `id`) and the
+/// connection stays open (PROTOCOL.md), also when it comes in fragments, and also when it is
+/// far larger than the server would buffer: it is dropped as it arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_above_the_hard_limit_closes_with_1009() {
+async fn messages_far_above_the_limit_are_too_large_and_the_connection_stays_open() {
     let server = TestServer::start_with(|c| c.max_frame_bytes = 1024).await;
-    let mut c = server.connect("alice").await;
-    c.synced().await;
-    // Hard limit: max(16 × 1024, 1 MiB) = 1 MiB.
-    let big = "x".repeat(1024 * 1024 + 1);
-    c.send_raw(&big).await;
-    let end = loop {
-        match c.recv_or_close().await {
-            Ok(_) => continue,
-            Err(code) => break code,
+    let mut c = RawWs::connect(server.addr).await;
+    c.hello("alice", "d").await;
+    let too_large = |frame: RawFrame, size: usize| match frame {
+        RawFrame::Text(v) => {
+            assert_eq!(v["error"]["code"], "too_large", "{v}");
+            assert!(v.get("id").is_none(), "{v}");
+            let message = v["error"]["message"].as_str().unwrap().to_owned();
+            assert!(message.contains(&format!("{size} bytes")), "{message}");
         }
+        other => panic!("expected too_large, got {other:?}"),
     };
-    assert_eq!(end, Some(1009));
+    let ping = |id: u64| json!({"op": "ping", "id": id}).to_string();
+    let answered = |frame: RawFrame, id: u64| match frame {
+        RawFrame::Text(v) => assert_eq!(v["id"], id, "{v}"),
+        other => panic!("expected the answer to {id}, got {other:?}"),
+    };
+
+    // 16 MiB in one frame: more than 16 times the limit (the old hard limit closed with 1009).
+    let big = "x".repeat(16 * 1024 * 1024);
+    c.send_text(&big).await;
+    too_large(c.frame().await.unwrap(), big.len());
+    c.send_text(&ping(1)).await;
+    answered(c.frame().await.unwrap(), 1);
+
+    // In fragments that pass the limit only together, with a ping among them.
+    c.send_frame(false, 0x1, &[b'a'; 600]).await;
+    c.send_frame(true, 0x9, b"hi").await;
+    c.send_frame(false, 0x0, &[b'b'; 600]).await;
+    c.send_frame(true, 0x0, &[b'c'; 600]).await;
+    assert_eq!(c.frame().await.unwrap(), RawFrame::Pong);
+    too_large(c.frame().await.unwrap(), 1800);
+
+    // A first fragment already past the limit, as binary.
+    c.send_frame(false, 0x2, &vec![0u8; 2 * 1024 * 1024]).await;
+    c.send_frame(true, 0x0, b"z").await;
+    too_large(c.frame().await.unwrap(), 2 * 1024 * 1024 + 1);
+
+    // A request in fragments within the limit is served.
+    let request = ping(2);
+    let (head, tail) = request.as_bytes().split_at(5);
+    c.send_frame(false, 0x1, head).await;
+    c.send_frame(true, 0x0, tail).await;
+    answered(c.frame().await.unwrap(), 2);
+
+    // Exactly at the limit: parsed (a bad request, not too large).
+    c.send_text(&" ".repeat(1024)).await;
+    match c.frame().await.unwrap() {
+        RawFrame::Text(v) => assert_eq!(v["error"]["code"], "bad_request", "{v}"),
+        other => panic!("{other:?}"),
+    }
+    c.send_text(&ping(3)).await;
+    answered(c.frame().await.unwrap(), 3);
+
+    // An oversized hello fails authentication and says why.
+    let mut d = RawWs::connect(server.addr).await;
+    d.send_text(&"h".repeat(5000)).await;
+    let frames = d.until_eof().await;
+    match &frames[..] {
+        [RawFrame::Text(v), RawFrame::Close(Some(1008))] => {
+            assert_eq!(v["error"]["code"], "unauthorized", "{v}");
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains("5000 bytes"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
     server.stop().await;
 }
 

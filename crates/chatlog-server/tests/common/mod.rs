@@ -622,9 +622,21 @@ impl RawWs {
 
     /// Sends one masked text frame; `false` if the connection failed.
     pub async fn try_send_text(&mut self, text: &str) -> bool {
+        self.try_send_frame(true, 0x1, text.as_bytes()).await
+    }
+
+    /// Sends one masked frame with `opcode` (`fin` unset: a fragment that more follow).
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        assert!(
+            self.try_send_frame(fin, opcode, payload).await,
+            "sending a frame failed"
+        );
+    }
+
+    /// Sends one masked frame; `false` if the connection failed.
+    pub async fn try_send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> bool {
         use tokio::io::AsyncWriteExt;
-        let payload = text.as_bytes();
-        let mut frame = vec![0x81u8];
+        let mut frame = vec![(u8::from(fin) << 7) | opcode];
         match payload.len() {
             n if n < 126 => frame.push(0x80 | n as u8),
             n if n <= u16::MAX as usize => {
