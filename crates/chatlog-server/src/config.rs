@@ -5,12 +5,6 @@ use std::time::Duration;
 
 /// Default largest WebSocket message parsed (PROTOCOL.md: 64 KiB).
 pub const MAX_FRAME_BYTES_DEFAULT: usize = 64 * 1024;
-/// Messages larger than `max_frame_bytes` are answered `too_large` and discarded up to this
-/// multiple of it; anything larger (or larger than [`HARD_FRAME_BYTES_MIN`] if that is more)
-/// closes the connection with 1009, so one client cannot make the server buffer without bound.
-pub const HARD_FRAME_FACTOR: usize = 16;
-/// Lower bound of the hard frame limit.
-pub const HARD_FRAME_BYTES_MIN: usize = 1024 * 1024;
 /// Default sends per user per minute (`0` = off).
 pub const RATE_LIMIT_PER_MINUTE_DEFAULT: u32 = 600;
 /// Default ping interval.
@@ -193,11 +187,6 @@ impl ServerConfig {
         }
     }
 
-    /// The size above which a message closes the connection instead of being answered.
-    pub fn hard_frame_bytes(&self) -> usize {
-        (self.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR)).max(HARD_FRAME_BYTES_MIN)
-    }
-
     /// Checks relations between settings; the message names the offending flag.
     pub fn validate(&self) -> Result<(), String> {
         crate::auth::check_secret(&self.auth_secret).map_err(|e| format!("--auth-secret: {e}"))?;
@@ -246,7 +235,6 @@ impl ServerConfig {
 }
 
 const _: () = assert!(WS_READ_BUFFER_BYTES >= 14, "a frame header must fit");
-const _: () = assert!(HARD_FRAME_BYTES_MIN >= MAX_FRAME_BYTES_DEFAULT);
 
 #[cfg(test)]
 mod tests {

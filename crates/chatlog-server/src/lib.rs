@@ -233,13 +233,15 @@ async fn ws_handler(
         )
             .into_response();
     };
-    let hard = app.config.hard_frame_bytes();
     let ws_config = tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(config::WS_READ_BUFFER_BYTES)
         // Frames fed between flushes are written together (one syscall for many frames);
         // flushes happen after every batch of ready work, so nothing waits in the buffer.
         .write_buffer_size(config::WS_WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(hard.saturating_mul(4))
+        // No bound on one frame written: a history page of 500 large messages is one frame
+        // of many MiB. tungstenite writes its buffer out once it passes the size above, and a
+        // client that stops reading is cut off by its outbox (4001), so buffering stays bounded.
+        .max_write_buffer_size(usize::MAX)
         // `conn::serve` drops larger messages before tungstenite reads them (`oversize`).
         .max_message_size(Some(app.config.max_frame_bytes))
         .max_frame_size(Some(app.config.max_frame_bytes));

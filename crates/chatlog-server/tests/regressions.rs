@@ -339,3 +339,26 @@ async fn fanout_batches_never_drop_a_record() {
     }
     server.stop().await;
 }
+
+/// A history page of 500 messages at the body limit is one frame of about 8 MiB: it is
+/// answered (the socket's write buffer was bounded at 4 MiB, and the connection died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_page_of_500_messages_at_the_body_limit_is_answered() {
+    let server = TestServer::start_with(|c| c.rate_limit_per_minute = 0).await;
+    let mut alice = server.connect("alice").await;
+    alice.synced().await;
+    let chat = alice.create(&["bob"], "t").await;
+    let body = "x".repeat(16 * 1024);
+    for i in 0..500 {
+        alice.send_msg(&chat, &format!("m{i}"), &body).await;
+    }
+    let page = alice
+        .ok(json!({"op": "history", "chat": chat, "limit": 500}))
+        .await;
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 500);
+    assert!(events.iter().all(|e| e["body"] == body.as_str()));
+    // The connection still serves.
+    alice.send_msg(&chat, "after", "small").await;
+    server.stop().await;
+}
