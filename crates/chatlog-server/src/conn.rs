@@ -549,7 +549,8 @@ async fn close_after(socket: &mut WebSocket, text: String, code: u16, reason: &s
     close_with(socket, code, reason).await;
 }
 
-/// Reading failed: a message above the hard limit gets 1009; anything else just ends.
+/// Reading failed: a message tungstenite found too large (`oversize::Limited` drops those
+/// first, so this is a safety net) gets 1009; anything else just ends.
 async fn read_failed(socket: &mut WebSocket, error: tungstenite::Error) {
     if matches!(error, tungstenite::Error::Capacity(_)) {
         close_with(socket, close::TOO_BIG, "message too big").await;

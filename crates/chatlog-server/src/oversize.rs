@@ -71,7 +71,11 @@ enum End {
 enum State {
     /// Reading a frame header (the bytes so far in `header`).
     Header,
-    Payload { left: u64, route: Route, end: End },
+    Payload {
+        left: u64,
+        route: Route,
+        end: End,
+    },
 }
 
 /// A fragmented message in progress.
@@ -413,7 +417,11 @@ mod tests {
         let mut stand = Vec::new();
         stand_in(125, &mut stand);
         assert_eq!(skipped(&stand[6..]), Some(125));
-        assert_eq!(skipped(&[0u8; 24]), None, "a client's binary frame is no stand-in");
+        assert_eq!(
+            skipped(&[0u8; 24]),
+            None,
+            "a client's binary frame is no stand-in"
+        );
         assert_eq!(skipped(b"short"), None);
     }
 

@@ -101,7 +101,11 @@ impl Webhook {
         let now = (self.shared.clock)();
         let mut due = Vec::new();
         let scheduled = {
-            let mut b = self.shared.batcher.lock().unwrap_or_else(|e| e.into_inner());
+            let mut b = self
+                .shared
+                .batcher
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let timers = b.timers.len();
             for (user, how) in recipients {
                 if user == sender {
@@ -236,13 +240,18 @@ impl Batcher {
     /// Forgets users with no wait scheduled whose last post is [`FORGET_AFTER_MS`] old
     /// (bounded memory; checked at most once per interval).
     fn forget(&mut self, now_ms: u64) {
-        if now_ms < self.forgot_ms.saturating_add(self.interval_ms.min(FORGET_AFTER_MS)) {
+        if now_ms
+            < self
+                .forgot_ms
+                .saturating_add(self.interval_ms.min(FORGET_AFTER_MS))
+        {
             return;
         }
         self.forgot_ms = now_ms;
         self.users.retain(|_, s| {
             s.scheduled_ms.is_some()
-                || s.last_post_ms.is_some_and(|l| now_ms < l.saturating_add(FORGET_AFTER_MS))
+                || s.last_post_ms
+                    .is_some_and(|l| now_ms < l.saturating_add(FORGET_AFTER_MS))
         });
     }
 
@@ -376,11 +385,18 @@ mod tests {
         b.seen("bob");
         assert!(b.tick(10_000).is_empty());
         let first = b.message("bob", "g1", 3, "alice", 10_000).unwrap();
-        assert_eq!((first.seq, first.count), (3, 1), "counting starts at the first post");
+        assert_eq!(
+            (first.seq, first.count),
+            (3, 1),
+            "counting starts at the first post"
+        );
         // Two while connected, then one while offline after the interval: one post of 3.
         b.seen("bob");
         b.seen("bob");
-        assert!(b.tick(20_000).is_empty(), "messages while connected post nothing");
+        assert!(
+            b.tick(20_000).is_empty(),
+            "messages while connected post nothing"
+        );
         let second = b.message("bob", "g1", 6, "alice", 20_000).unwrap();
         assert_eq!((second.seq, second.count), (6, 3));
         // Within the interval: counted into the scheduled post.
@@ -392,7 +408,9 @@ mod tests {
         // A day without a post: forgotten, so the next post counts from its own message.
         b.seen("bob");
         assert!(b.tick(21_000 + FORGET_AFTER_MS).is_empty());
-        let fourth = b.message("bob", "g1", 9, "alice", 22_000 + FORGET_AFTER_MS).unwrap();
+        let fourth = b
+            .message("bob", "g1", 9, "alice", 22_000 + FORGET_AFTER_MS)
+            .unwrap();
         assert_eq!(fourth.count, 1);
     }
 }

@@ -227,9 +227,7 @@ async fn offline_members_get_one_post_per_interval_counting_only_messages() {
     // (PROTOCOL.md: the messages since the previous post).
     drop(bob);
     loop {
-        let states = alice
-            .ok(json!({"op": "presence", "users": ["bob"]}))
-            .await;
+        let states = alice.ok(json!({"op": "presence", "users": ["bob"]})).await;
         if states["presence"][0]["online"] == false {
             break;
         }
