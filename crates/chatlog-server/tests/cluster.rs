@@ -855,3 +855,148 @@ async fn a_device_moving_to_a_restarted_node_resumes_exactly_after_its_cursor() 
         kill(n);
     }
 }
+
+/// A push webhook on 127.0.0.1 that answers 200 and hands over each post's JSON body.
+async fn push_hook() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/push", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let body = serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
+                    let _ = tx.send(body);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                    let _ = stream.write_all(ok).await;
+                    return;
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+/// Waits until every node sees `user` online (or offline).
+async fn presence_everywhere(watchers: &mut [Ws], user: &str, online: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for ws in watchers.iter_mut() {
+        loop {
+            let states = call(ws, 99, json!({"op":"presence","users":[user]}))
+                .await
+                .unwrap();
+            if states["result"]["presence"][0]["online"] == online {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{user} never online={online}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// In a cluster one node (the leader) posts to the push webhook, once per message for an
+/// offline member, and `count` includes the messages the member got while connected to
+/// another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (url, mut posts) = push_hook().await;
+    let mut nodes = nodes(dir.path(), 3);
+    let peers = peers_flag(&nodes);
+    for n in nodes.iter_mut() {
+        start_with(
+            n,
+            &peers,
+            &["--push-webhook", &url, "--push-interval-ms", "500"],
+        );
+    }
+    wait_healthy(&nodes).await;
+    let next_post = async |posts: &mut tokio::sync::mpsc::UnboundedReceiver<Value>| {
+        tokio::time::timeout(Duration::from_secs(10), posts.recv())
+            .await
+            .expect("a webhook post")
+            .unwrap()
+    };
+
+    let mut alice = connect(nodes[0].client_port, "alice").await.unwrap();
+    let created = call(
+        &mut alice,
+        1,
+        json!({"op":"create_chat","members":["bob"],"title":"t"}),
+    )
+    .await
+    .unwrap();
+    let chat = created["result"]["chat"].as_str().unwrap().to_owned();
+    let say = async |alice: &mut Ws, cmid: &str| {
+        let reply = call(
+            alice,
+            2,
+            json!({"op":"send","chat":chat,"cmid":cmid,"body":cmid}),
+        )
+        .await
+        .unwrap();
+        reply["result"]["seq"].as_u64().expect("sent")
+    };
+    let m1 = say(&mut alice, "m1").await;
+    assert_eq!(
+        next_post(&mut posts).await,
+        json!({"user":"bob","chat":chat,"seq":m1,"sender":"alice","count":1})
+    );
+
+    // bob connects to node 3 and gets m2 and m3 there.
+    let mut watchers = Vec::new();
+    for n in &nodes {
+        watchers.push(connect(n.client_port, "watcher").await.unwrap());
+    }
+    let mut bob = connect(nodes[2].client_port, "bob").await.unwrap();
+    presence_everywhere(&mut watchers, "bob", true).await;
+    say(&mut alice, "m2").await;
+    let m3 = say(&mut alice, "m3").await;
+    let got = call(
+        &mut bob,
+        3,
+        json!({"op":"history","chat":chat,"after":0,"limit":10}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got["result"]["events"].as_array().unwrap().len() as u64, m3);
+
+    // bob leaves; once every node knows, m4 makes a post counting m2, m3 and m4.
+    drop(bob);
+    presence_everywhere(&mut watchers, "bob", false).await;
+    let m4 = say(&mut alice, "m4").await;
+    assert_eq!(
+        next_post(&mut posts).await,
+        json!({"user":"bob","chat":chat,"seq":m4,"sender":"alice","count":3})
+    );
+    // No other node posted, for either message.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(posts.try_recv().is_err(), "a second post");
+    for n in nodes.iter_mut() {
+        kill(n);
+    }
+}
