@@ -967,12 +967,20 @@ async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node(
         json!({"user":"bob","chat":chat,"seq":m1,"sender":"alice","count":1})
     );
 
-    // bob connects to node 3 and gets m2 and m3 there.
+    // bob connects and gets m2 and m3.
     let mut watchers = Vec::new();
     for n in &nodes {
         watchers.push(connect(n.client_port, "watcher").await.unwrap());
     }
-    let mut bob = connect(nodes[2].client_port, "bob").await.unwrap();
+    // bob connects to a follower: the leader, which posts, sees him only through presence.
+    let mut follower = None;
+    for n in &nodes {
+        let text = common::metrics_text(([127, 0, 0, 1], n.client_port).into()).await;
+        if text.lines().any(|l| l == "chatlog_raft_is_leader 0") {
+            follower = Some(n.client_port);
+        }
+    }
+    let mut bob = connect(follower.expect("a follower"), "bob").await.unwrap();
     presence_everywhere(&mut watchers, "bob", true).await;
     say(&mut alice, "m2").await;
     let m3 = say(&mut alice, "m3").await;
