@@ -973,14 +973,19 @@ async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node(
         watchers.push(connect(n.client_port, "watcher").await.unwrap());
     }
     // bob connects to a follower: the leader, which posts, sees him only through presence.
-    let mut follower = None;
-    for n in &nodes {
-        let text = common::metrics_text(([127, 0, 0, 1], n.client_port).into()).await;
-        if text.lines().any(|l| l == "chatlog_raft_is_leader 0") {
-            follower = Some(n.client_port);
-        }
-    }
-    let mut bob = connect(follower.expect("a follower"), "bob").await.unwrap();
+    let addr = ([127, 0, 0, 1], nodes[0].client_port).into();
+    let (_, health, _) = common::http(addr, "GET", "/healthz", None, &[])
+        .await
+        .unwrap();
+    let health = String::from_utf8(health).unwrap();
+    let leader: u64 = health
+        .split_whitespace()
+        .skip_while(|w| *w != "leader")
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("no leader in {health:?}"));
+    let follower = nodes.iter().find(|n| n.id != leader).unwrap();
+    let mut bob = connect(follower.client_port, "bob").await.unwrap();
     presence_everywhere(&mut watchers, "bob", true).await;
     say(&mut alice, "m2").await;
     let m3 = say(&mut alice, "m3").await;
