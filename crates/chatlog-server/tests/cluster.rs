@@ -967,6 +967,8 @@ async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node(
         json!({"user":"bob","chat":chat,"seq":m1,"sender":"alice","count":1})
     );
 
+    // Past the interval, so that a message counted as offline would be posted at once.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     // bob connects and gets m2 and m3.
     let mut watchers = Vec::new();
     for n in &nodes {
