@@ -22,8 +22,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const HEADER_SLACK: usize = 64 * 1024;
 /// Bytes read from the stream at once.
 const READ_CHUNK: usize = 8 * 1024;
-/// Output or hold capacity kept while idle; larger buffers are freed once drained.
-const KEEP_CAPACITY: usize = 16 * 1024;
 
 /// The random bytes that mark a skipped message's stand-in frame, secret to this process (a
 /// client cannot forge a stand-in).
@@ -248,15 +246,12 @@ impl<S> Limited<S> {
             End::Nothing => {}
             End::Release => {
                 self.message = None;
+                let held = std::mem::take(&mut self.held);
                 if self.out.is_empty() {
-                    std::mem::swap(&mut self.out, &mut self.held);
+                    self.out = held;
                     self.out_pos = 0;
                 } else {
-                    self.out.extend_from_slice(&self.held);
-                }
-                self.held.clear();
-                if self.held.capacity() > KEEP_CAPACITY {
-                    self.held = Vec::new();
+                    self.out.extend_from_slice(&held);
                 }
             }
             End::StandIn(size) => {
@@ -280,19 +275,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
                 this.out_pos += n;
                 if this.out_pos == this.out.len() {
-                    this.out.clear();
+                    // Freed, not kept: idle connections must cost no buffer.
+                    this.out = Vec::new();
                     this.out_pos = 0;
-                    if this.out.capacity() > KEEP_CAPACITY {
-                        this.out = Vec::new();
-                    }
                 }
                 return Poll::Ready(Ok(()));
             }
             if this.eof || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut read = ReadBuf::new(&mut chunk);
+            // Not zeroed: `ReadBuf` tracks what the read filled.
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut read = ReadBuf::uninit(&mut chunk);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
             if read.filled().is_empty() {
                 // End of stream: a header cut short is passed on, for tungstenite to report.
