@@ -31,13 +31,14 @@ use crate::metrics as m;
 use crate::oversize::{self, Limited};
 use crate::protocol::{self, Code, Failure, Request, RequestId};
 
-/// Close codes of PROTOCOL.md, plus 1009 and 1013 (see docs/protocol.md).
+/// Close codes of PROTOCOL.md, plus 1013 (see docs/protocol.md) and 1009 (a safety net).
 pub mod close {
     /// Server shutting down.
     pub const GOING_AWAY: u16 = 1001;
     /// Authentication failed (or the token expired).
     pub const POLICY: u16 = 1008;
-    /// A message above the hard size limit.
+    /// A message tungstenite refused as too large (`oversize::Limited` drops those before
+    /// tungstenite reads them, so this is not expected).
     pub const TOO_BIG: u16 = 1009;
     /// The user has too many live connections.
     pub const TRY_LATER: u16 = 1013;
@@ -178,20 +179,19 @@ async fn handshake(app: &Arc<App>, socket: &mut WebSocket) -> Option<Session> {
         }
         Ok(None | Some(Err(_))) => return None,
         Ok(Some(Ok(Message::Text(t)))) if t.len() <= app.config.max_frame_bytes => t,
-        Ok(Some(Ok(Message::Binary(b)))) if oversize::skipped(&b).is_some() => {
-            let size = oversize::skipped(&b).unwrap_or_default();
-            let limit = app.config.max_frame_bytes;
-            let message = format!("hello of {size} bytes is above the limit of {limit}");
+        Ok(Some(Ok(other))) => {
+            let skipped = match &other {
+                Message::Binary(b) => oversize::skipped(b),
+                _ => None,
+            };
+            let message = match skipped {
+                Some(size) => format!(
+                    "hello of {size} bytes is above the limit of {}",
+                    app.config.max_frame_bytes
+                ),
+                None => "the first frame must be a hello text frame".into(),
+            };
             refuse_hello(socket, None, message).await;
-            return None;
-        }
-        Ok(Some(Ok(_))) => {
-            refuse_hello(
-                socket,
-                None,
-                "the first frame must be a hello text frame".into(),
-            )
-            .await;
             return None;
         }
     };

@@ -284,7 +284,8 @@ pub async fn run_fanout_cell(
 pub struct PushFilter {
     /// Whether this node sends the posts now.
     pub posts_here: Arc<dyn Fn() -> bool + Send + Sync>,
-    /// Whether a device of the user is connected to another node.
+    /// Whether a device of the user is connected to any node (asked only for users with no
+    /// device connected here).
     pub online_elsewhere: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 }
 
