@@ -26,8 +26,8 @@ pub const RETRY_BACKOFF_MS: u64 = 250;
 pub const POST_TIMEOUT_MS: u64 = 5_000;
 /// Posts in flight at once (bounded so a dead endpoint cannot pile up tasks).
 pub const POSTS_IN_FLIGHT_MAX: usize = 256;
-/// A user with nothing pending whose last post is this old is forgotten (bounded memory);
-/// its next post counts from the message that triggers it.
+/// A user with no post scheduled whose last post is this old is forgotten (bounded memory),
+/// with the messages it got since: its next post counts from the message that triggers it.
 pub const FORGET_AFTER_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// The body of one post.
