@@ -199,7 +199,8 @@ impl<S> Limited<S> {
             // A later fragment.
             (0, Some(message)) => {
                 message.size = message.size.saturating_add(len);
-                let held = self.held.len() as u64 + header.len() as u64 + len;
+                let held = (self.held.len() + header.len()) as u64;
+                let held = held.saturating_add(len);
                 if !message.skipping
                     && (message.size > self.limit
                         || held > self.limit.saturating_add(HEADER_SLACK as u64))
@@ -431,6 +432,29 @@ mod tests {
         let mut expected = Vec::new();
         stand_in(1, &mut expected);
         assert_eq!(&l.out[l.out_pos..], &expected[..]);
+    }
+
+    #[test]
+    fn lengths_up_to_the_largest_a_header_can_state_are_skipped_without_overflow() {
+        // 127 announces a 64-bit length; the RFC's top bit rule is tungstenite's to check.
+        let huge = |fin: bool, opcode: u8| {
+            let mut f = vec![(u8::from(fin) << 7) | opcode, 0x80 | 127];
+            f.extend_from_slice(&u64::MAX.to_be_bytes());
+            f.extend_from_slice(&[0; 4]);
+            f.extend_from_slice(b"some of it");
+            f
+        };
+        for input in [
+            huge(true, 1),
+            huge(false, 2),
+            [frame(false, 1, b"a", [0; 4]), huge(false, 0)].concat(),
+            [frame(false, 1, b"a", [0; 4]), huge(true, 0)].concat(),
+        ] {
+            let mut l = Limited::new((), 100);
+            l.feed(&input);
+            assert!(l.out.is_empty() && l.held.is_empty(), "{:?}", l.out);
+            assert!(matches!(l.state, State::Payload { route: Route::Skip, .. }));
+        }
     }
 
     proptest! {
