@@ -453,7 +453,13 @@ mod tests {
             let mut l = Limited::new((), 100);
             l.feed(&input);
             assert!(l.out.is_empty() && l.held.is_empty(), "{:?}", l.out);
-            assert!(matches!(l.state, State::Payload { route: Route::Skip, .. }));
+            assert!(matches!(
+                l.state,
+                State::Payload {
+                    route: Route::Skip,
+                    ..
+                }
+            ));
         }
     }
 
