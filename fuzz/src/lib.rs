@@ -364,6 +364,10 @@ pub mod server_auth;
 /// [`server_auth`].
 #[path = "../../crates/chatlog-server/src/protocol.rs"]
 pub mod server_protocol;
+/// The server's inbound WebSocket filter (`chatlog-server/src/oversize.rs`: messages above the
+/// size limit dropped as they arrive); it uses only `tokio`'s I/O traits and `rand`.
+#[path = "../../crates/chatlog-server/src/oversize.rs"]
+pub mod server_oversize;
 
 /// `CHATLOG_FUZZ_TRACE=1` makes a target print what it does (to read a crash's input).
 pub fn trace() -> bool {
