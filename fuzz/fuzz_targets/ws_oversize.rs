@@ -44,9 +44,7 @@ impl AsyncRead for Pieces {
             None => usize::MAX,
         };
         this.next += 1;
-        let n = size
-            .min(buf.remaining())
-            .min(this.data.len() - this.at);
+        let n = size.min(buf.remaining()).min(this.data.len() - this.at);
         buf.put_slice(&this.data[this.at..this.at + n]);
         this.at += n;
         Poll::Ready(Ok(()))
@@ -70,7 +68,14 @@ fn run(limit: usize, data: Vec<u8>, pieces: Vec<usize>, reads: &[usize]) -> Vec<
     let mut out = Vec::new();
     for poll in 0.. {
         assert!(poll < bound, "no end of stream after {poll} polls");
-        let mut buf = vec![0u8; reads.get(poll % reads.len().max(1)).copied().unwrap_or(64).max(1)];
+        let mut buf = vec![
+            0u8;
+            reads
+                .get(poll % reads.len().max(1))
+                .copied()
+                .unwrap_or(64)
+                .max(1)
+        ];
         let mut read = ReadBuf::new(&mut buf);
         match Pin::new(&mut l).poll_read(&mut cx, &mut read) {
             Poll::Ready(Ok(())) if read.filled().is_empty() => return out,
@@ -147,7 +152,11 @@ fn conversation(u: &mut Unstructured<'_>) -> Result<()> {
     for e in expected {
         match e {
             Expect::Bytes(b) => {
-                assert!(rest.starts_with(&b), "expected a frame of {} bytes as sent", b.len());
+                assert!(
+                    rest.starts_with(&b),
+                    "expected a frame of {} bytes as sent",
+                    b.len()
+                );
                 rest = &rest[b.len()..];
             }
             Expect::StandIn(size) => {
@@ -170,7 +179,11 @@ fn raw(data: &[u8]) -> Result<()> {
     let bytes = u.take_rest().to_vec();
     let len = bytes.len();
     let out = run(limit, bytes, pieces, &reads);
-    assert!(out.len() <= 15 * len + 30, "{} bytes out of {len}", out.len());
+    assert!(
+        out.len() <= 15 * len + 30,
+        "{} bytes out of {len}",
+        out.len()
+    );
     Ok(())
 }
 
