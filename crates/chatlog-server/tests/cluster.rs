@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster_common::*;
+use common::hook::{Answer, Hook};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -856,50 +857,6 @@ async fn a_device_moving_to_a_restarted_node_resumes_exactly_after_its_cursor() 
     }
 }
 
-/// A push webhook on 127.0.0.1 that answers 200 and hands over each post's JSON body.
-async fn push_hook() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/push", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = stream.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    if buf.len() < end + 4 + len {
-                        continue;
-                    }
-                    let body = serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
-                    let _ = tx.send(body);
-                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-                    let _ = stream.write_all(ok).await;
-                    return;
-                }
-            });
-        }
-    });
-    (url, rx)
-}
-
 /// Waits until every node sees `user` online (or offline).
 async fn presence_everywhere(watchers: &mut [Ws], user: &str, online: bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -924,7 +881,8 @@ async fn presence_everywhere(watchers: &mut [Ws], user: &str, online: bool) {
 async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let (url, mut posts) = push_hook().await;
+    let mut hook = Hook::start(Answer::Status(200)).await;
+    let url = hook.url();
     let mut nodes = nodes(dir.path(), 3);
     let peers = peers_flag(&nodes);
     for n in nodes.iter_mut() {
@@ -935,12 +893,6 @@ async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node(
         );
     }
     wait_healthy(&nodes).await;
-    let next_post = async |posts: &mut tokio::sync::mpsc::UnboundedReceiver<Value>| {
-        tokio::time::timeout(Duration::from_secs(10), posts.recv())
-            .await
-            .expect("a webhook post")
-            .unwrap()
-    };
 
     let mut alice = connect(nodes[0].client_port, "alice").await.unwrap();
     let created = call(
@@ -963,7 +915,7 @@ async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node(
     };
     let m1 = say(&mut alice, "m1").await;
     assert_eq!(
-        next_post(&mut posts).await,
+        hook.next().await.body,
         json!({"user":"bob","chat":chat,"seq":m1,"sender":"alice","count":1})
     );
 
@@ -1005,12 +957,12 @@ async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node(
     presence_everywhere(&mut watchers, "bob", false).await;
     let m4 = say(&mut alice, "m4").await;
     assert_eq!(
-        next_post(&mut posts).await,
+        hook.next().await.body,
         json!({"user":"bob","chat":chat,"seq":m4,"sender":"alice","count":3})
     );
     // No other node posted, for either message.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(posts.try_recv().is_err(), "a second post");
+    let more = hook.drain(Duration::from_millis(1500)).await;
+    assert!(more.is_empty(), "more posts: {more:?}");
     for n in nodes.iter_mut() {
         kill(n);
     }

@@ -2,6 +2,8 @@
 //! protocol from PROTOCOL.md only.
 #![allow(dead_code)]
 
+pub mod hook;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
