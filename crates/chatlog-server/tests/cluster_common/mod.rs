@@ -198,7 +198,7 @@ pub async fn connect(port: u16, user: &str) -> Option<Ws> {
 
 /// The next JSON frame matching `wanted` (others are skipped), or `None` if the connection
 /// died or stayed silent for 5 s.
-async fn next_frame(ws: &mut Ws, wanted: impl Fn(&Value) -> bool) -> Option<Value> {
+pub async fn next_frame(ws: &mut Ws, wanted: impl Fn(&Value) -> bool) -> Option<Value> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await
