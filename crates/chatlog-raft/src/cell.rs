@@ -51,6 +51,34 @@ impl EngineCell {
         let _ = self.proposer.set(proposer);
     }
 
+    /// Runs `work` on the current engine and, each time the engine is replaced, drops that
+    /// run and starts `work` again on the new engine, calling `on_replaced` in between.
+    /// Returns once a run ends by itself with no replacement pending (the engine closed), or
+    /// once the cell is gone.
+    pub async fn follow<F, Fut>(&self, mut work: F, mut on_replaced: impl FnMut())
+    where
+        F: FnMut(Arc<Engine>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut changes = self.changes();
+        loop {
+            changes.borrow_and_update();
+            tokio::select! {
+                () = work(self.get()) => {
+                    if !changes.has_changed().unwrap_or(false) {
+                        return;
+                    }
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+            on_replaced();
+        }
+    }
+
     /// Replaces the engine; returns the old one.
     pub fn replace(&self, engine: Arc<Engine>) -> Arc<Engine> {
         if let Some(p) = self.proposer.get() {

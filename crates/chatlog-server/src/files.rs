@@ -309,42 +309,38 @@ pub async fn repair_missing(
 ) {
     let store = blobs(&data_dir);
     let slots = Arc::new(tokio::sync::Semaphore::new(REPAIRS_IN_FLIGHT));
-    let mut changes = cell.changes();
-    loop {
-        changes.borrow_and_update();
-        let engine = cell.get();
-        let mut subscription = engine.subscribe();
-        let scan = tokio::spawn(scan_for_missing(
-            engine,
-            node.clone(),
-            store.clone(),
-            slots.clone(),
-        ));
+    cell.follow(
+        |engine| repair_on(engine, node.clone(), store.clone(), slots.clone()),
+        || {},
+    )
+    .await;
+}
+
+/// Repairs the files of one engine: scans them all, and checks each new one as it commits.
+/// Ends when the engine closes.
+async fn repair_on(
+    engine: Arc<chatlog::engine::Engine>,
+    node: Arc<chatlog_raft::ClusterNode>,
+    store: BlobStore,
+    slots: Arc<tokio::sync::Semaphore>,
+) {
+    let mut subscription = engine.subscribe();
+    let scan = scan_for_missing(engine, node.clone(), store.clone(), slots.clone());
+    let follow = async {
         loop {
-            let record = tokio::select! {
-                r = subscription.recv() => r,
-                changed = changes.changed() => {
-                    scan.abort();
-                    if changed.is_err() {
-                        return;
-                    }
-                    break;
-                }
-            };
-            let meta = match record {
+            let meta = match subscription.recv().await {
                 Ok(committed) => match &committed.record {
                     chatlog::engine::Record::File(meta) => meta.clone(),
                     _ => continue,
                 },
                 Err(chatlog::engine::SubscriptionError::Lagged { .. }) => continue,
-                Err(_) => {
-                    scan.abort();
-                    return;
-                }
+                Err(_) => return,
             };
             copy_if_missing(&node, &store, &slots, meta).await;
         }
-    }
+    };
+    // The scan ends once it has seen every file; new ones keep coming until the engine closes.
+    tokio::join!(scan, follow);
 }
 
 /// Checks every file's bytes, a page of metadata at a time.

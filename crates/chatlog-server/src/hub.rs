@@ -257,25 +257,14 @@ pub async fn run_fanout_cell(
     batch_max: usize,
 ) {
     let webhook = webhook.map(|w| (w, push_filter));
-    let mut changes = cell.changes();
-    loop {
-        changes.borrow_and_update();
-        let engine = cell.get();
-        tokio::select! {
-            () = run_fanout(engine, hub.clone(), webhook.as_ref(), batch_max) => {
-                if !changes.has_changed().unwrap_or(false) {
-                    return;
-                }
-            }
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
-        }
-        tracing::warn!("engine replaced by a snapshot: connections resume from their cursors");
-        hub.overflow_all();
-    }
+    cell.follow(
+        |engine| run_fanout(engine, hub.clone(), webhook.as_ref(), batch_max),
+        || {
+            tracing::warn!("engine replaced by a snapshot: connections resume from their cursors");
+            hub.overflow_all();
+        },
+    )
+    .await;
 }
 
 /// Who sends the push webhook in a cluster: only one node (the leader), and a user counts as
