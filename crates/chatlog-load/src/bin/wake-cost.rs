@@ -31,36 +31,20 @@ const FILE_BYTES: u64 = 64 << 20;
 const WRITE_BYTES: usize = 200;
 const SPACED_BY: Duration = Duration::from_millis(5);
 
+/// Two physical limits of this machine: thread wake-ups and small `fdatasync`s.
+#[derive(clap::Parser, Debug)]
+#[command(name = "wake-cost")]
 struct Args {
+    /// A directory on the disk under test (never a tmpfs); the probe file is made and removed
+    /// there.
+    #[arg(long, default_value = ".")]
     dir: PathBuf,
+    /// Token round trips between the two threads, per ping-pong.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     round_trips: u64,
-    syncs: usize,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        dir: PathBuf::from("."),
-        round_trips: 100_000,
-        syncs: 2_000,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--dir" => args.dir = PathBuf::from(value()?),
-            "--round-trips" => args.round_trips = number(&flag, &value()?)?,
-            "--syncs" => args.syncs = number(&flag, &value()?)? as usize,
-            other => bail!("unknown flag {other} (flags: --dir, --round-trips, --syncs)"),
-        }
-    }
-    Ok(args)
-}
-
-fn number(flag: &str, text: &str) -> anyhow::Result<u64> {
-    match text.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => bail!("{flag} takes a whole number above 0, not {text:?}"),
-    }
+    /// Back-to-back syncs (a quarter as many are made 5 ms apart).
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(4..=335_544))]
+    syncs: u64,
 }
 
 /// CPU time (ns) every thread of this process has run so far, including ended ones
@@ -192,11 +176,7 @@ fn sync_run(file: &File, stat: &Path, syncs: usize, spaced: bool) -> anyhow::Res
     Ok(())
 }
 
-fn fdatasync_probe(dir: &Path, syncs: usize) -> anyhow::Result<()> {
-    if (syncs * WRITE_BYTES) as u64 > FILE_BYTES {
-        bail!("--syncs {syncs} would write past the {FILE_BYTES}-byte probe file");
-    }
-    let stat = device_stat(dir)?;
+fn fdatasync_probe(dir: &Path, stat: &Path, syncs: usize) -> anyhow::Result<()> {
     let path = dir.join("wake-cost.probe");
     let file = File::options()
         .read(true)
@@ -211,17 +191,19 @@ fn fdatasync_probe(dir: &Path, syncs: usize) -> anyhow::Result<()> {
     }
     file.sync_all()?;
     let result =
-        sync_run(&file, &stat, syncs, false).and_then(|()| sync_run(&file, &stat, syncs / 4, true));
+        sync_run(&file, stat, syncs, false).and_then(|()| sync_run(&file, stat, syncs / 4, true));
     drop(file);
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     result
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
+    // Refuse a directory off any disk before spending time on the first probe.
+    let stat = device_stat(&args.dir)?;
     ping_pong(args.round_trips, false)?;
     ping_pong(args.round_trips, true)?;
-    fdatasync_probe(&args.dir, args.syncs)
+    fdatasync_probe(&args.dir, &stat, args.syncs as usize)
 }
 
 #[cfg(test)]
@@ -229,11 +211,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_must_be_whole_numbers_above_zero() {
-        assert_eq!(number("--syncs", "400").unwrap(), 400);
-        for bad in ["0", "-3", "1.5", "many", ""] {
-            let error = number("--syncs", bad).unwrap_err().to_string();
-            assert!(error.contains("--syncs") && error.contains(bad), "{error}");
+    fn counts_out_of_range_are_refused_by_name() {
+        let parse = |args: &[&str]| {
+            <Args as clap::Parser>::try_parse_from(
+                std::iter::once("wake-cost").chain(args.iter().copied()),
+            )
+        };
+        let args = parse(&["--syncs", "400", "--round-trips", "7"]).unwrap();
+        assert_eq!((args.syncs, args.round_trips), (400, 7));
+        for bad in [
+            &["--syncs", "0"][..],
+            &["--syncs", "3"],
+            &["--syncs", "335545"],
+            &["--syncs", "many"],
+            &["--round-trips", "0"],
+            &["--round-trips=-3"],
+        ] {
+            let error = parse(bad).unwrap_err().to_string();
+            let flag = bad[0].split('=').next().unwrap();
+            assert!(error.contains(flag), "{bad:?}: {error}");
         }
     }
 
