@@ -6,8 +6,9 @@
 //!    channels (each hand-off parks one thread and wakes the other, as a Raft node's tasks
 //!    and log writers do). Reported per round trip (two wake-ups): wall time, and CPU time
 //!    of the whole process (the sum of its threads' `/proc/self/task/*/schedstat` run time,
-//!    in ns), with plain waits and with waits that have a timeout. Run it as is (the threads may sit on different CPUs; a wake-up of an idle CPU
-//!    costs an inter-processor interrupt) and under `taskset -c 0` (one CPU: no interrupt).
+//!    in ns), with plain waits and with waits that have a timeout. Run it as is (the threads
+//!    may sit on different CPUs; waking an idle CPU takes an inter-processor interrupt) and
+//!    under `taskset -c 0` (one CPU: no interrupt).
 //! 2. **`fdatasync` after a small overwrite.** In a zero-filled, synced 64 MiB file, writes
 //!    200 bytes at the next offset and `fdatasync`s, `--syncs` times back to back, then again
 //!    with 5 ms between syncs. Reported: latency p50 / p99 and the device's completed write
