@@ -636,6 +636,51 @@ async fn pipelined_writes_through_a_follower_keep_their_order_on_a_reordering_ne
     c.stop_all().await;
 }
 
+/// A read barrier asked while the leader has just died waits for the next leader instead of
+/// giving up at once: the follower, which missed the dead leader's last entries, passes it
+/// only holding them (what a client moving there during a failover must find).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_barrier_during_a_failover_waits_for_the_next_leader() {
+    let mut c = Cluster::start(3, 100_000).await;
+    let leader = c.leader().await;
+    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    send_all(&c, &chat, "alice", "a", 5, Duration::from_secs(10)).await;
+    let lagging = c
+        .running()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    c.faults.block(leader, lagging);
+    let mut last = 0;
+    for i in 0..20 {
+        let sent = c
+            .node(leader)
+            .engine()
+            .send_ticket("alice", &chat, &format!("b-{i}"), Some("x".into()), None)
+            .await
+            .unwrap();
+        if let Answer::Sent(s) = sent {
+            last = s.seq;
+        }
+    }
+    c.kill(leader).await;
+    c.faults.heal();
+    let node = c.node(lagging);
+    node.read_barrier(Duration::from_secs(20))
+        .await
+        .expect("the barrier passes once the next leader answers");
+    let h = node
+        .engine()
+        .history("alice", &chat, None, None, Some(1))
+        .unwrap();
+    assert_eq!(
+        h.last_seq, last,
+        "the follower passed the barrier without entries the dead leader had committed"
+    );
+    drop(node);
+    c.stop_all().await;
+}
+
 /// A read barrier on a follower the leader cannot reach does not pass while the follower
 /// lacks committed entries; once the link heals it passes, and the follower then holds every
 /// entry committed before the call (what a client moving to that node must find there).
