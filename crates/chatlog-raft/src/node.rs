@@ -963,8 +963,9 @@ impl ClusterNode {
     /// barrier (the leader confirms it still leads and names its commit point; this node
     /// waits to apply up to it). A client that moves to this node then reads at least what
     /// it wrote or acknowledged elsewhere: its cursors, its chats. Concurrent callers share
-    /// one round trip to the leader. Fails after `timeout` (no leader reachable, or this
-    /// node far behind); reads then see this node's applied state as it is.
+    /// one round trip to the leader. During a failover it waits for the next leader. Fails
+    /// after `timeout` (no leader reachable, or this node far behind); reads then see this
+    /// node's applied state as it is.
     pub async fn read_barrier(&self, timeout: Duration) -> Result<(), String> {
         let work = async {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1002,10 +1003,15 @@ impl ClusterNode {
     }
 }
 
+/// Pause between two tries of a read barrier's round while no leader answers.
+const BARRIER_RETRY: Duration = Duration::from_millis(50);
+
 /// Answers read barriers in rounds: every caller queued when a round starts gets that round's
 /// read index (a round started after a caller arrived covers every write committed before
 /// it). On the leader the index comes from openraft (`get_read_log_id`: a heartbeat round
-/// confirms the leadership); on a follower from the leader, over [`Route::ReadIndex`].
+/// confirms the leadership); on a follower from the leader, over [`Route::ReadIndex`]. A
+/// round without an answer (no leader, or a dead one) is tried again every
+/// [`BARRIER_RETRY`] until a leader answers or every caller of the round has given up.
 async fn run_barriers(
     inner: std::sync::Weak<Inner>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<BarrierWaiter>,
@@ -1023,11 +1029,22 @@ async fn run_barriers(
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
         }
-        let Some(inner) = inner.upgrade() else {
-            return;
+        // No leader known, or the one known is dead or deposed (a failover): ask again until
+        // a leader answers, while anyone still waits (callers give up by their own timeout).
+        let result = loop {
+            let Some(node) = inner.upgrade() else {
+                return;
+            };
+            let result = read_index(&node).await;
+            drop(node);
+            if result.is_ok() || waiters.iter().all(|w| w.is_closed()) {
+                break result;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(BARRIER_RETRY) => {}
+                () = stop.cancelled() => return,
+            }
         };
-        let result = read_index(&inner).await;
-        drop(inner);
         for w in waiters {
             let _ = w.send(result.clone());
         }

@@ -150,8 +150,11 @@ async fn refuse_hello(socket: &mut WebSocket, id: Option<&RequestId>, message: S
     .await;
 }
 
-/// How long a cluster node waits, at `hello`, to apply what the leader has committed.
-const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a cluster node waits, at `hello`, to apply what the leader has committed. Longer
+/// than a failover (a leader's death to the next leader's first answer: 0.9–2.1 s measured),
+/// so a client moving during one resumes after its cursors; only without a majority does
+/// `hello` go on without the barrier.
+const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Waits for `hello`, authenticates, registers the connection, resumes. `None` if the
 /// connection ended.
