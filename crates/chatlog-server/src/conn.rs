@@ -152,9 +152,9 @@ async fn refuse_hello(socket: &mut WebSocket, id: Option<&RequestId>, message: S
 
 /// How long a cluster node waits, at `hello`, to apply what the leader has committed. Longer
 /// than a failover (a leader's death to the next leader's first answer: 0.9–2.1 s measured),
-/// so a client moving during one resumes after its cursors; only without a majority does
-/// `hello` go on without the barrier.
-const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+/// so a client moving during one resumes after its cursors; short enough that a client
+/// arriving at a node without a majority hears `welcome` before a 5 s timeout of its own.
+const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Waits for `hello`, authenticates, registers the connection, resumes. `None` if the
 /// connection ended.
