@@ -69,10 +69,17 @@ fuzz_target!(|data: &[u8]| {
         if layout.index_placed {
             // TolerateTornTail trusts a sealed segment's index file; Repair scans it and may
             // cut damage the other mode only finds on read: Repair keeps a prefix.
-            assert_eq!(r.first, t.first, "TolerateTornTail vs Repair: different first index");
+            assert_eq!(
+                r.first, t.first,
+                "TolerateTornTail vs Repair: different first index"
+            );
             assert!(r.next <= t.next, "Repair kept more than TolerateTornTail");
             if let (Some(x), Some(y)) = (&t.entries, &r.entries) {
-                assert_eq!(&x[..y.len().min(x.len())], &y[..], "Repair changed kept entries");
+                assert_eq!(
+                    &x[..y.len().min(x.len())],
+                    &y[..],
+                    "Repair changed kept entries"
+                );
             }
         } else {
             assert_same(t, r, "TolerateTornTail vs Repair");
