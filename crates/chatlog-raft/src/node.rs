@@ -454,15 +454,7 @@ async fn run_batcher(
                 });
             }
             (Some(leader), Some(permit)) => {
-                let addr = ctx
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .get_node(&leader)
-                    .map(|n| n.addr.clone());
-                let Some(addr) = addr else {
+                let Some(addr) = address_of(&ctx.raft.metrics().borrow(), leader) else {
                     drop(permit);
                     ctx.wait_and_requeue(batch).await;
                     continue;
@@ -1003,6 +995,15 @@ impl ClusterNode {
     }
 }
 
+/// The replication address of node `id` in the membership `metrics` show.
+fn address_of(metrics: &openraft::RaftMetrics<NodeId, BasicNode>, id: NodeId) -> Option<String> {
+    metrics
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .map(|n| n.addr.clone())
+}
+
 /// Pause between two tries of a read barrier's round while no leader answers.
 const BARRIER_RETRY: Duration = Duration::from_millis(50);
 
@@ -1067,11 +1068,7 @@ async fn read_index(inner: &Inner) -> Result<Option<u64>, String> {
             .0
             .map(|l| l.index)
     } else {
-        let addr = metrics
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone())
+        let addr = address_of(&metrics, leader)
             .ok_or_else(|| format!("leader {leader} has no address"))?;
         inner
             .client
