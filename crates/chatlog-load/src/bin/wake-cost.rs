@@ -48,9 +48,9 @@ struct Args {
     syncs: u64,
 }
 
-/// CPU time (ns) every thread of this process has run so far, including ended ones
-/// (their time is in the process's `schedstat` only through `/proc/self/stat`, so the probe
-/// sums its threads while both are alive).
+/// CPU time (ns) the live threads of this process have run so far: the sum of their
+/// `schedstat`. An ended thread no longer counts, so the probe reads it while both of its
+/// threads are alive.
 fn process_cpu_ns() -> anyhow::Result<u64> {
     let mut total = 0;
     for task in std::fs::read_dir("/proc/self/task").context("reading /proc/self/task")? {
