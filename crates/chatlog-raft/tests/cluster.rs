@@ -636,15 +636,14 @@ async fn pipelined_writes_through_a_follower_keep_their_order_on_a_reordering_ne
     c.stop_all().await;
 }
 
-/// A read barrier asked while the leader has just died waits for the next leader instead of
-/// giving up at once: the follower, which missed the dead leader's last entries, passes it
-/// only holding them (what a client moving there during a failover must find).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_read_barrier_during_a_failover_waits_for_the_next_leader() {
-    let mut c = Cluster::start(3, 100_000).await;
+/// A 3-node cluster with a group chat of 20 messages, then 20 more that one follower missed:
+/// the leader's messages to it are lost (its answers to the follower too) until
+/// `faults.heal()`. Returns the cluster, the leader, that follower, the chat and its last seq.
+async fn a_follower_cut_off_from_the_last_writes() -> (Cluster, NodeId, NodeId, String, u64) {
+    let c = Cluster::start(3, 100_000).await;
     let leader = c.leader().await;
     let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
-    send_all(&c, &chat, "alice", "a", 5, Duration::from_secs(10)).await;
+    send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
     let lagging = c
         .running()
         .into_iter()
@@ -663,18 +662,32 @@ async fn a_read_barrier_during_a_failover_waits_for_the_next_leader() {
             last = s.seq;
         }
     }
+    (c, leader, lagging, chat, last)
+}
+
+/// The last seq of `chat` on `node`.
+fn last_seq(node: &ClusterNode, chat: &str) -> u64 {
+    node.engine()
+        .history("alice", chat, None, None, Some(1))
+        .unwrap()
+        .last_seq
+}
+
+/// A read barrier asked while the leader has just died waits for the next leader instead of
+/// giving up at once: the follower, which missed the dead leader's last entries, passes it
+/// only holding them (what a client moving there during a failover must find).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_barrier_during_a_failover_waits_for_the_next_leader() {
+    let (mut c, leader, lagging, chat, last) = a_follower_cut_off_from_the_last_writes().await;
     c.kill(leader).await;
     c.faults.heal();
     let node = c.node(lagging);
     node.read_barrier(Duration::from_secs(20))
         .await
         .expect("the barrier passes once the next leader answers");
-    let h = node
-        .engine()
-        .history("alice", &chat, None, None, Some(1))
-        .unwrap();
     assert_eq!(
-        h.last_seq, last,
+        last_seq(&node, &chat),
+        last,
         "the follower passed the barrier without entries the dead leader had committed"
     );
     drop(node);
@@ -686,29 +699,7 @@ async fn a_read_barrier_during_a_failover_waits_for_the_next_leader() {
 /// entry committed before the call (what a client moving to that node must find there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_barrier_waits_until_the_node_holds_everything_committed_before_it() {
-    let mut c = Cluster::start(3, 100_000).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
-    send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
-    let lagging = c
-        .running()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
-    // The leader's messages to the follower are lost (its answers to the follower too).
-    c.faults.block(leader, lagging);
-    let mut last = 0;
-    for i in 0..20 {
-        let sent = c
-            .node(leader)
-            .engine()
-            .send_ticket("alice", &chat, &format!("b-{i}"), Some("x".into()), None)
-            .await
-            .unwrap();
-        if let Answer::Sent(s) = sent {
-            last = s.seq;
-        }
-    }
+    let (mut c, _, lagging, chat, last) = a_follower_cut_off_from_the_last_writes().await;
     let node = c.node(lagging);
     let refused = node.read_barrier(Duration::from_millis(500)).await;
     assert!(
@@ -719,12 +710,9 @@ async fn a_read_barrier_waits_until_the_node_holds_everything_committed_before_i
     node.read_barrier(Duration::from_secs(10))
         .await
         .expect("the barrier passes once the link heals");
-    let h = node
-        .engine()
-        .history("alice", &chat, None, None, Some(1))
-        .unwrap();
     assert_eq!(
-        h.last_seq, last,
+        last_seq(&node, &chat),
+        last,
         "the follower lacks entries committed before the barrier"
     );
     drop(node);
