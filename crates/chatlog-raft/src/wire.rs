@@ -55,6 +55,9 @@ pub enum Route {
     /// The leader's commit point for a read barrier
     /// ([`crate::node::ClusterNode::read_barrier`]).
     ReadIndex = 8,
+    /// The leader asks this node to start an election at once
+    /// ([`crate::node::ClusterNode::hand_off_leadership`]).
+    TakeLeadership = 9,
 }
 
 impl Route {
@@ -69,6 +72,7 @@ impl Route {
             6 => Route::BlobPut,
             7 => Route::BlobGet,
             8 => Route::ReadIndex,
+            9 => Route::TakeLeadership,
             _ => return None,
         })
     }
@@ -412,9 +416,14 @@ mod tests {
             Route::Snapshot,
             Route::Write,
             Route::Gossip,
+            Route::BlobPut,
+            Route::BlobGet,
+            Route::ReadIndex,
+            Route::TakeLeadership,
         ] {
             assert_eq!(Route::from_code(r as u8), Some(r));
         }
         assert_eq!(Route::from_code(0), None);
+        assert_eq!(Route::from_code(Route::TakeLeadership as u8 + 1), None);
     }
 }

@@ -342,9 +342,14 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// How long a stopping cluster leader tries to hand its role to another node
+/// ([`ClusterNode::hand_off_leadership`]): a few round trips in a cluster of three, the
+/// leader lease (0.5 s by default) more in a larger one.
+const LEADERSHIP_HAND_OFF: Duration = Duration::from_secs(2);
+
 /// Opens the engine under `config.data_dir` and serves on `listener` until `shutdown`
-/// completes; then stops accepting, lets in-flight writes finish, closes clients with 1001
-/// and closes the engine.
+/// completes; then (a cluster leader hands its role over first) stops accepting, lets
+/// in-flight writes finish, closes clients with 1001 and closes the engine.
 pub async fn serve(
     listener: TcpListener,
     config: ServerConfig,
@@ -462,8 +467,18 @@ pub async fn serve_ready(
     tracing::info!(addr = %tokio::net::TcpListener::local_addr(&listener)?, "serving");
     ready();
     let stop = cancel.clone();
+    let departing = cluster.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // A leader first hands its role to a caught-up node, while its own clients are still
+        // served (their writes forward to the new leader): writes pause for a few round trips
+        // rather than an election timeout.
+        if let Some(node) = departing.filter(|n| n.is_leader()) {
+            match node.hand_off_leadership(LEADERSHIP_HAND_OFF).await {
+                Ok(to) => tracing::info!(to, "leadership handed off before stopping"),
+                Err(why) => tracing::warn!(%why, "stopping without a leadership hand-off"),
+            }
+        }
         stop.cancel();
     });
     let header_read_timeout = Duration::from_millis(app.config.header_read_timeout_ms);
