@@ -718,3 +718,75 @@ async fn a_read_barrier_waits_until_the_node_holds_everything_committed_before_i
     drop(node);
     c.stop_all().await;
 }
+
+/// A leader about to stop hands its role to the follower whose log holds all of its own (not
+/// to the one cut off from its last entries), in the next term; writes proposed on it meanwhile
+/// wait and then commit through the new leader, none refused, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_leader_hands_its_role_to_the_caught_up_follower() {
+    let (mut c, leader, lagging, chat, _) = a_follower_cut_off_from_the_last_writes().await;
+    let successor = c
+        .running()
+        .into_iter()
+        .find(|id| *id != leader && *id != lagging)
+        .expect("a caught-up follower");
+    let old = c.node(leader);
+    let term = old.metrics().current_term;
+    let engine = old.engine();
+    let handing = tokio::spawn({
+        let old = old.clone();
+        async move { old.hand_off_leadership(Duration::from_secs(5)).await }
+    });
+    let mut writes = Vec::new();
+    for i in 0..30 {
+        let cmid = format!("h-{i}");
+        let ticket = engine.send_ticket("alice", &chat, &cmid, Some("x".into()), None);
+        writes.push((cmid, ticket));
+    }
+    assert_eq!(handed_to(handing.await.unwrap()), successor);
+    let mut acked = HashMap::new();
+    for (cmid, ticket) in writes {
+        match ticket.await {
+            Ok(Answer::Sent(s)) => acked.insert(cmid, s.seq),
+            other => panic!("{cmid}, sent during the hand-off, answered {other:?}"),
+        };
+    }
+    assert_eq!(c.leader().await, successor);
+    assert_eq!(c.node(successor).metrics().current_term, term + 1);
+    drop((old, engine));
+    c.faults.heal();
+    c.kill(leader).await;
+    acked.extend(send_all(&c, &chat, "alice", "after", 20, Duration::from_secs(10)).await);
+    c.converged().await;
+    c.check_all(&chat, &acked);
+    c.stop_all().await;
+}
+
+/// In a cluster of five the leader's vote and the successor's are not a majority: the hand-off
+/// stops heartbeats until the other followers' leases lapse, then still lands on the successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_of_five_hands_its_role_over_once_the_followers_leases_lapse() {
+    let mut c = Cluster::start(5, 100_000).await;
+    let leader = c.leader().await;
+    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let mut acked = send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
+    let term = c.node(leader).metrics().current_term;
+    let handed = c
+        .node(leader)
+        .hand_off_leadership(Duration::from_secs(5))
+        .await;
+    let successor = handed_to(handed);
+    assert_ne!(successor, leader);
+    assert_eq!(c.leader().await, successor);
+    assert_eq!(c.node(successor).metrics().current_term, term + 1);
+    c.kill(leader).await;
+    acked.extend(send_all(&c, &chat, "alice", "b", 20, Duration::from_secs(10)).await);
+    c.converged().await;
+    c.check_all(&chat, &acked);
+    c.stop_all().await;
+}
+
+/// The new leader a hand-off reports, or the test fails with why there was none.
+fn handed_to(result: Result<NodeId, String>) -> NodeId {
+    result.unwrap_or_else(|why| panic!("no hand-off: {why}"))
+}
