@@ -19,6 +19,8 @@ struct Cluster {
     peers: BTreeMap<NodeId, String>,
     nodes: BTreeMap<NodeId, Option<Arc<ClusterNode>>>,
     snapshot_every: u64,
+    /// Each node's election timeout range (ms); `None`: the default.
+    election_timeout_ms: Option<(u64, u64)>,
 }
 
 fn small_log() -> LogConfig {
@@ -33,6 +35,14 @@ fn small_log() -> LogConfig {
 
 impl Cluster {
     async fn start(n: u64, snapshot_every: u64) -> Cluster {
+        Cluster::start_with(n, snapshot_every, None).await
+    }
+
+    async fn start_with(
+        n: u64,
+        snapshot_every: u64,
+        election_timeout_ms: Option<(u64, u64)>,
+    ) -> Cluster {
         // RUST_LOG=openraft=debug,chatlog_raft=debug shows what the nodes did.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -54,6 +64,7 @@ impl Cluster {
             peers,
             nodes: BTreeMap::new(),
             snapshot_every,
+            election_timeout_ms,
         };
         for (id, l) in listeners {
             let node = ClusterNode::start(c.config(id), l).await.unwrap();
@@ -76,6 +87,9 @@ impl Cluster {
         config.snapshot_every = self.snapshot_every;
         config.keep_after_snapshot = 10;
         config.write_timeout = Duration::from_secs(2);
+        if let Some(range) = self.election_timeout_ms {
+            config.election_timeout_ms = range;
+        }
         config
     }
 
@@ -764,16 +778,18 @@ async fn a_stopping_leader_hands_its_role_to_the_caught_up_follower() {
 
 /// In a cluster of five the leader's vote and the successor's are not a majority: the hand-off
 /// stops heartbeats until the other followers' leases lapse, then still lands on the successor.
+/// The election timeout is long here (a 2.5 s lease, then 2–2.5 s more before a follower would
+/// campaign by itself), so a leader found within the hand-off's 3.5 s is the hand-off's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_of_five_hands_its_role_over_once_the_followers_leases_lapse() {
-    let mut c = Cluster::start(5, 100_000).await;
+    let mut c = Cluster::start_with(5, 100_000, Some((2_000, 2_500))).await;
     let leader = c.leader().await;
     let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
     let mut acked = send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
     let term = c.node(leader).metrics().current_term;
     let handed = c
         .node(leader)
-        .hand_off_leadership(Duration::from_secs(5))
+        .hand_off_leadership(Duration::from_millis(3_500))
         .await;
     let successor = handed_to(handed);
     assert_ne!(successor, leader);
