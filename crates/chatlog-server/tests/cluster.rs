@@ -927,17 +927,9 @@ async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node(
         watchers.push(connect(n.client_port, "watcher").await.unwrap());
     }
     // bob connects to a follower: the leader, which posts, sees him only through presence.
-    let addr = ([127, 0, 0, 1], nodes[0].client_port).into();
-    let (_, health, _) = common::http(addr, "GET", "/healthz", None, &[])
+    let leader = leader_seen_by(nodes[0].client_port)
         .await
-        .unwrap();
-    let health = String::from_utf8(health).unwrap();
-    let leader: u64 = health
-        .split_whitespace()
-        .skip_while(|w| *w != "leader")
-        .nth(1)
-        .and_then(|l| l.parse().ok())
-        .unwrap_or_else(|| panic!("no leader in {health:?}"));
+        .unwrap_or_else(|health| panic!("no leader in {health:?}"));
     let follower = nodes.iter().find(|n| n.id != leader).unwrap();
     let mut bob = connect(follower.client_port, "bob").await.unwrap();
     // Another device of alice's on the leader: once it has m3, the leader's fanout (which
@@ -963,6 +955,91 @@ async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node(
     // No other node posted, for either message.
     let more = hook.drain(Duration::from_millis(1500)).await;
     assert!(more.is_empty(), "more posts: {more:?}");
+    for n in nodes.iter_mut() {
+        kill(n);
+    }
+}
+
+/// The leader node `port`'s `/healthz` names, or the whole answer if it names none.
+async fn leader_seen_by(port: u16) -> Result<u64, String> {
+    let addr = ([127, 0, 0, 1], port).into();
+    let (_, health, _) = common::http(addr, "GET", "/healthz", None, &[])
+        .await
+        .ok_or_else(|| format!("no answer from /healthz on port {port}"))?;
+    let health = String::from_utf8_lossy(&health).into_owned();
+    health
+        .split_whitespace()
+        .skip_while(|w| *w != "leader")
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .ok_or(health)
+}
+
+/// SIGTERM to the leader (a rolling restart): before it stops it hands its role to another
+/// node (its log names which), that node leads, the stopped node exits 0, and writes through
+/// the other nodes go on; nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_its_role_over_first() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, _) = start_cluster(dir.path()).await;
+    let mut owner = connect(nodes[0].client_port, "owner").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let chat = loop {
+        let r = call(&mut owner, 1, json!({"op":"create_chat","members":["bob"]}))
+            .await
+            .unwrap();
+        if let Some(chat) = r["result"]["chat"].as_str() {
+            break chat.to_owned();
+        }
+        assert!(Instant::now() < deadline, "{r}");
+    };
+    drop(owner);
+    let mut acked = Vec::new();
+    for k in 0..20 {
+        let r = send(nodes[k % 3].client_port, &chat, &format!("m{k}")).await;
+        acked.push(r["result"]["seq"].as_u64().unwrap_or_else(|| panic!("{r}")));
+    }
+    let leader = leader_seen_by(nodes[0].client_port).await.unwrap();
+    let stopping = nodes.iter_mut().find(|n| n.id == leader).unwrap();
+    let mut child = stopping.child.take().unwrap();
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "node {leader} exited with {status}");
+    let log = log_text(stopping);
+    let handed: u64 = log
+        .lines()
+        .find_map(|l| l.split("leadership handed off before stopping to=").nth(1))
+        .and_then(|to| to.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "node {leader} stopped without a hand-off{}",
+                log_tails(&nodes)
+            )
+        });
+    assert_ne!(handed, leader);
+    let survivor = nodes.iter().find(|n| n.id != leader).unwrap().client_port;
+    assert_eq!(leader_seen_by(survivor).await, Ok(handed));
+    for k in 20..30 {
+        let r = send(nodes[k % 3].client_port, &chat, &format!("m{k}")).await;
+        if nodes[k % 3].id == leader {
+            assert_eq!(r["error"]["code"], "disconnected", "{r}");
+        } else {
+            acked.push(r["result"]["seq"].as_u64().unwrap_or_else(|| panic!("{r}")));
+        }
+    }
+    let events = all_events(survivor, "owner", &chat).await;
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    for seq in &acked {
+        assert!(
+            seqs.contains(seq),
+            "acknowledged seq {seq} missing from {seqs:?}"
+        );
+    }
     for n in nodes.iter_mut() {
         kill(n);
     }

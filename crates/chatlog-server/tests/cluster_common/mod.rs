@@ -71,6 +71,11 @@ fn log_path(node: &Node) -> std::path::PathBuf {
     dir.join(format!("node{}.log", node.id))
 }
 
+/// What node `node` has logged so far (all its runs).
+pub fn log_text(node: &Node) -> String {
+    std::fs::read_to_string(log_path(node)).unwrap_or_default()
+}
+
 /// Each node's stderr, appended across restarts (kept if `CHATLOG_TEST_LOGS` names a dir).
 pub fn log_file(node: &Node) -> Stdio {
     let path = log_path(node);
@@ -88,7 +93,7 @@ pub fn log_file(node: &Node) -> Stdio {
 pub fn log_tails(nodes: &[Node]) -> String {
     let mut out = String::new();
     for node in nodes {
-        let text = std::fs::read_to_string(log_path(node)).unwrap_or_default();
+        let text = log_text(node);
         let lines: Vec<&str> = text.lines().collect();
         let warnings: Vec<&str> = lines
             .iter()
