@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -18,6 +19,7 @@ use chatlog::log::LogConfig;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
@@ -140,6 +142,18 @@ struct Inner {
     /// [`ClusterNode::hand_off_leadership`] for the whole hand-off: no entry is proposed
     /// meanwhile, so the successor can hold all of the leader's log.
     proposals: Arc<tokio::sync::Mutex<()>>,
+    /// When this node last accepted an AppendEntries (ms since `epoch`; 0: never).
+    heard_from_leader_ms: AtomicU64,
+    /// The origin of `heard_from_leader_ms`.
+    epoch: Instant,
+}
+
+impl Inner {
+    /// Whether this node accepted an AppendEntries (from a leader) within `window`.
+    fn heard_from_leader_within(&self, window: Duration) -> bool {
+        let at = self.heard_from_leader_ms.load(Ordering::Relaxed);
+        at > 0 && self.epoch.elapsed().as_millis() as u64 <= at + window.as_millis() as u64
+    }
 }
 
 /// The leader's request to a follower to campaign at once ([`Route::TakeLeadership`]).
@@ -327,6 +341,18 @@ impl BatcherCtx {
             Ok(WriteReply::Done { index, response }) => self.answer(batch, index, response).await,
             Ok(WriteReply::Failed(why)) => Self::fail_all(batch, || unavailable(why.clone())),
             Ok(WriteReply::Retry) => self.requeue(batch),
+            // Deposed: if this node already knows the next leader (a hand-off tells it within
+            // a round trip), send there at once; otherwise wait for the election.
+            Ok(WriteReply::NotLeader)
+                if self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .current_leader
+                    .is_some_and(|l| l != leader) =>
+            {
+                self.requeue(batch)
+            }
             Ok(WriteReply::NotLeader) => self.wait_and_requeue(batch).await,
             Err(e) if e.never_sent() => self.wait_and_requeue(batch).await,
             // The leader may have committed them: the callers decide whether to retry
@@ -744,6 +770,8 @@ impl ClusterNode {
             blobs: BlobStore::new(config.blob_dir.clone()),
             barriers,
             proposals: proposals.clone(),
+            heard_from_leader_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let stop = CancellationToken::new();
         tokio::spawn(run_batcher(
@@ -777,6 +805,11 @@ impl ClusterNode {
         tokio::spawn(run_barriers(
             Arc::downgrade(&inner),
             barrier_rx,
+            stop.clone(),
+        ));
+        tokio::spawn(guard_elections(
+            Arc::downgrade(&inner),
+            election_guard_window(config.election_timeout_ms),
             stop.clone(),
         ));
         let fresh = !raft
@@ -835,13 +868,15 @@ impl ClusterNode {
         self.inner.raft.metrics().borrow().current_leader
     }
 
-    /// Whether this node can get writes committed now: a follower knows a leader; a leader
-    /// confirms within `within` that a quorum still follows it (a leader cut off from the
-    /// others stays leader in its own view until then).
+    /// Whether this node can get writes committed now: a follower knows a leader and heard
+    /// from it within the leader lease (a follower cut off from everyone keeps the last leader
+    /// it knew, since it does not campaign: [`guard_elections`]); a leader confirms within
+    /// `within` that a quorum still follows it (a leader cut off from the others stays leader
+    /// in its own view until then).
     pub async fn quorum_ok(&self, within: Duration) -> bool {
         match self.leader() {
             None => false,
-            Some(l) if l != self.inner.id => true,
+            Some(l) if l != self.inner.id => self.inner.heard_from_leader_within(self.lease),
             Some(_) => matches!(
                 tokio::time::timeout(within, self.inner.raft.ensure_linearizable()).await,
                 Ok(Ok(_))
@@ -1222,6 +1257,86 @@ async fn read_index(inner: &Inner) -> Result<Option<u64>, String> {
     Ok(read)
 }
 
+/// How recently a follower must have heard from a leader, or else reached a majority of the
+/// voters, to be allowed to campaign ([`guard_elections`]): half of the shortest time after
+/// which openraft would start an election (the leader lease, which is the election timeout's
+/// maximum, plus the timeout's minimum): 400 ms by default.
+fn election_guard_window(election_timeout_ms: (u64, u64)) -> Duration {
+    Duration::from_millis((election_timeout_ms.0 + election_timeout_ms.1) / 2)
+}
+
+/// Lets this node campaign only while it reaches a majority of the voters (itself included):
+/// the effect of Raft's pre-vote, which openraft 0.9 lacks. A voter cut off from the others
+/// would otherwise start election after election, each in a higher term, and when the link
+/// healed its term would depose the working leader (a pause of writes for a new election).
+/// Safety is openraft's: this only switches its elections off and on (`elect(false)`); votes
+/// are still granted, and a leadership hand-off's election is still started.
+///
+/// While this node leads, or heard from a leader within `window`, it may campaign (if its
+/// timer fires, the leader is gone and it hears from no one). Otherwise it asks every other
+/// voter ([`Route::Ping`], answered by any node, whatever its build) and campaigns only if a
+/// majority answers within half the window. With the defaults a cut-off node has stopped
+/// campaigning about 0.7 s after the last AppendEntries, before its first election (0.8 s
+/// at the earliest), and a node whose leader died keeps campaigning with the other survivors.
+async fn guard_elections(inner: std::sync::Weak<Inner>, window: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(window / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut allowed = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let m = inner.raft.metrics().borrow().clone();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let allow = if m.current_leader == Some(inner.id)
+            || voters.len() < 2
+            || !voters.contains(&inner.id)
+            || inner.heard_from_leader_within(window)
+        {
+            true
+        } else {
+            let asks = voters.iter().filter(|v| **v != inner.id).map(|&v| {
+                let client = inner.client.clone();
+                let addr = address_of(&m, v);
+                async move {
+                    let Some(addr) = addr else { return false };
+                    match client
+                        .call::<(), ()>(v, &addr, Route::Ping, &(), window / 2)
+                        .await
+                    {
+                        // An older build refuses the route: it answered all the same.
+                        Ok(()) | Err(crate::network::SendError::Protocol { .. }) => true,
+                        Err(_) => false,
+                    }
+                }
+            });
+            let reached = 1 + futures_util::future::join_all(asks)
+                .await
+                .into_iter()
+                .filter(|answered| *answered)
+                .count();
+            reached > voters.len() / 2
+        };
+        if allow != allowed {
+            allowed = allow;
+            inner.raft.runtime_config().elect(allow);
+            if allow {
+                tracing::info!("a majority of the voters is reachable again: campaigning allowed");
+            } else {
+                tracing::warn!(
+                    voters = voters.len(),
+                    "no leader heard and a majority of the voters unreachable: not campaigning \
+                     until one is"
+                );
+            }
+        }
+    }
+}
+
 /// Records when node `id` becomes the leader (openraft's server metrics change only with the
 /// vote, the role or the membership, so this wakes rarely).
 async fn track_leadership(
@@ -1328,7 +1443,15 @@ async fn peer_rpc(inner: &Arc<Inner>, route: Route, body: Bytes) -> Result<Vec<u
             let req: openraft::raft::AppendEntriesRequest<crate::types::TypeConfig> =
                 decode(&body)?;
             let n = req.entries.len();
-            let reply = encode(&inner.raft.append_entries(req).await);
+            let answer = inner.raft.append_entries(req).await;
+            if matches!(&answer, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                // From the leader of this node's term (a stale one gets `HigherVote`).
+                let now = inner.epoch.elapsed().as_millis() as u64;
+                inner
+                    .heard_from_leader_ms
+                    .store(now.max(1), Ordering::Relaxed);
+            }
+            let reply = encode(&answer);
             let took = started.elapsed();
             if took > Duration::from_millis(100) {
                 tracing::warn!(entries = n, bytes = body.len(), ?took, "slow AppendEntries");
@@ -1343,6 +1466,7 @@ async fn peer_rpc(inner: &Arc<Inner>, route: Route, body: Bytes) -> Result<Vec<u
             let _ = inner.gossip.send(msg);
             encode(&())
         }
+        Route::Ping => encode(&()),
         Route::TakeLeadership => {
             let ask: TakeLeadership = decode(&body)?;
             let m = inner.raft.metrics().borrow().clone();

@@ -58,6 +58,8 @@ pub enum Route {
     /// The leader asks this node to start an election at once
     /// ([`crate::node::ClusterNode::hand_off_leadership`]).
     TakeLeadership = 9,
+    /// Are you there? Answered with `()` (the election guard's probe, `node.rs`).
+    Ping = 10,
 }
 
 impl Route {
@@ -73,6 +75,7 @@ impl Route {
             7 => Route::BlobGet,
             8 => Route::ReadIndex,
             9 => Route::TakeLeadership,
+            10 => Route::Ping,
             _ => return None,
         })
     }
@@ -420,10 +423,11 @@ mod tests {
             Route::BlobGet,
             Route::ReadIndex,
             Route::TakeLeadership,
+            Route::Ping,
         ] {
             assert_eq!(Route::from_code(r as u8), Some(r));
         }
         assert_eq!(Route::from_code(0), None);
-        assert_eq!(Route::from_code(Route::TakeLeadership as u8 + 1), None);
+        assert_eq!(Route::from_code(Route::Ping as u8 + 1), None);
     }
 }

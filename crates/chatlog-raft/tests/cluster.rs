@@ -806,3 +806,59 @@ async fn a_leader_of_five_hands_its_role_over_once_the_followers_leases_lapse() 
 fn handed_to(result: Result<NodeId, String>) -> NodeId {
     result.unwrap_or_else(|why| panic!("no hand-off: {why}"))
 }
+
+/// A follower cut off from both other nodes does not campaign (openraft 0.9 has no pre-vote;
+/// the node's election guard stands in): its term stays while the others go on writing, it
+/// says it has no quorum, and when the link heals it rejoins without an election (the leader
+/// and the term stay) and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_follower_does_not_campaign_and_rejoins_without_an_election() {
+    let mut c = Cluster::start(3, 100_000).await;
+    let leader = c.leader().await;
+    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let mut acked = send_all(&c, &chat, "alice", "a", 10, Duration::from_secs(10)).await;
+    let term = c.node(leader).metrics().current_term;
+    let others: Vec<NodeId> = c.running().into_iter().filter(|id| *id != leader).collect();
+    let cut = others[0];
+    c.faults.isolate(cut, &[leader, others[1]]);
+    // Several election timeouts (0.3–0.5 s after a 0.5 s lease), with writes going on.
+    let engine = c.node(leader).engine();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut i = 0;
+    while Instant::now() < until {
+        let cmid = format!("b-{i}");
+        match engine
+            .send_ticket("alice", &chat, &cmid, Some("x".into()), None)
+            .await
+        {
+            Ok(Answer::Sent(s)) => acked.insert(cmid, s.seq),
+            other => panic!("a write through the majority answered {other:?}"),
+        };
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(engine);
+    let cut_node = c.node(cut);
+    assert_eq!(
+        cut_node.metrics().current_term,
+        term,
+        "the cut-off follower campaigned"
+    );
+    assert!(
+        !cut_node.quorum_ok(Duration::from_millis(100)).await,
+        "a follower cut off from everyone claims a quorum"
+    );
+    drop(cut_node);
+    c.faults.heal();
+    c.converged().await;
+    assert_eq!(c.leader().await, leader);
+    for id in c.running() {
+        assert_eq!(
+            c.node(id).metrics().current_term,
+            term,
+            "node {id}: an election after the heal"
+        );
+    }
+    c.check_all(&chat, &acked);
+    c.stop_all().await;
+}
