@@ -146,6 +146,8 @@ struct Inner {
     heard_from_leader_ms: AtomicU64,
     /// The origin of `heard_from_leader_ms`.
     epoch: Instant,
+    /// [`election_guard_window`].
+    guard_window: Duration,
 }
 
 impl Inner {
@@ -153,6 +155,13 @@ impl Inner {
     fn heard_from_leader_within(&self, window: Duration) -> bool {
         let at = self.heard_from_leader_ms.load(Ordering::Relaxed);
         at > 0 && self.epoch.elapsed().as_millis() as u64 <= at + window.as_millis() as u64
+    }
+
+    /// Whether this node leads or follows a live leader: its answer to a [`Route::Ping`]
+    /// (a peer that does refuses to help another node campaign, as a Raft pre-vote would).
+    fn hears_a_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+            || self.heard_from_leader_within(self.guard_window)
     }
 }
 
@@ -772,6 +781,7 @@ impl ClusterNode {
             proposals: proposals.clone(),
             heard_from_leader_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            guard_window: election_guard_window(config.election_timeout_ms),
         });
         let stop = CancellationToken::new();
         tokio::spawn(run_batcher(
@@ -807,11 +817,7 @@ impl ClusterNode {
             barrier_rx,
             stop.clone(),
         ));
-        tokio::spawn(guard_elections(
-            Arc::downgrade(&inner),
-            election_guard_window(config.election_timeout_ms),
-            stop.clone(),
-        ));
+        tokio::spawn(guard_elections(Arc::downgrade(&inner), stop.clone()));
         let fresh = !raft
             .is_initialized()
             .await
@@ -1257,28 +1263,35 @@ async fn read_index(inner: &Inner) -> Result<Option<u64>, String> {
     Ok(read)
 }
 
-/// How recently a follower must have heard from a leader, or else reached a majority of the
-/// voters, to be allowed to campaign ([`guard_elections`]): half of the shortest time after
-/// which openraft would start an election (the leader lease, which is the election timeout's
-/// maximum, plus the timeout's minimum): 400 ms by default.
+/// How recently a node must have accepted an AppendEntries to count as hearing a leader
+/// ([`guard_elections`]): half of the shortest time after which openraft would start an
+/// election (the leader lease, which is the election timeout's maximum, plus the timeout's
+/// minimum): 400 ms by default.
 fn election_guard_window(election_timeout_ms: (u64, u64)) -> Duration {
     Duration::from_millis((election_timeout_ms.0 + election_timeout_ms.1) / 2)
 }
 
-/// Lets this node campaign only while it reaches a majority of the voters (itself included):
-/// the effect of Raft's pre-vote, which openraft 0.9 lacks. A voter cut off from the others
-/// would otherwise start election after election, each in a higher term, and when the link
-/// healed its term would depose the working leader (a pause of writes for a new election).
-/// Safety is openraft's: this only switches its elections off and on (`elect(false)`); votes
-/// are still granted, and a leadership hand-off's election is still started.
+/// Lets this node campaign only while a majority of the voters (itself included) is
+/// reachable and hears no leader: the effect of Raft's pre-vote, which openraft 0.9 lacks. A
+/// voter cut off from the others would otherwise start election after election, each in a
+/// higher term, and when the link healed its term would depose the working leader (a pause
+/// of writes for a new election). Safety is openraft's: this only switches its elections off
+/// and on (`elect(false)`); votes are still granted, and a leadership hand-off's election is
+/// still started.
 ///
-/// While this node leads, or heard from a leader within `window`, it may campaign (if its
-/// timer fires, the leader is gone and it hears from no one). Otherwise it asks every other
-/// voter ([`Route::Ping`], answered by any node, whatever its build) and campaigns only if a
-/// majority answers within half the window. With the defaults a cut-off node has stopped
-/// campaigning about 0.7 s after the last AppendEntries, before its first election (0.8 s
-/// at the earliest), and a node whose leader died keeps campaigning with the other survivors.
-async fn guard_elections(inner: std::sync::Weak<Inner>, window: Duration, stop: CancellationToken) {
+/// While this node leads, or heard from a leader within the window
+/// ([`election_guard_window`]), it may campaign (its timer fires only once it hears from no
+/// one). Otherwise it asks every other voter ([`Route::Ping`]) whether it hears a leader,
+/// and campaigns only if enough answer "no" within half the window to make a majority with
+/// itself. A node of an older build refuses the route: it counts as a "no", as before this
+/// guard. With the defaults a cut-off node has stopped campaigning about 0.7 s after the last
+/// AppendEntries, before its first election (0.8 s at the earliest); a node whose leader died
+/// campaigns with the other survivors; and a node whose link heals waits for the leader's
+/// next AppendEntries instead of campaigning.
+async fn guard_elections(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
+    let Some(window) = inner.upgrade().map(|i| i.guard_window) else {
+        return;
+    };
     let mut tick = tokio::time::interval(window / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut allowed = true;
@@ -1305,32 +1318,33 @@ async fn guard_elections(inner: std::sync::Weak<Inner>, window: Duration, stop: 
                 async move {
                     let Some(addr) = addr else { return false };
                     match client
-                        .call::<(), ()>(v, &addr, Route::Ping, &(), window / 2)
+                        .call::<(), bool>(v, &addr, Route::Ping, &(), window / 2)
                         .await
                     {
-                        // An older build refuses the route: it answered all the same.
-                        Ok(()) | Err(crate::network::SendError::Protocol { .. }) => true,
+                        Ok(hears_a_leader) => !hears_a_leader,
+                        // An older build refuses the route.
+                        Err(crate::network::SendError::Protocol { .. }) => true,
                         Err(_) => false,
                     }
                 }
             });
-            let reached = 1 + futures_util::future::join_all(asks)
+            let would_vote = 1 + futures_util::future::join_all(asks)
                 .await
                 .into_iter()
-                .filter(|answered| *answered)
+                .filter(|yes| *yes)
                 .count();
-            reached > voters.len() / 2
+            would_vote > voters.len() / 2
         };
         if allow != allowed {
             allowed = allow;
             inner.raft.runtime_config().elect(allow);
             if allow {
-                tracing::info!("a majority of the voters is reachable again: campaigning allowed");
+                tracing::info!("campaigning allowed again");
             } else {
                 tracing::warn!(
                     voters = voters.len(),
-                    "no leader heard and a majority of the voters unreachable: not campaigning \
-                     until one is"
+                    "no leader heard, and a majority of the voters is unreachable or still \
+                     hears one: not campaigning until that changes"
                 );
             }
         }
@@ -1466,7 +1480,7 @@ async fn peer_rpc(inner: &Arc<Inner>, route: Route, body: Bytes) -> Result<Vec<u
             let _ = inner.gossip.send(msg);
             encode(&())
         }
-        Route::Ping => encode(&()),
+        Route::Ping => encode(&inner.hears_a_leader()),
         Route::TakeLeadership => {
             let ask: TakeLeadership = decode(&body)?;
             let m = inner.raft.metrics().borrow().clone();

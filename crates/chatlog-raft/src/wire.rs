@@ -58,7 +58,8 @@ pub enum Route {
     /// The leader asks this node to start an election at once
     /// ([`crate::node::ClusterNode::hand_off_leadership`]).
     TakeLeadership = 9,
-    /// Are you there? Answered with `()` (the election guard's probe, `node.rs`).
+    /// Do you hear a leader? Answered with a `bool` (the election guard's pre-vote,
+    /// `node.rs::guard_elections`).
     Ping = 10,
 }
 
