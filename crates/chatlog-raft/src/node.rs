@@ -1295,6 +1295,11 @@ async fn guard_elections(inner: std::sync::Weak<Inner>, stop: CancellationToken)
     let mut tick = tokio::time::interval(window / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut allowed = true;
+    // Since when campaigning is off, and whether that was logged as a warning. Off for a
+    // moment is normal (a node just restarted, or the leader just died and a survivor still
+    // heard it); off for longer than `STUCK` means this node is cut off.
+    const STUCK: Duration = Duration::from_secs(2);
+    let mut off_since: Option<(Instant, bool)> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1339,14 +1344,28 @@ async fn guard_elections(inner: std::sync::Weak<Inner>, stop: CancellationToken)
             allowed = allow;
             inner.raft.runtime_config().elect(allow);
             if allow {
-                tracing::info!("campaigning allowed again");
+                match off_since.take() {
+                    Some((since, true)) => tracing::info!(
+                        after = ?since.elapsed(),
+                        "campaigning allowed again"
+                    ),
+                    _ => tracing::debug!("campaigning allowed again"),
+                }
             } else {
-                tracing::warn!(
-                    voters = voters.len(),
-                    "no leader heard, and a majority of the voters is unreachable or still \
-                     hears one: not campaigning until that changes"
-                );
+                off_since = Some((Instant::now(), false));
+                tracing::debug!("not campaigning: no majority that hears no leader");
             }
+        }
+        if let Some((since, warned @ false)) = &mut off_since
+            && since.elapsed() >= STUCK
+        {
+            *warned = true;
+            tracing::warn!(
+                voters = voters.len(),
+                "not campaigning for {:?}: no leader heard, and a majority of the voters is \
+                 unreachable or still hears one (a node cut off from the cluster)",
+                since.elapsed()
+            );
         }
     }
 }
