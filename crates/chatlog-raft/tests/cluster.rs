@@ -168,6 +168,13 @@ impl Cluster {
         }
     }
 
+    /// The agreed leader, and a new chat of alice and bob created through it.
+    async fn leader_and_chat(&self) -> (NodeId, String) {
+        let leader = self.leader().await;
+        let chat = create_group(&self.node(leader).engine(), &["bob"]).await;
+        (leader, chat)
+    }
+
     /// Checks `acked` against the history of every running node.
     fn check_all(&self, chat: &str, acked: &HashMap<String, u64>) {
         for id in self.running() {
@@ -316,8 +323,7 @@ fn check_history(engine: &Engine, chat: &str, acked: &HashMap<String, u64>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill_under_load_loses_nothing_and_restarted_node_catches_up() {
     let c = Cluster::start(3, 100_000).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     let before = send_all(&c, &chat, "alice", "a", 50, Duration::from_secs(10)).await;
 
     // Concurrent senders through every node while the leader dies.
@@ -420,8 +426,7 @@ async fn leader_kill_under_load_loses_nothing_and_restarted_node_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn minority_partition_refuses_writes_and_heals() {
     let mut c = Cluster::start(3, 100_000).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     let mut acked = send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
 
     // Cut the leader off: it is the minority.
@@ -488,8 +493,7 @@ async fn minority_partition_refuses_writes_and_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wiped_node_catches_up_from_a_snapshot() {
     let mut c = Cluster::start(3, 50).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     let victim = c.running().into_iter().find(|id| *id != leader).unwrap();
     c.kill(victim).await;
     let acked = send_all(&c, &chat, "alice", "w", 300, Duration::from_secs(10)).await;
@@ -524,8 +528,7 @@ async fn wiped_node_catches_up_from_a_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lossy_slow_duplicating_links_lose_nothing() {
     let c = Cluster::start(3, 100_000).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     c.faults.set_delay_ms_max(15);
     c.faults.set_drop_per_mille(50);
     c.faults.set_duplicate_per_mille(50);
@@ -542,8 +545,7 @@ async fn lossy_slow_duplicating_links_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn asymmetric_partitions_lose_nothing() {
     let mut c = Cluster::start(3, 100_000).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     let mut acked = send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
     let others: Vec<NodeId> = c.running().into_iter().filter(|id| *id != leader).collect();
 
@@ -614,8 +616,7 @@ async fn send_pipelined(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pipelined_writes_through_one_node_commit_in_order() {
     let mut c = Cluster::start(3, 100_000).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     let follower = c.running().into_iter().find(|id| *id != leader).unwrap();
     for (node, prefix) in [(leader, "l"), (follower, "f")] {
         send_pipelined(&c.node(node).engine(), &chat, prefix, 300, &mut 0).await;
@@ -629,8 +630,7 @@ async fn pipelined_writes_through_one_node_commit_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pipelined_writes_through_a_follower_keep_their_order_on_a_reordering_network() {
     let mut c = Cluster::start(3, 100_000).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     let follower = c.running().into_iter().find(|id| *id != leader).unwrap();
     c.faults.set_delay_ms_max(8);
     c.faults.set_duplicate_per_mille(100);
@@ -655,8 +655,7 @@ async fn pipelined_writes_through_a_follower_keep_their_order_on_a_reordering_ne
 /// `faults.heal()`. Returns the cluster, the leader, that follower, the chat and its last seq.
 async fn a_follower_cut_off_from_the_last_writes() -> (Cluster, NodeId, NodeId, String, u64) {
     let c = Cluster::start(3, 100_000).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
     let lagging = c
         .running()
@@ -783,8 +782,7 @@ async fn a_stopping_leader_hands_its_role_to_the_caught_up_follower() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_of_five_hands_its_role_over_once_the_followers_leases_lapse() {
     let mut c = Cluster::start_with(5, 100_000, Some((2_000, 2_500))).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     let mut acked = send_all(&c, &chat, "alice", "a", 20, Duration::from_secs(10)).await;
     let term = c.node(leader).metrics().current_term;
     let handed = c
@@ -814,8 +812,7 @@ fn handed_to(result: Result<NodeId, String>) -> NodeId {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_off_follower_does_not_campaign_and_rejoins_without_an_election() {
     let mut c = Cluster::start(3, 100_000).await;
-    let leader = c.leader().await;
-    let chat = create_group(&c.node(leader).engine(), &["bob"]).await;
+    let (leader, chat) = c.leader_and_chat().await;
     let mut acked = send_all(&c, &chat, "alice", "a", 10, Duration::from_secs(10)).await;
     let term = c.node(leader).metrics().current_term;
     let others: Vec<NodeId> = c.running().into_iter().filter(|id| *id != leader).collect();

@@ -763,16 +763,7 @@ async fn a_device_moving_to_a_restarted_node_resumes_exactly_after_its_cursor() 
     let (mut nodes, peers) = start_cluster(dir.path()).await;
     kill(&mut nodes[2]);
     let mut owner = connect(nodes[0].client_port, "owner").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let chat = loop {
-        let r = call(&mut owner, 1, json!({"op":"create_chat","members":["bob"]}))
-            .await
-            .unwrap();
-        if let Some(chat) = r["result"]["chat"].as_str() {
-            break chat.to_owned();
-        }
-        assert!(Instant::now() < deadline, "{r}");
-    };
+    let chat = create_chat_retrying(&mut owner).await;
     // bob's device is known from the start: it starts at the chat's beginning.
     let mut bob = connect(nodes[0].client_port, "bob").await.unwrap();
     let mut last = 0;
@@ -960,6 +951,21 @@ async fn one_node_posts_the_push_webhook_counting_messages_received_on_any_node(
     }
 }
 
+/// A chat of `owner`'s connection and bob, asked again until the cluster takes it (it may
+/// still be electing, or missing a node).
+async fn create_chat_retrying(owner: &mut Ws) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = call(owner, 1, json!({"op":"create_chat","members":["bob"]}))
+            .await
+            .unwrap();
+        if let Some(chat) = r["result"]["chat"].as_str() {
+            return chat.to_owned();
+        }
+        assert!(Instant::now() < deadline, "{r}");
+    }
+}
+
 /// The leader node `port`'s `/healthz` names, or the whole answer if it names none.
 async fn leader_seen_by(port: u16) -> Result<u64, String> {
     let addr = ([127, 0, 0, 1], port).into();
@@ -984,16 +990,7 @@ async fn a_leader_stopped_with_sigterm_hands_its_role_over_first() {
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, _) = start_cluster(dir.path()).await;
     let mut owner = connect(nodes[0].client_port, "owner").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let chat = loop {
-        let r = call(&mut owner, 1, json!({"op":"create_chat","members":["bob"]}))
-            .await
-            .unwrap();
-        if let Some(chat) = r["result"]["chat"].as_str() {
-            break chat.to_owned();
-        }
-        assert!(Instant::now() < deadline, "{r}");
-    };
+    let chat = create_chat_retrying(&mut owner).await;
     drop(owner);
     let mut acked = Vec::new();
     for k in 0..20 {
