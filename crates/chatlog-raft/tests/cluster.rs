@@ -528,7 +528,7 @@ async fn wiped_node_catches_up_from_a_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lossy_slow_duplicating_links_lose_nothing() {
     let c = Cluster::start(3, 100_000).await;
-    let (leader, chat) = c.leader_and_chat().await;
+    let (_, chat) = c.leader_and_chat().await;
     c.faults.set_delay_ms_max(15);
     c.faults.set_drop_per_mille(50);
     c.faults.set_duplicate_per_mille(50);
