@@ -469,7 +469,11 @@ pub async fn serve_ready(
     let stop = cancel.clone();
     let departing = cluster.clone();
     tokio::spawn(async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            // Serving ended for another reason: let go of the node.
+            () = stop.cancelled() => return,
+        }
         // A leader first hands its role to a caught-up node, while its own clients are still
         // served (their writes forward to the new leader): writes pause for a few round trips
         // rather than an election timeout.
