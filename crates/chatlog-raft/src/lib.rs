@@ -86,4 +86,8 @@ pub mod gauges {
     /// On the leader, per other member (`peer` label): entries of the leader's log that it
     /// does not hold yet.
     pub const REPLICATION_LAG: &str = "chatlog_raft_replication_lag_entries";
+    /// 1 while this node may start elections, 0 while the election guard holds it back
+    /// (`node.rs::guard_elections`: it hears no leader and cannot reach a majority that hears
+    /// none). Set when it changes, not once a second.
+    pub const CAMPAIGNING_ALLOWED: &str = "chatlog_raft_campaigning_allowed";
 }
