@@ -88,6 +88,6 @@ pub mod gauges {
     pub const REPLICATION_LAG: &str = "chatlog_raft_replication_lag_entries";
     /// 1 while this node may start elections, 0 while the election guard holds it back
     /// (`node.rs::guard_elections`: it hears no leader and cannot reach a majority that hears
-    /// none). Set when it changes, not once a second.
+    /// none). Set at each of the guard's checks (10 a second by default).
     pub const CAMPAIGNING_ALLOWED: &str = "chatlog_raft_campaigning_allowed";
 }

@@ -1300,8 +1300,6 @@ async fn guard_elections(inner: std::sync::Weak<Inner>, stop: CancellationToken)
     // heard it); off for longer than `STUCK` means this node is cut off.
     const STUCK: Duration = Duration::from_secs(2);
     let mut off_since: Option<(Instant, bool)> = None;
-    let gauge = metrics::gauge!(crate::gauges::CAMPAIGNING_ALLOWED);
-    gauge.set(1.0);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1345,7 +1343,6 @@ async fn guard_elections(inner: std::sync::Weak<Inner>, stop: CancellationToken)
         if allow != allowed {
             allowed = allow;
             inner.raft.runtime_config().elect(allow);
-            gauge.set(f64::from(u8::from(allow)));
             if allow {
                 match off_since.take() {
                     Some((since, true)) => tracing::info!(
@@ -1359,6 +1356,9 @@ async fn guard_elections(inner: std::sync::Weak<Inner>, stop: CancellationToken)
                 tracing::debug!("not campaigning: no majority that hears no leader");
             }
         }
+        // Looked up each time: the embedding server installs its recorder after the node
+        // starts.
+        metrics::gauge!(crate::gauges::CAMPAIGNING_ALLOWED).set(f64::from(u8::from(allowed)));
         if let Some((since, warned @ false)) = &mut off_since
             && since.elapsed() >= STUCK
         {
