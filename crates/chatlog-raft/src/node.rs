@@ -1308,38 +1308,9 @@ async fn guard_elections(inner: std::sync::Weak<Inner>, stop: CancellationToken)
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let m = inner.raft.metrics().borrow().clone();
-        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-        let allow = if m.current_leader == Some(inner.id)
-            || voters.len() < 2
-            || !voters.contains(&inner.id)
-            || inner.heard_from_leader_within(window)
-        {
-            true
-        } else {
-            let asks = voters.iter().filter(|v| **v != inner.id).map(|&v| {
-                let client = inner.client.clone();
-                let addr = address_of(&m, v);
-                async move {
-                    let Some(addr) = addr else { return false };
-                    match client
-                        .call::<(), bool>(v, &addr, Route::Ping, &(), window / 2)
-                        .await
-                    {
-                        Ok(hears_a_leader) => !hears_a_leader,
-                        // An older build refuses the route.
-                        Err(crate::network::SendError::Protocol { .. }) => true,
-                        Err(_) => false,
-                    }
-                }
-            });
-            let would_vote = 1 + futures_util::future::join_all(asks)
-                .await
-                .into_iter()
-                .filter(|yes| *yes)
-                .count();
-            would_vote > voters.len() / 2
-        };
+        // The same rule this node answers a `Ping` with: a node that leads or follows a live
+        // leader may campaign (its timer fires only once it hears from no one).
+        let allow = inner.hears_a_leader() || majority_hears_no_leader(&inner).await;
         if allow != allowed {
             allowed = allow;
             inner.raft.runtime_config().elect(allow);
@@ -1364,13 +1335,45 @@ async fn guard_elections(inner: std::sync::Weak<Inner>, stop: CancellationToken)
         {
             *warned = true;
             tracing::warn!(
-                voters = voters.len(),
                 "not campaigning for {:?}: no leader heard, and a majority of the voters is \
                  unreachable or still hears one (a node cut off from the cluster)",
                 since.elapsed()
             );
         }
     }
+}
+
+/// Whether enough other voters answer a [`Route::Ping`] within half the guard's window that
+/// they hear no leader to make a majority with this node (a Raft pre-vote's question). True
+/// with a single voter, and on a node that is not a voter (it never campaigns).
+async fn majority_hears_no_leader(inner: &Inner) -> bool {
+    let m = inner.raft.metrics().borrow().clone();
+    let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+    if voters.len() < 2 || !voters.contains(&inner.id) {
+        return true;
+    }
+    let asks = voters.iter().filter(|v| **v != inner.id).map(|&v| {
+        let addr = address_of(&m, v);
+        async move {
+            let Some(addr) = addr else { return false };
+            match inner
+                .client
+                .call::<(), bool>(v, &addr, Route::Ping, &(), inner.guard_window / 2)
+                .await
+            {
+                Ok(hears_a_leader) => !hears_a_leader,
+                // An older build refuses the route.
+                Err(crate::network::SendError::Protocol { .. }) => true,
+                Err(_) => false,
+            }
+        }
+    });
+    let would_vote = 1 + futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .filter(|yes| *yes)
+        .count();
+    would_vote > voters.len() / 2
 }
 
 /// Records when node `id` becomes the leader (openraft's server metrics change only with the
