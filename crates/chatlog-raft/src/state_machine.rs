@@ -44,15 +44,50 @@ struct Marker {
 /// current snapshot only when there is no `snapshot.current` (a node snapshotted by an
 /// earlier version).
 ///
-/// Replacing the current snapshot and reading it take one lock, so a reader never sees the
+/// Replacing the current snapshot and naming it take one lock, so a reader never sees the
 /// moment between two snapshots. It did once: openraft asks for the current snapshot to send
 /// to a follower behind the purged log, and a missing one is a fatal storage error (the
 /// leader's Raft core quit with "when Read Snapshot(None): snapshot not found" in
 /// `wiped_node_catches_up_from_a_snapshot`, under load, while the next snapshot was saved).
+///
+/// A snapshot handed out stays readable after it is replaced: its directory is a
+/// [`SnapshotDir`] every holder shares, removed when the last one lets go. openraft reads a
+/// snapshot a while after asking for it (a replication stream in backoff towards a dead
+/// follower), and a failed read is as fatal: the leader's Raft core quit with "snapshot ... was
+/// replaced by a newer one before it was read" in the same test, when it still removed the
+/// directory at once.
 #[derive(Debug)]
 pub(crate) struct SnapshotFiles {
     dir: PathBuf,
-    lock: Mutex<()>,
+    /// The current snapshot's directory, once saved or handed out.
+    current: Mutex<Option<Arc<SnapshotDir>>>,
+}
+
+/// A snapshot directory, removed when it has been replaced and its last holder lets it go.
+#[derive(Debug)]
+pub(crate) struct SnapshotDir {
+    name: String,
+    path: PathBuf,
+    replaced: std::sync::atomic::AtomicBool,
+}
+
+impl SnapshotDir {
+    fn new(root: &Path, name: &str) -> Arc<SnapshotDir> {
+        Arc::new(SnapshotDir {
+            name: name.to_owned(),
+            path: root.join(name),
+            replaced: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+impl Drop for SnapshotDir {
+    fn drop(&mut self) {
+        if self.replaced.load(std::sync::atomic::Ordering::Acquire) {
+            // Left behind on failure, `SnapshotFiles::clean` removes it at the next open.
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 type Meta = SnapshotMeta<u64, openraft::BasicNode>;
@@ -60,8 +95,8 @@ type Meta = SnapshotMeta<u64, openraft::BasicNode>;
 /// Where a snapshot's bundle comes from.
 #[derive(Debug, Clone)]
 pub(crate) enum BundleSource {
-    /// A snapshot directory (`snapshot-<id>-<stamp>`), packed when read.
-    Dir(String),
+    /// A snapshot directory (`snapshot-<id>-<stamp>`), packed when read; kept while held.
+    Dir(Arc<SnapshotDir>),
     /// An exported bundle (`snapshot.data`).
     Exported,
 }
@@ -76,12 +111,28 @@ impl SnapshotFiles {
     fn new(dir: &Path) -> SnapshotFiles {
         SnapshotFiles {
             dir: dir.to_path_buf(),
-            lock: Mutex::new(()),
+            current: Mutex::new(None),
         }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Arc<SnapshotDir>>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The shared handle of directory `name`, the current snapshot's (the lock held).
+    fn handle(held: &mut Option<Arc<SnapshotDir>>, root: &Path, name: &str) -> Arc<SnapshotDir> {
+        match held {
+            Some(dir) if dir.name == name => dir.clone(),
+            _ => {
+                let dir = SnapshotDir::new(root, name);
+                if let Some(old) = held.replace(dir.clone()) {
+                    // Named no more (`snapshot.current` was changed under us).
+                    old.replaced
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
+                dir
+            }
+        }
     }
 
     /// The current snapshot's meta and directory name (the lock held).
@@ -96,9 +147,9 @@ impl SnapshotFiles {
     }
 
     /// Makes `built`, a finished checkpoint directory under this directory, the current
-    /// snapshot, and removes the one before.
+    /// snapshot, and removes the one before once nobody reads it.
     fn save(&self, meta: &Meta, built: &Path) -> std::io::Result<BundleSource> {
-        let _held = self.held();
+        let mut held = self.held();
         let previous = self.current_locked()?;
         // Unique even when a restarted node builds a snapshot with an earlier id again.
         let stamp = std::time::SystemTime::now()
@@ -109,22 +160,36 @@ impl SnapshotFiles {
         std::fs::File::open(&self.dir)?.sync_all()?;
         let named = postcard::to_allocvec(&(meta, &name)).map_err(|e| other(e.to_string()))?;
         write_atomic(&self.dir.join(CURRENT_SNAPSHOT), &named)?;
-        if let Some((_, old)) = previous.filter(|(_, old)| *old != name) {
-            let _ = std::fs::remove_dir_all(self.dir.join(old));
+        let dir = SnapshotDir::new(&self.dir, &name);
+        match held.replace(dir.clone()) {
+            // Removed when its last reader lets go (now, if there is none).
+            Some(old) => old
+                .replaced
+                .store(true, std::sync::atomic::Ordering::Release),
+            // Never handed out.
+            None => {
+                if let Some((_, old)) = previous.filter(|(_, old)| *old != name) {
+                    let _ = std::fs::remove_dir_all(self.dir.join(old));
+                }
+            }
         }
-        Ok(BundleSource::Dir(name))
+        Ok(BundleSource::Dir(dir))
     }
 
     /// The current snapshot's meta and where its bundle comes from, without packing it:
     /// its directory, or an earlier version's exported bundle.
     pub(crate) fn current(&self) -> std::io::Result<Option<(Meta, BundleSource)>> {
-        let _held = self.held();
-        self.current_source_locked()
+        let mut held = self.held();
+        self.current_source_locked(&mut held)
     }
 
-    fn current_source_locked(&self) -> std::io::Result<Option<(Meta, BundleSource)>> {
+    fn current_source_locked(
+        &self,
+        held: &mut Option<Arc<SnapshotDir>>,
+    ) -> std::io::Result<Option<(Meta, BundleSource)>> {
         if let Some((meta, name)) = self.current_locked()? {
-            return Ok(Some((meta, BundleSource::Dir(name))));
+            let dir = Self::handle(held, &self.dir, &name);
+            return Ok(Some((meta, BundleSource::Dir(dir))));
         }
         let meta = match std::fs::read(self.dir.join(EXPORTED_META)) {
             Ok(b) => b,
@@ -137,27 +202,22 @@ impl SnapshotFiles {
     }
 
     /// The bundle of a snapshot [`SnapshotFiles::current`] named: its directory packed into
-    /// a temporary file (removed once the handle closes), or the exported file. Fails if
-    /// the snapshot was replaced meanwhile (its directory is gone).
+    /// a temporary file (removed once the handle closes), or the exported file. The
+    /// directory stays while `source` holds it, replaced or not, so no lock is taken: a
+    /// save does not wait for a packing.
     pub(crate) fn open_bundle(&self, source: &BundleSource) -> std::io::Result<std::fs::File> {
-        let _held = self.held();
-        self.open_bundle_locked(source)
-    }
-
-    fn open_bundle_locked(&self, source: &BundleSource) -> std::io::Result<std::fs::File> {
-        let name = match source {
+        let dir = match source {
             BundleSource::Exported => return std::fs::File::open(self.dir.join(EXPORTED_DATA)),
-            BundleSource::Dir(name) => name,
+            BundleSource::Dir(dir) => &dir.path,
         };
-        let dir = self.dir.join(name);
         if !dir.is_dir() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("snapshot {name} was replaced by a newer one before it was read"),
+                format!("snapshot directory {} is missing", dir.display()),
             ));
         }
         let mut file = empty_file(&self.dir)?;
-        pack(&dir, &mut file)?;
+        pack(dir, &mut file)?;
         file.seek(std::io::SeekFrom::Start(0))?;
         Ok(file)
     }
@@ -165,27 +225,26 @@ impl SnapshotFiles {
     /// The current snapshot's meta and bundle (packed now).
     #[cfg(test)]
     fn load(&self) -> std::io::Result<Option<(Meta, std::fs::File)>> {
-        let _held = self.held();
-        match self.current_source_locked()? {
+        match self.current()? {
             None => Ok(None),
-            Some((meta, source)) => Ok(Some((meta, self.open_bundle_locked(&source)?))),
+            Some((meta, source)) => Ok(Some((meta, self.open_bundle(&source)?))),
         }
     }
 
     /// Writes the current snapshot as `snapshot.data` (its bundle) and `snapshot.meta`;
     /// returns its meta, or `None` if there is no snapshot.
     fn export(&self) -> std::io::Result<Option<Meta>> {
-        let _held = self.held();
-        let (meta, name) = match self.current_source_locked()? {
+        let mut held = self.held();
+        let (meta, dir) = match self.current_source_locked(&mut held)? {
             None => return Ok(None),
             // Already exported (the current snapshot of an earlier version).
             Some((meta, BundleSource::Exported)) => return Ok(Some(meta)),
-            Some((meta, BundleSource::Dir(name))) => (meta, name),
+            Some((meta, BundleSource::Dir(dir))) => (meta, dir),
         };
         let tmp = self.dir.join(format!("{EXPORTED_DATA}.tmp"));
         {
             let mut out = std::fs::File::create(&tmp)?;
-            pack(&self.dir.join(name), &mut out)?;
+            pack(&dir.path, &mut out)?;
             out.sync_all()?;
         }
         std::fs::rename(&tmp, self.dir.join(EXPORTED_DATA))?;
@@ -800,8 +859,9 @@ mod tests {
     }
 
     /// While snapshots are replaced, a reader always finds one, and its bundle is the one its
-    /// meta names; replaced snapshots' directories are removed. It fails without the lock:
-    /// the reader then packs a directory the writer is removing, or finds none.
+    /// meta names; replaced snapshots' directories are removed. It fails without the lock
+    /// (the reader finds none) or without the shared handle (it packs a directory the writer
+    /// is removing).
     #[test]
     fn the_snapshot_is_never_missing_while_it_is_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -844,6 +904,46 @@ mod tests {
             })
             .count();
         assert_eq!(snapshot_dirs, 1, "replaced snapshots are removed");
+    }
+
+    /// A snapshot handed out is still read whole after newer ones replaced it (openraft
+    /// reads it a while after asking: a replication stream in backoff), and its directory is
+    /// removed when the last holder lets go. Removing it at once failed the read, which
+    /// stopped the leader's Raft core.
+    #[test]
+    fn a_replaced_snapshot_stays_readable_while_it_is_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = SnapshotFiles::new(dir.path());
+        files.save(&meta(1), &built(dir.path(), 1)).unwrap();
+        let (m, held) = files.current().unwrap().expect("snapshot 1");
+        assert_eq!(m.snapshot_id, "1");
+        let held_twice = held.clone();
+        files.save(&meta(2), &built(dir.path(), 2)).unwrap();
+        files.save(&meta(3), &built(dir.path(), 3)).unwrap();
+        let snapshot_dirs = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("snapshot-"))
+                .collect();
+            names.sort();
+            names
+        };
+        // 2 was never handed out: gone at once. 1 is held, 3 is current.
+        assert_eq!(snapshot_dirs().len(), 2, "{:?}", snapshot_dirs());
+        let bundle = files
+            .open_bundle(&held)
+            .expect("the replaced snapshot is read");
+        assert_eq!(unpacked_id(bundle, &dir.path().join("read-1")), 1);
+        drop(held);
+        assert_eq!(snapshot_dirs().len(), 2, "a holder is left");
+        drop(held_twice);
+        let left = snapshot_dirs();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].starts_with("snapshot-3-"), "{left:?}");
+        let (m, current) = files.load().unwrap().expect("snapshot 3");
+        assert_eq!(m.snapshot_id, "3");
+        assert_eq!(unpacked_id(current, &dir.path().join("read-3")), 3);
     }
 
     /// The export writes the current snapshot as a bundle `restore_bundle` reads, and a
