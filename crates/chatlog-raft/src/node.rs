@@ -1169,6 +1169,28 @@ impl ClusterNode {
         handed
     }
 
+    /// Resolves when this node's Raft core has quit on its own, with why: a storage error
+    /// (the disk failed under the Raft log or the engine, or a snapshot could not be read)
+    /// or a panic. Stays pending while it runs, and after a [`ClusterNode::shutdown`].
+    /// Such a node can no longer write, vote or learn of writes, while it would still serve
+    /// reads of its applied state: the server stops on it, so that a supervisor restarts
+    /// the node from its disk.
+    pub async fn failed(&self) -> String {
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            let state = metrics.borrow_and_update().running_state.clone();
+            match state {
+                Ok(()) => {}
+                // Stopped on request.
+                Err(openraft::error::Fatal::Stopped) => return std::future::pending().await,
+                Err(fatal) => return fatal.to_string(),
+            }
+            if metrics.changed().await.is_err() {
+                return "the Raft core ended without reporting why (it panicked)".into();
+            }
+        }
+    }
+
     /// Stops Raft and the peer server.
     pub async fn shutdown(&self) {
         let _ = self.inner.raft.shutdown().await;

@@ -79,6 +79,10 @@ pub enum ServerError {
     /// Serving failed.
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The cluster node's Raft core quit on its own (a storage error, a panic); the server
+    /// stopped so that the node restarts from its disk.
+    #[error("the Raft core stopped: {0}")]
+    Raft(String),
 }
 
 /// State shared by every handler and connection.
@@ -103,6 +107,8 @@ pub struct App {
     pub send_latency: ::metrics::Histogram,
     /// Cancelled when the server shuts down.
     pub cancel: CancellationToken,
+    /// Why the cluster node's Raft core quit on its own, once it has (the server then stops).
+    raft_failure: Arc<std::sync::OnceLock<String>>,
     connections: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     tracker: TaskTracker,
@@ -266,6 +272,11 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     if let Some(why) = app.engine().failure() {
         return unavailable(format!("storage failed; writes are refused: {why}\n"));
     }
+    if let Some(why) = app.raft_failure.get() {
+        return unavailable(format!(
+            "the Raft core stopped, the node is stopping (restart it): {why}\n"
+        ));
+    }
     if app.cancel.is_cancelled() {
         return unavailable("shutting down\n".into());
     }
@@ -412,6 +423,7 @@ pub async fn serve_ready(
         webhook::Webhook::start(url, config.push_interval_ms, engine.config().clock.clone())
     });
     let cancel = CancellationToken::new();
+    let raft_failure = Arc::new(std::sync::OnceLock::new());
     let auth = auth::Auth::new(config.auth_secret.as_bytes()).map_err(ServerError::Config)?;
     let app = Arc::new(App {
         auth,
@@ -424,6 +436,7 @@ pub async fn serve_ready(
         metrics: metrics::install(),
         send_latency: ::metrics::histogram!(metrics::SEND_LATENCY),
         cancel: cancel.clone(),
+        raft_failure: raft_failure.clone(),
         connections: AtomicUsize::new(0),
         per_ip: Mutex::new(HashMap::new()),
         tracker: TaskTracker::new(),
@@ -485,6 +498,23 @@ pub async fn serve_ready(
         }
         stop.cancel();
     });
+    // A node whose Raft core quit (a storage error, a panic) can neither write nor learn of
+    // writes, yet would serve stale reads: stop, closing clients with 1001 so that they
+    // reconnect to another node, and exit with an error so that a supervisor restarts the
+    // node from its disk (a transient fault heals; a failed disk keeps it down, visibly).
+    let failure_task = cluster.clone().map(|node| {
+        let (stop, failure) = (cancel.clone(), raft_failure.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                why = node.failed() => {
+                    tracing::error!(%why, "the Raft core stopped; stopping the server");
+                    let _ = failure.set(why);
+                    stop.cancel();
+                }
+                () = stop.cancelled() => {}
+            }
+        })
+    });
     let header_read_timeout = Duration::from_millis(app.config.header_read_timeout_ms);
     serve_http(listener, router(app.clone()), header_read_timeout, &cancel).await;
     // Stop accepting happened above; now every connection finishes its in-flight requests
@@ -495,7 +525,10 @@ pub async fn serve_ready(
     app.tracker.wait().await;
     limiter_task.abort();
     presence_task.abort();
-    for t in [gossip_task, repair_task].into_iter().flatten() {
+    for t in [gossip_task, repair_task, failure_task]
+        .into_iter()
+        .flatten()
+    {
         t.abort();
     }
     let _ = presence_task.await;
@@ -516,7 +549,10 @@ pub async fn serve_ready(
     })
     .await
     .map_err(std::io::Error::other)?;
-    Ok(())
+    match raft_failure.get() {
+        Some(why) => Err(ServerError::Raft(why.clone())),
+        None => Ok(()),
+    }
 }
 
 /// Cluster presence: sends this node's presence changes at once and its full online list

@@ -10,7 +10,8 @@ mod common;
 use std::sync::Arc;
 
 use chatlog::io::fault::{Crash, FaultFs, Faults};
-use chatlog_server::ServerConfig;
+use chatlog_server::config::ClusterSettings;
+use chatlog_server::{ServerConfig, ServerError};
 use common::{Client, TestServer};
 use serde_json::{Value, json};
 
@@ -207,6 +208,79 @@ async fn failing_reads_answer_unavailable_and_healthz_says_so_until_they_work_ag
     let server = TestServer::start_in(dir, on(&fs.crash(Crash::PowerLoss))).await;
     let mut alice = server.connect("alice").await;
     alice.synced().await;
+    check_history(&alice.all_events(&chat).await, &acked);
+    server.stop().await;
+}
+
+/// A cluster node (one voter here) whose engine fails under it: applying the next entry fails,
+/// which stops its Raft core for good. The node then neither writes nor learns of writes, yet
+/// would serve stale reads, so the server stops (clients closed with 1001) and `serve` returns
+/// an error naming the fault: the binary exits 1 and a supervisor restarts it. Restarted on
+/// what the process left on disk, it holds every acknowledged message, the refused one at
+/// most once. Without the server's watch on the Raft core it kept running and this test
+/// timed out waiting for it to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_whose_raft_core_stops_exits_and_restarts_from_its_disk() {
+    let fs = FaultFs::new();
+    let peer = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let settings = ClusterSettings {
+        node_id: 1,
+        peers: [(1, peer.to_string())].into(),
+        peer_listen: peer,
+        write_timeout_ms: 3000,
+        snapshot_every: 100_000,
+        join: false,
+    };
+    let cluster_on = |fs: &FaultFs| {
+        let (on, settings) = (on(fs), settings.clone());
+        move |c: &mut ServerConfig| {
+            on(c);
+            c.cluster = Some(settings);
+        }
+    };
+    let server = TestServer::start_with(cluster_on(&fs)).await;
+    let mut alice = server.connect("alice").await;
+    alice.synced().await;
+    let chat = alice.create(&["bob"], "disk").await;
+    let mut acked = Vec::new();
+    for i in 0..ACKED {
+        acked.push(send_acked(&mut alice, &chat, &format!("a{i}")).await);
+    }
+
+    fs.set_faults(Faults {
+        short_write_bytes: Some(7),
+        ..Faults::default()
+    });
+    // Answered `unavailable`, unless the server closes the connection first.
+    if let Some(reply) = alice
+        .try_call(json!({"op": "send", "chat": chat, "cmid": "doomed", "body": "lost?"}))
+        .await
+    {
+        assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    }
+    fs.set_faults(Faults::default());
+    let (result, dir) = server.ended().await;
+    match result {
+        Err(ServerError::Raft(why)) => {
+            assert!(why.contains("injected EIO on write"), "{why}")
+        }
+        other => panic!("the server should stop on the Raft core's failure: {other:?}"),
+    }
+
+    let server = TestServer::start_in(dir, cluster_on(&fs.crash(Crash::Process))).await;
+    let mut alice = server.connect("alice").await;
+    alice.synced().await;
+    check_history(&alice.all_events(&chat).await, &acked);
+    // The refused send is safe to retry with its cmid: one event, whether the restart
+    // applied it (it was in the Raft log) or the retry wrote it.
+    let retried = send_acked(&mut alice, &chat, "doomed").await;
+    let events = alice.all_events(&chat).await;
+    let doomed: Vec<&Value> = events.iter().filter(|e| e["cmid"] == "doomed").collect();
+    assert_eq!(doomed.len(), 1, "{events:?}");
+    assert_eq!(doomed[0]["seq"], retried.seq, "{events:?}");
+    acked.push(send_acked(&mut alice, &chat, "after").await);
     check_history(&alice.all_events(&chat).await, &acked);
     server.stop().await;
 }

@@ -87,6 +87,17 @@ impl TestServer {
         format!("ws://{}/v1/ws", self.addr)
     }
 
+    /// Waits (up to [`WAIT`]) for the server to stop by itself; its result and the data
+    /// directory.
+    pub async fn ended(mut self) -> (Result<(), chatlog_server::ServerError>, tempfile::TempDir) {
+        let result = tokio::time::timeout(WAIT, self.task.take().unwrap())
+            .await
+            .expect("the server stops by itself in time")
+            .unwrap();
+        let TestServer { dir, .. } = self;
+        (result, dir)
+    }
+
     /// Graceful stop; returns the data directory for a restart.
     pub async fn stop(mut self) -> tempfile::TempDir {
         let _ = self.stop.take().unwrap().send(());
@@ -309,15 +320,20 @@ impl Client {
     }
 
     /// Sends a request and returns the whole reply frame (`result` or `error`).
-    pub async fn call(&mut self, mut request: Value) -> Value {
+    pub async fn call(&mut self, request: Value) -> Value {
+        self.try_call(request).await.expect("reply before close")
+    }
+
+    /// `call`; `None` if the connection closes before the reply.
+    pub async fn try_call(&mut self, mut request: Value) -> Option<Value> {
         self.next_id += 1;
         let id = self.next_id;
         request["id"] = json!(id);
         self.send_raw(&request.to_string()).await;
         loop {
-            let v = self.recv().await.expect("reply before close");
+            let v = self.recv().await?;
             if v.get("id") == Some(&json!(id)) {
-                return v;
+                return Some(v);
             }
             self.pushes.push_back(v);
         }
