@@ -1,9 +1,12 @@
 //! Basic behaviour of the segment log on the real file system.
 
+mod common;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
 use chatlog::{Durability, Error, Log, LogConfig, Preallocate, RecoveryMode};
+use common::copy_dir;
 
 fn small_config() -> LogConfig {
     LogConfig {
@@ -441,16 +444,6 @@ fn log_of_300(dir: &std::path::Path) -> Log {
         log.append(entry(i)).unwrap();
     }
     log
-}
-
-/// Copies a log directory file by file (what a snapshot's pack and unpack do), so the copy
-/// shares nothing with the original.
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
 }
 
 /// `copy_through` makes a directory holding exactly the entries up to the index it was
