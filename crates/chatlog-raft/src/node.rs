@@ -1175,17 +1175,23 @@ impl ClusterNode {
     /// Such a node can no longer write, vote or learn of writes, while it would still serve
     /// reads of its applied state: the server stops on it, so that a supervisor restarts
     /// the node from its disk.
+    ///
+    /// Checked every [`FAILURE_CHECK`]: openraft's metrics change at every commit and
+    /// apply, and a task woken by each change would cost a thread wake-up each time.
     pub async fn failed(&self) -> String {
-        let mut metrics = self.inner.raft.metrics();
+        let metrics = self.inner.raft.metrics();
+        let mut tick = tokio::time::interval(FAILURE_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let state = metrics.borrow_and_update().running_state.clone();
+            tick.tick().await;
+            let state = metrics.borrow().running_state.clone();
             match state {
                 Ok(()) => {}
                 // Stopped on request.
                 Err(openraft::error::Fatal::Stopped) => return std::future::pending().await,
                 Err(fatal) => return fatal.to_string(),
             }
-            if metrics.changed().await.is_err() {
+            if metrics.has_changed().is_err() {
                 return "the Raft core ended without reporting why (it panicked)".into();
             }
         }
@@ -1200,6 +1206,9 @@ impl ClusterNode {
         }
     }
 }
+
+/// How often [`ClusterNode::failed`] looks at the Raft core's state.
+const FAILURE_CHECK: Duration = Duration::from_millis(250);
 
 /// The replication address of node `id` in the membership `metrics` show.
 fn address_of(metrics: &openraft::RaftMetrics<NodeId, BasicNode>, id: NodeId) -> Option<String> {
