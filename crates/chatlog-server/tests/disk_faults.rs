@@ -56,6 +56,18 @@ async fn send_acked(c: &mut Client, chat: &str, cmid: &str) -> Acked {
     }
 }
 
+/// alice, a chat of hers with bob, and [`ACKED`] sends acknowledged in it.
+async fn acked_before_the_fault(server: &TestServer) -> (Client, String, Vec<Acked>) {
+    let mut alice = server.connect("alice").await;
+    alice.synced().await;
+    let chat = alice.create(&["bob"], "disk").await;
+    let mut acked = Vec::new();
+    for i in 0..ACKED {
+        acked.push(send_acked(&mut alice, &chat, &format!("a{i}")).await);
+    }
+    (alice, chat, acked)
+}
+
 /// Every acknowledged message is in history at its seq with its ts and body; seqs are gapless
 /// and no cmid appears twice.
 fn check_history(events: &[Value], acked: &[Acked]) {
@@ -79,13 +91,7 @@ fn check_history(events: &[Value], acked: &[Acked]) {
 async fn write_fault(faults: Faults, reason: &str) {
     let fs = FaultFs::new();
     let server = TestServer::start_with(on(&fs)).await;
-    let mut alice = server.connect("alice").await;
-    alice.synced().await;
-    let chat = alice.create(&["bob"], "disk").await;
-    let mut acked = Vec::new();
-    for i in 0..ACKED {
-        acked.push(send_acked(&mut alice, &chat, &format!("a{i}")).await);
-    }
+    let (mut alice, chat, mut acked) = acked_before_the_fault(&server).await;
     assert_eq!(healthz(&server).await.0, 200);
 
     fs.set_faults(faults);
@@ -173,13 +179,7 @@ async fn a_full_disk_answers_unavailable_and_loses_nothing_acknowledged() {
 async fn failing_reads_answer_unavailable_and_healthz_says_so_until_they_work_again() {
     let fs = FaultFs::new();
     let server = TestServer::start_with(on(&fs)).await;
-    let mut alice = server.connect("alice").await;
-    alice.synced().await;
-    let chat = alice.create(&["bob"], "disk").await;
-    let mut acked = Vec::new();
-    for i in 0..ACKED {
-        acked.push(send_acked(&mut alice, &chat, &format!("a{i}")).await);
-    }
+    let (mut alice, chat, mut acked) = acked_before_the_fault(&server).await;
 
     fs.set_faults(Faults {
         fail_reads: true,
@@ -241,13 +241,7 @@ async fn a_cluster_node_whose_raft_core_stops_exits_and_restarts_from_its_disk()
         }
     };
     let server = TestServer::start_with(cluster_on(&fs)).await;
-    let mut alice = server.connect("alice").await;
-    alice.synced().await;
-    let chat = alice.create(&["bob"], "disk").await;
-    let mut acked = Vec::new();
-    for i in 0..ACKED {
-        acked.push(send_acked(&mut alice, &chat, &format!("a{i}")).await);
-    }
+    let (mut alice, chat, mut acked) = acked_before_the_fault(&server).await;
 
     fs.set_faults(Faults {
         short_write_bytes: Some(7),
