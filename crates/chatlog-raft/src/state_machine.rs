@@ -126,7 +126,7 @@ impl SnapshotFiles {
             _ => {
                 let dir = SnapshotDir::new(root, name);
                 if let Some(old) = held.replace(dir.clone()) {
-                    // Named no more (`snapshot.current` was changed under us).
+                    // Named no more: replaced by a save (or `snapshot.current` changed).
                     old.replaced
                         .store(true, std::sync::atomic::Ordering::Release);
                 }
@@ -160,18 +160,12 @@ impl SnapshotFiles {
         std::fs::File::open(&self.dir)?.sync_all()?;
         let named = postcard::to_allocvec(&(meta, &name)).map_err(|e| other(e.to_string()))?;
         write_atomic(&self.dir.join(CURRENT_SNAPSHOT), &named)?;
-        let dir = SnapshotDir::new(&self.dir, &name);
-        match held.replace(dir.clone()) {
-            // Removed when its last reader lets go (now, if there is none).
-            Some(old) => old
-                .replaced
-                .store(true, std::sync::atomic::Ordering::Release),
-            // Never handed out.
-            None => {
-                if let Some((_, old)) = previous.filter(|(_, old)| *old != name) {
-                    let _ = std::fs::remove_dir_all(self.dir.join(old));
-                }
-            }
+        // A handed-out predecessor is marked replaced and goes with its last holder (now, if
+        // there is none); one never handed out is removed here.
+        let handed_out = held.is_some();
+        let dir = Self::handle(&mut held, &self.dir, &name);
+        if !handed_out && let Some((_, old)) = previous.filter(|(_, old)| *old != name) {
+            let _ = std::fs::remove_dir_all(self.dir.join(old));
         }
         Ok(BundleSource::Dir(dir))
     }
