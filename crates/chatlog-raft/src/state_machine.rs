@@ -838,6 +838,17 @@ mod tests {
         dir
     }
 
+    /// The names of the snapshot directories under `root`, sorted.
+    fn snapshot_dirs(root: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("snapshot-"))
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Unpacks a loaded bundle and returns the snapshot id its files hold.
     fn unpacked_id(bundle: std::fs::File, into: &Path) -> u64 {
         unpack(std::io::BufReader::new(bundle), into).expect("the bundle unpacks");
@@ -887,17 +898,8 @@ mod tests {
         }
         writer.join().expect("writer");
         assert!(reads > 0);
-        let snapshot_dirs = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("snapshot-")
-            })
-            .count();
-        assert_eq!(snapshot_dirs, 1, "replaced snapshots are removed");
+        let left = snapshot_dirs(dir.path());
+        assert_eq!(left.len(), 1, "replaced snapshots are removed: {left:?}");
     }
 
     /// A snapshot handed out is still read whole after newer ones replaced it (openraft
@@ -914,15 +916,7 @@ mod tests {
         let held_twice = held.clone();
         files.save(&meta(2), &built(dir.path(), 2)).unwrap();
         files.save(&meta(3), &built(dir.path(), 3)).unwrap();
-        let snapshot_dirs = || {
-            let mut names: Vec<String> = std::fs::read_dir(dir.path())
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("snapshot-"))
-                .collect();
-            names.sort();
-            names
-        };
+        let snapshot_dirs = || snapshot_dirs(dir.path());
         // 2 was never handed out: gone at once. 1 is held, 3 is current.
         assert_eq!(snapshot_dirs().len(), 2, "{:?}", snapshot_dirs());
         let bundle = files
