@@ -87,12 +87,12 @@ impl TestServer {
         format!("ws://{}/v1/ws", self.addr)
     }
 
-    /// Waits (up to [`WAIT`]) for the server to stop by itself; its result and the data
-    /// directory.
+    /// Waits (up to [`WAIT`]) for the server to stop (by itself, or after [`TestServer::stop`]
+    /// asked it to); its result and the data directory.
     pub async fn ended(mut self) -> (Result<(), chatlog_server::ServerError>, tempfile::TempDir) {
         let result = tokio::time::timeout(WAIT, self.task.take().unwrap())
             .await
-            .expect("the server stops by itself in time")
+            .expect("the server stops in time")
             .unwrap();
         let TestServer { dir, .. } = self;
         (result, dir)
@@ -101,12 +101,8 @@ impl TestServer {
     /// Graceful stop; returns the data directory for a restart.
     pub async fn stop(mut self) -> tempfile::TempDir {
         let _ = self.stop.take().unwrap().send(());
-        let result = tokio::time::timeout(WAIT, self.task.take().unwrap())
-            .await
-            .expect("server stops in time")
-            .unwrap();
+        let (result, dir) = self.ended().await;
         result.unwrap();
-        let TestServer { dir, .. } = self;
         dir
     }
 
