@@ -336,22 +336,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A client frame, masked with `key`.
+    /// A client frame, masked with `key` (tungstenite's encoder, so the tests do not share
+    /// the reader's reading of the format).
     fn frame(fin: bool, opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-        let mut f = vec![(u8::from(fin) << 7) | opcode];
-        let len = payload.len();
-        if len < 126 {
-            f.push(0x80 | len as u8);
-        } else if len <= 0xffff {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        f.extend_from_slice(&key);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        f
+        use tungstenite::protocol::frame::{Frame, FrameHeader, coding::OpCode};
+        let header = FrameHeader {
+            is_final: fin,
+            opcode: OpCode::from(opcode),
+            mask: Some(key),
+            ..FrameHeader::default()
+        };
+        let mut out = Vec::new();
+        Frame::from_payload(header, bytes::Bytes::copy_from_slice(payload))
+            .format(&mut out)
+            .expect("a Vec takes any frame");
+        out
     }
 
     /// Everything `Limited` passes on when `input` arrives in pieces of `piece` bytes.
