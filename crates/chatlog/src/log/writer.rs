@@ -20,9 +20,16 @@ use crate::log::{
 use crate::segment::format::{self, FrameBody, HEADER_BYTES};
 use crate::segment::{Active, ActiveFrames, Sealed, name, sparse_offsets};
 
+/// Bytes of zeros written, and synced, at a time while preparing a spare segment.
+///
+/// Each chunk is synced on its own: the disk then has at most one chunk of the spare queued
+/// ahead of the writer's next `fdatasync`. With one sync at the end, the whole 64 MiB went to
+/// the disk at once, just after a roll, and the writer's syncs waited behind it: 27–60 ms
+/// stalls once per segment in the append benchmark (`perf trace` of the writer thread,
+/// docs/benchmarks.md).
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
-/// Creates `spare.seg` of `size_bytes`: zero-filled and synced, or sparse.
+/// Creates `spare.seg` of `size_bytes`: zero-filled and synced chunk by chunk, or sparse.
 pub(crate) fn prepare_spare(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -44,10 +51,10 @@ pub(crate) fn prepare_spare(
                 let n = (size_bytes - at).min(ZERO_CHUNK_BYTES as u64) as usize;
                 file.write_at(&zeros[..n], at)
                     .map_err(|e| Error::io("write", &path, e))?;
+                file.sync_data()
+                    .map_err(|e| Error::io("fdatasync", &path, e))?;
                 at += n as u64;
             }
-            file.sync_data()
-                .map_err(|e| Error::io("fdatasync", &path, e))?;
         }
     }
     Ok(file)
