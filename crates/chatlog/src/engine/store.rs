@@ -83,8 +83,8 @@ const KEY_TAIL_DURABLE: &[u8] = b"tail_durable";
 const INGEST_DIR: &str = "ingest";
 /// RocksDB WAL kept before memtables are flushed (bounds crash recovery time).
 const INDEX_WAL_BYTES_MAX: u64 = 16 << 20;
-/// SST files (flushes, compactions, the tail's ingested files) are handed to the disk every
-/// this many bytes while they are written, not all at once when they are synced. One
+/// SST files of flushes and compactions are handed to the disk every this many bytes while
+/// they are written, not all at once when they are synced. One
 /// compaction output of 31 MB synced at its end took 42–48 ms, and the engine log's
 /// `fdatasync`s queued behind it for up to 44 ms; written out 1 MiB at a time, that sync
 /// takes 6–8 ms (docs/benchmarks.md, "The writer's remaining stalls, attributed").
@@ -146,8 +146,9 @@ fn ingest_tail(db: &DB, ingest: &Ingest, maps: &Maps) -> Result<()> {
         let n = ingest.files.fetch_add(1, Ordering::Relaxed);
         let path = ingest.dir.join(format!("{cf}-{n}.sst"));
         // The column family's own options: its SST files carry the filter it reads with.
-        let mut options = cf_options_for(cf);
-        options.set_bytes_per_sync(SST_BYTES_PER_SYNC);
+        // (Not `bytes_per_sync`: the C API's SST writer takes RocksDB's default file options,
+        // so this file goes to the disk at its final sync.)
+        let options = cf_options_for(cf);
         let mut writer = SstFileWriter::create(&options);
         writer.open(&path).map_err(rocks)?;
         for (k, v) in entries {
