@@ -84,10 +84,10 @@ const INGEST_DIR: &str = "ingest";
 /// RocksDB WAL kept before memtables are flushed (bounds crash recovery time).
 const INDEX_WAL_BYTES_MAX: u64 = 16 << 20;
 /// SST files of flushes and compactions are handed to the disk every this many bytes while
-/// they are written, not all at once when they are synced. One
-/// compaction output of 31 MB synced at its end took 42–48 ms, and the engine log's
-/// `fdatasync`s queued behind it for up to 44 ms; written out 1 MiB at a time, that sync
-/// takes 6–8 ms (docs/benchmarks.md, "The writer's remaining stalls, attributed").
+/// they are written, not all at once when they are synced. One compaction output of 31 MB
+/// synced at its end took 42–48 ms, and the engine log's `fdatasync`s queued behind it for up
+/// to 44 ms; written out 1 MiB at a time, that sync takes 6–8 ms (docs/benchmarks.md, "The
+/// writer's remaining stalls, attributed").
 const SST_BYTES_PER_SYNC: u64 = 1 << 20;
 /// Memtable size per column family.
 const INDEX_MEMTABLE_BYTES: usize = 16 << 20;
