@@ -600,6 +600,16 @@ fn claim_data_dir(dir: &std::path::Path, id: NodeId) -> Result<(), StartError> {
     }
 }
 
+/// The index tail size of node `id`: `entries` times 1, 7/6 or 8/6 by the id.
+///
+/// Replicas apply the same operations, so with one tail size they would freeze and ingest
+/// their tails at the same entry, and the sorting, SST writing and ingestion of all of them
+/// would land on the machine (and the disk) at once: a wave in every node's latency. With
+/// three sizes their ingestions drift apart and meet only now and then.
+fn staggered_tail_entries(entries: usize, id: NodeId) -> usize {
+    entries.saturating_add(entries / 6 * (id % 3) as usize)
+}
+
 /// Opens a node's Raft log (`data_dir/raft`) and state machine (`data_dir/sm`), off the
 /// async threads.
 async fn open_storage(config: &ClusterConfig) -> Result<(LogStore, StateMachine), StartError> {
@@ -607,7 +617,9 @@ async fn open_storage(config: &ClusterConfig) -> Result<(LogStore, StateMachine)
     let log_dir = config.data_dir.join("raft");
     let sm_dir = config.data_dir.join("sm");
     let raft_log = config.raft_log.clone();
-    let engine_config = config.engine.clone();
+    let mut engine_config = config.engine.clone();
+    engine_config.index_tail_entries =
+        staggered_tail_entries(engine_config.index_tail_entries, config.node_id);
     tokio::task::spawn_blocking(move || {
         Ok::<_, crate::types::StorageError>((
             LogStore::open(&log_dir, raft_log)?,
@@ -2081,4 +2093,27 @@ async fn admin_change_membership(
     }
     .await;
     admin_answer(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::staggered_tail_entries;
+
+    /// Any three consecutive node ids (a cluster of three, or three of five) get three
+    /// different tail sizes, none below the configured one.
+    #[test]
+    fn consecutive_nodes_get_different_tail_sizes() {
+        for first in 0..10u64 {
+            let sizes: Vec<usize> = (first..first + 3)
+                .map(|id| staggered_tail_entries(200_000, id))
+                .collect();
+            assert!(sizes.iter().all(|&s| s >= 200_000), "{sizes:?}");
+            let mut distinct = sizes.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 3, "{sizes:?}");
+        }
+        assert_eq!(staggered_tail_entries(usize::MAX, 2), usize::MAX);
+        assert_eq!(staggered_tail_entries(1, 2), 1);
+    }
 }
