@@ -258,11 +258,7 @@ fn report_latency(name: &str, mut samples: Vec<Duration>, load_at_start: f64) {
 }
 
 fn append_and_resume(dir: &Path, scale: &Scale, filter: &str) {
-    let mut config = EngineConfig::default();
-    if let Some(b) = std::env::var("XBATCH").ok().and_then(|v| v.parse().ok()) {
-        config.log.batch_size_bytes_max = b;
-    }
-    let engine = Arc::new(Engine::open(dir, config).expect("open"));
+    let engine = Arc::new(Engine::open(dir, EngineConfig::default()).expect("open"));
     let start = Instant::now();
     let tickets: Vec<_> = (0..CHATS)
         .map(|_| engine.create_chat_ticket("u0", &["u1".to_owned()], None, false))
