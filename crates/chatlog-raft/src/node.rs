@@ -600,14 +600,15 @@ fn claim_data_dir(dir: &std::path::Path, id: NodeId) -> Result<(), StartError> {
     }
 }
 
-/// The index tail size of node `id`: `entries` times 1, 7/6 or 8/6 by the id.
+/// `amount` for node `id`: 1, 7/6 or 8/6 times it, by the id.
 ///
-/// Replicas apply the same operations, so with one tail size they would freeze and ingest
-/// their tails at the same entry, and the sorting, SST writing and ingestion of all of them
-/// would land on the machine (and the disk) at once: a wave in every node's latency. With
-/// three sizes their ingestions drift apart and meet only now and then.
-fn staggered_tail_entries(entries: usize, id: NodeId) -> usize {
-    entries.saturating_add(entries / 6 * (id % 3) as usize)
+/// Replicas apply the same entries, so whatever a replica does every `amount` entries (or
+/// index tail writes) every replica would do at the same entry: the index tail's ingestion
+/// (sorting, SST writing) and a snapshot's build (its RocksDB checkpoint pauses applies) would
+/// land on the machine, and the disk, on all nodes at once, and show as one wave in every
+/// node's latency. With three amounts they drift apart and meet only now and then.
+fn staggered(amount: u64, id: NodeId) -> u64 {
+    amount.saturating_add(amount / 6 * (id % 3))
 }
 
 /// Opens a node's Raft log (`data_dir/raft`) and state machine (`data_dir/sm`), off the
@@ -619,7 +620,8 @@ async fn open_storage(config: &ClusterConfig) -> Result<(LogStore, StateMachine)
     let raft_log = config.raft_log.clone();
     let mut engine_config = config.engine.clone();
     engine_config.index_tail_entries =
-        staggered_tail_entries(engine_config.index_tail_entries, config.node_id);
+        usize::try_from(staggered(engine_config.index_tail_entries as u64, config.node_id))
+            .unwrap_or(usize::MAX);
     tokio::task::spawn_blocking(move || {
         Ok::<_, crate::types::StorageError>((
             LogStore::open(&log_dir, raft_log)?,
@@ -755,7 +757,10 @@ impl ClusterNode {
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: config.election_timeout_ms.0,
             election_timeout_max: config.election_timeout_ms.1,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(staggered(
+                config.snapshot_every,
+                config.node_id,
+            )),
             max_in_snapshot_log_to_keep: config.keep_after_snapshot,
             max_payload_entries: 1024,
             install_snapshot_timeout: 10_000,
@@ -2097,23 +2102,24 @@ async fn admin_change_membership(
 
 #[cfg(test)]
 mod tests {
-    use super::staggered_tail_entries;
+    use super::staggered;
 
     /// Any three consecutive node ids (a cluster of three, or three of five) get three
-    /// different tail sizes, none below the configured one.
+    /// different amounts (index tail sizes, snapshot intervals), none below the configured
+    /// one.
     #[test]
-    fn consecutive_nodes_get_different_tail_sizes() {
-        for first in 0..10u64 {
-            let sizes: Vec<usize> = (first..first + 3)
-                .map(|id| staggered_tail_entries(200_000, id))
-                .collect();
-            assert!(sizes.iter().all(|&s| s >= 200_000), "{sizes:?}");
-            let mut distinct = sizes.clone();
-            distinct.sort_unstable();
-            distinct.dedup();
-            assert_eq!(distinct.len(), 3, "{sizes:?}");
+    fn consecutive_nodes_get_different_amounts() {
+        for amount in [50, 100_000, 200_000] {
+            for first in 0..10u64 {
+                let got: Vec<u64> = (first..first + 3).map(|id| staggered(amount, id)).collect();
+                assert!(got.iter().all(|&s| s >= amount), "{got:?}");
+                let mut distinct = got.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                assert_eq!(distinct.len(), 3, "{got:?}");
+            }
         }
-        assert_eq!(staggered_tail_entries(usize::MAX, 2), usize::MAX);
-        assert_eq!(staggered_tail_entries(1, 2), 1);
+        assert_eq!(staggered(u64::MAX, 2), u64::MAX);
+        assert_eq!(staggered(1, 2), 1);
     }
 }
