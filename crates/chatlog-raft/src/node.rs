@@ -600,13 +600,14 @@ fn claim_data_dir(dir: &std::path::Path, id: NodeId) -> Result<(), StartError> {
     }
 }
 
-/// `amount` for node `id`: 1, 7/6 or 8/6 times it, by the id.
+/// `amount` for node `id`: 1, 7/6 or 8/6 times it, by the id. Used for the index tail size.
 ///
-/// Replicas apply the same entries, so whatever a replica does every `amount` entries (or
-/// index tail writes) every replica would do at the same entry: the index tail's ingestion
-/// (sorting, SST writing) and a snapshot's build (its RocksDB checkpoint pauses applies) would
-/// land on the machine, and the disk, on all nodes at once, and show as one wave in every
-/// node's latency. With three amounts they drift apart and meet only now and then.
+/// Replicas apply the same entries, so with one tail size every replica would freeze and
+/// ingest its tail at the same entry: the ingestions' sorting and SST writing would land on
+/// the machine, and the disk, on all nodes at once, and show as one wave in every node's
+/// latency. With three sizes they drift apart and meet only now and then. (Snapshots are not
+/// staggered: spreading their pauses over three moments did not lower the p99;
+/// docs/benchmarks.md.)
 fn staggered(amount: u64, id: NodeId) -> u64 {
     amount.saturating_add(amount / 6 * (id % 3))
 }
@@ -619,9 +620,11 @@ async fn open_storage(config: &ClusterConfig) -> Result<(LogStore, StateMachine)
     let sm_dir = config.data_dir.join("sm");
     let raft_log = config.raft_log.clone();
     let mut engine_config = config.engine.clone();
-    engine_config.index_tail_entries =
-        usize::try_from(staggered(engine_config.index_tail_entries as u64, config.node_id))
-            .unwrap_or(usize::MAX);
+    engine_config.index_tail_entries = usize::try_from(staggered(
+        engine_config.index_tail_entries as u64,
+        config.node_id,
+    ))
+    .unwrap_or(usize::MAX);
     tokio::task::spawn_blocking(move || {
         Ok::<_, crate::types::StorageError>((
             LogStore::open(&log_dir, raft_log)?,
@@ -757,10 +760,7 @@ impl ClusterNode {
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: config.election_timeout_ms.0,
             election_timeout_max: config.election_timeout_ms.1,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(staggered(
-                config.snapshot_every,
-                config.node_id,
-            )),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.keep_after_snapshot,
             max_payload_entries: 1024,
             install_snapshot_timeout: 10_000,
@@ -2105,8 +2105,7 @@ mod tests {
     use super::staggered;
 
     /// Any three consecutive node ids (a cluster of three, or three of five) get three
-    /// different amounts (index tail sizes, snapshot intervals), none below the configured
-    /// one.
+    /// different amounts (index tail sizes), none below the configured one.
     #[test]
     fn consecutive_nodes_get_different_amounts() {
         for amount in [50, 100_000, 200_000] {

@@ -182,8 +182,7 @@ struct ServeArgs {
     /// `cluster set-voters`) instead of forming one from --peers.
     #[arg(long, env = "CHATLOG_JOIN")]
     join: bool,
-    /// Cluster: build a snapshot (and purge the Raft log) every this many applied entries
-    /// (times 1, 7/6 or 8/6 by the node id, so that replicas do not snapshot together).
+    /// Cluster: build a snapshot (and purge the Raft log) every this many applied entries.
     #[arg(long, env = "CHATLOG_SNAPSHOT_EVERY", default_value_t = 100_000)]
     snapshot_every: u64,
 }
