@@ -600,24 +600,16 @@ fn claim_data_dir(dir: &std::path::Path, id: NodeId) -> Result<(), StartError> {
     }
 }
 
-/// `amount` for node `id`: 1, 7/6 or 8/6 times it, by the id. Used for the index tail size
-/// and the segment size of both logs.
+/// `amount` for node `id`: 1, 7/6 or 8/6 times it, by the id. Used for the index tail size.
 ///
 /// Replicas apply the same entries, so with one tail size every replica would freeze and
-/// ingest its tail at the same entry, and with one segment size every replica's logs would
-/// roll at the same entry and zero-fill their next 64 MiB segments together: each would land
-/// on the machine, and the disk, on all nodes at once, and show as one wave in every node's
+/// ingest its tail at the same entry: the ingestions' sorting and SST writing would land on
+/// the machine, and the disk, on all nodes at once, and show as one wave in every node's
 /// latency. With three sizes they drift apart and meet only now and then. (Snapshots are not
 /// staggered: spreading their pauses over three moments did not lower the p99;
 /// docs/benchmarks.md.)
 fn staggered(amount: u64, id: NodeId) -> u64 {
     amount.saturating_add(amount / 6 * (id % 3))
-}
-
-/// A log's segment size for node `id` ([`staggered`]), kept below the 4 GiB a segment may
-/// hold.
-fn staggered_segment(bytes: u64, id: NodeId) -> u64 {
-    staggered(bytes, id).min(u64::from(u32::MAX))
 }
 
 /// Opens a node's Raft log (`data_dir/raft`) and state machine (`data_dir/sm`), off the
@@ -626,15 +618,13 @@ async fn open_storage(config: &ClusterConfig) -> Result<(LogStore, StateMachine)
     claim_data_dir(&config.data_dir, config.node_id)?;
     let log_dir = config.data_dir.join("raft");
     let sm_dir = config.data_dir.join("sm");
-    let id = config.node_id;
-    let mut raft_log = config.raft_log.clone();
-    raft_log.segment_size_bytes = staggered_segment(raft_log.segment_size_bytes, id);
+    let raft_log = config.raft_log.clone();
     let mut engine_config = config.engine.clone();
-    engine_config.index_tail_entries =
-        usize::try_from(staggered(engine_config.index_tail_entries as u64, id))
-            .unwrap_or(usize::MAX);
-    engine_config.log.segment_size_bytes =
-        staggered_segment(engine_config.log.segment_size_bytes, id);
+    engine_config.index_tail_entries = usize::try_from(staggered(
+        engine_config.index_tail_entries as u64,
+        config.node_id,
+    ))
+    .unwrap_or(usize::MAX);
     tokio::task::spawn_blocking(move || {
         Ok::<_, crate::types::StorageError>((
             LogStore::open(&log_dir, raft_log)?,
@@ -2115,7 +2105,7 @@ mod tests {
     use super::staggered;
 
     /// Any three consecutive node ids (a cluster of three, or three of five) get three
-    /// different amounts (index tail and segment sizes), none below the configured one.
+    /// different amounts (index tail sizes), none below the configured one.
     #[test]
     fn consecutive_nodes_get_different_amounts() {
         for amount in [50, 100_000, 200_000] {
@@ -2130,7 +2120,5 @@ mod tests {
         }
         assert_eq!(staggered(u64::MAX, 2), u64::MAX);
         assert_eq!(staggered(1, 2), 1);
-        assert_eq!(super::staggered_segment(64 << 20, 3), 64 << 20);
-        assert!(super::staggered_segment(u64::from(u32::MAX) - 1, 2) <= u64::from(u32::MAX));
     }
 }
