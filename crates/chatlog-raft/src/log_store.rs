@@ -283,9 +283,7 @@ impl LogStore {
         let bytes = log.read(next - 1).map_err(read_io)?;
         Ok(Some(Self::decode(&bytes)?.log_id))
     }
-}
 
-impl LogStore {
     /// Appends `entries` (which must continue the log, or start an empty one anywhere) and
     /// remembers them; returns what resolves once they are durable (`None` for no entries).
     async fn append_entries<I>(
@@ -334,6 +332,34 @@ impl LogStore {
         self.recent().extend(first + 1, decoded);
         Ok(Some(pending))
     }
+
+    /// Reads the entries at segment indexes `start..end` from the log; fewer if the log was
+    /// truncated or purged meanwhile.
+    fn read_log(log: &Log, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
+        if start >= end {
+            return Ok(out);
+        }
+        for item in log.iter_from(start) {
+            let (index, bytes) = match item {
+                Ok(item) => item,
+                // Truncated (or purged) since the bounds were read: the entries up to here
+                // are what the log held. openraft takes fewer entries than asked for; an
+                // error would be fatal to the node.
+                Err(chatlog::Error::OutOfRange { index, .. })
+                    if index >= log.next_index() || index < log.first_index() =>
+                {
+                    break;
+                }
+                Err(e) => return Err(read_io(e)),
+            };
+            if index >= end {
+                break;
+            }
+            out.push(Self::decode(&bytes)?);
+        }
+        Ok(out)
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -380,39 +406,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         let held_to = held_from + held.len() as u64;
         out.extend(held);
-        if held_to < end && held_from < end {
+        if held_to < end {
             // Appended to the log but not yet remembered (a reader racing an append).
             out.extend(Self::read_log(&log, held_to, end)?);
-        }
-        Ok(out)
-    }
-}
-
-impl LogStore {
-    /// Reads the entries at segment indexes `start..end` from the log; fewer if the log was
-    /// truncated or purged meanwhile.
-    fn read_log(log: &Log, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
-        let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
-        if start >= end {
-            return Ok(out);
-        }
-        for item in log.iter_from(start) {
-            let (index, bytes) = match item {
-                Ok(item) => item,
-                // Truncated (or purged) since the bounds were read: the entries up to here
-                // are what the log held. openraft takes fewer entries than asked for; an
-                // error would be fatal to the node.
-                Err(chatlog::Error::OutOfRange { index, .. })
-                    if index >= log.next_index() || index < log.first_index() =>
-                {
-                    break;
-                }
-                Err(e) => return Err(read_io(e)),
-            };
-            if index >= end {
-                break;
-            }
-            out.push(Self::decode(&bytes)?);
         }
         Ok(out)
     }
