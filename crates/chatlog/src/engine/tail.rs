@@ -35,6 +35,8 @@ pub(crate) struct Map {
     bytes: Vec<u8>,
     slots: HashTable<Slot>,
     hasher: foldhash::fast::RandomState,
+    /// Entries in `bytes` no slot points at any more (overwritten or removed).
+    stale: usize,
 }
 
 /// Where an entry starts in [`Map::bytes`], with its key's hash.
@@ -63,6 +65,7 @@ impl Map {
             bytes: Vec::with_capacity(bytes),
             slots: HashTable::with_capacity(entries),
             hasher: foldhash::fast::RandomState::default(),
+            stale: 0,
         }
     }
 
@@ -109,7 +112,10 @@ impl Map {
             .slots
             .find_mut(hash, |s| s.hash == hash && Map::entry(bytes, s.at).0 == key)
         {
-            Some(slot) => slot.at = at,
+            Some(slot) => {
+                slot.at = at;
+                self.stale += 1;
+            }
             None => {
                 self.slots
                     .insert_unique(hash, Slot { hash, at }, |s| s.hash);
@@ -120,12 +126,33 @@ impl Map {
     /// Keeps only the entries whose key `keep` accepts.
     pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
         let bytes = &self.bytes;
+        let before = self.slots.len();
         self.slots.retain(|s| keep(Map::entry(bytes, s.at).0));
+        self.stale += before - self.slots.len();
     }
 
     /// Every entry, in no order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.slots.iter().map(|s| Map::entry(&self.bytes, s.at))
+    }
+
+    /// Every entry, in the order its bytes lie in memory (the order entries were last set).
+    ///
+    /// [`Map::iter`] goes in hash order, which jumps across the whole arena: once it outgrows
+    /// the CPU caches, every entry is a cache miss (an ingestion reads 200,000 of them). Front
+    /// to back, the CPU's prefetcher keeps ahead. While no entry is stale, this walks the
+    /// arena itself; otherwise it visits the slots' offsets in ascending order.
+    pub fn iter_by_address(&self) -> ByAddress<'_> {
+        let offsets = (self.stale > 0).then(|| {
+            let mut at: Vec<usize> = self.slots.iter().map(|s| s.at).collect();
+            at.sort_unstable();
+            at.into_iter()
+        });
+        ByAddress {
+            bytes: &self.bytes,
+            next: 0,
+            offsets,
+        }
     }
 
     /// An empty map sized like this one.
@@ -135,6 +162,30 @@ impl Map {
 }
 
 /// Which tail column family a write belongs to.
+/// The iterator of [`Map::iter_by_address`].
+pub(crate) struct ByAddress<'a> {
+    bytes: &'a [u8],
+    /// Where the next entry starts, when walking the whole arena.
+    next: usize,
+    /// The live entries' offsets, ascending, when some of the arena is stale.
+    offsets: Option<std::vec::IntoIter<usize>>,
+}
+
+impl<'a> Iterator for ByAddress<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let at = match &mut self.offsets {
+            Some(offsets) => offsets.next()?,
+            None if self.next < self.bytes.len() => self.next,
+            None => return None,
+        };
+        let (k, v) = Map::entry(self.bytes, at);
+        self.next = at + ENTRY_HEADER + k.len() + v.len();
+        Some((k, v))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TailCf {
     /// `history`: `chat \0 seq(be)` → history entry.
@@ -418,7 +469,14 @@ mod tests {
                 listed.sort();
                 let mut expected: Vec<(Vec<u8>, Vec<u8>)> = model.clone().into_iter().collect();
                 expected.sort();
-                prop_assert_eq!(listed, expected);
+                prop_assert_eq!(&listed, &expected);
+                // In memory order: the same entries, each once, with its newest value.
+                let mut by_address: Vec<(Vec<u8>, Vec<u8>)> = map
+                    .iter_by_address()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect();
+                by_address.sort();
+                prop_assert_eq!(by_address, expected);
             }
         }
     }
