@@ -641,17 +641,25 @@ impl Store {
             // Taken after the view: a key that left the tail before it was added to the
             // filters then in place, which this screen includes.
             let screen = (cf == CF_DEDUP).then(|| self.ingest.dedup_filter.screen());
+            let mut untold = Vec::new();
             for (i, key) in keys.iter().enumerate() {
                 match tail_cf(cf).and_then(|t| view.get(t, key)) {
                     Some(bytes) => out.push(Some(decode(cf, bytes)?)),
                     None => {
                         out.push(None);
-                        if screen.as_ref().is_none_or(|s| s.may_contain(key)) {
-                            missing.push((key_prefix(key), i));
-                        }
+                        untold.push(i);
                     }
                 }
             }
+            // The filters in a loop of their own: it does little else, so the CPU overlaps
+            // their cache misses across keys (inside the loop above it took them one by one:
+            // 3 % of the append benchmark's CPU).
+            missing.extend(
+                untold
+                    .into_iter()
+                    .filter(|&i| screen.as_ref().is_none_or(|s| s.may_contain(&keys[i])))
+                    .map(|i| (key_prefix(&keys[i]), i)),
+            );
         }
         // Sorted here (cheaply, see `sorted_by_key`), RocksDB need not sort them itself.
         missing.sort_unstable_by(|a, b| prefix_then_bytes((a.0, &keys[a.1]), (b.0, &keys[b.1])));
