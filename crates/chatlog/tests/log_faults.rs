@@ -4,9 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chatlog::io::fault::{Crash, FaultFs, Faults};
-use chatlog::{Error, Log, LogConfig, Preallocate, RecoveryMode};
+use chatlog::{Durability, Error, Log, LogConfig, Preallocate, RecoveryMode};
 
 const DIR: &str = "/log";
 
@@ -210,6 +211,87 @@ fn failed_fsync_poisons_and_is_never_retried() {
     assert_eq!(log.next_index(), 4);
     let reopened = open(&fs.crash(Crash::PowerLoss)).unwrap();
     assert_holds(&reopened, &acked, &[entry(4)]);
+}
+
+/// `Durability::Interval`: the interval's sync runs off the writer thread, so appends go on
+/// (acknowledged, as the mode says) while a sync hangs on the disk, and become durable once
+/// it returns. With the sync on the writer thread these appends would wait for the disk.
+#[test]
+fn interval_appends_go_on_while_a_sync_hangs() {
+    let fs = FaultFs::new();
+    let config = LogConfig {
+        durability: Durability::Interval(Duration::from_millis(1)),
+        ..config()
+    };
+    let log = Arc::new(Log::open_with(Arc::new(fs.clone()), DIR, config).unwrap());
+    fs.hold_syncs(true);
+    log.append(entry(1)).unwrap();
+    // Liveness bounds below, not timing checks: the interval is 1 ms.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs.syncs_waiting() == 0 {
+        assert!(Instant::now() < deadline, "the interval sync never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let appender = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for i in 2..=20 {
+                log.append(entry(i)).unwrap();
+            }
+            done_tx.send(()).unwrap();
+        })
+    };
+    let appended = done_rx.recv_timeout(Duration::from_secs(30));
+    let durable_while_held = log.durable_next_index();
+    // Release the disk either way, so a failure ends instead of hanging.
+    fs.hold_syncs(false);
+    appended.expect("appends waited for the hung sync");
+    appender.join().unwrap();
+    assert_eq!(
+        durable_while_held, 1,
+        "nothing is durable while the sync hangs"
+    );
+    log.sync().unwrap();
+    assert_eq!(log.durable_next_index(), 21);
+    drop(log);
+    let acked: Vec<Vec<u8>> = (1..=20).map(entry).collect();
+    let reopened = open(&fs.crash(Crash::PowerLoss)).unwrap();
+    assert_holds(&reopened, &acked, &[]);
+}
+
+/// A failed interval sync (on the sync thread) poisons the log like any failed sync.
+#[test]
+fn a_failed_interval_sync_poisons() {
+    let fs = FaultFs::new();
+    let config = LogConfig {
+        durability: Durability::Interval(Duration::from_millis(1)),
+        ..config()
+    };
+    let log = Log::open_with(Arc::new(fs.clone()), DIR, config).unwrap();
+    log.append(entry(1)).unwrap();
+    log.sync().unwrap();
+    fs.set_faults(Faults {
+        fail_next_sync: true,
+        ..Faults::default()
+    });
+    log.append(entry(2)).unwrap();
+    let err = log.sync().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Io {
+                op: "fdatasync",
+                ..
+            } | Error::Poisoned
+        ),
+        "{err}"
+    );
+    assert!(matches!(log.append(entry(3)), Err(Error::Poisoned)));
+    assert!(matches!(log.sync(), Err(Error::Poisoned)));
+    assert_eq!(log.durable_next_index(), 2);
+    let reopened = open(&fs.crash(Crash::PowerLoss)).unwrap();
+    assert_holds(&reopened, &[entry(1)], &[entry(2)]);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
@@ -65,12 +65,18 @@ struct State {
     io_count: u64,
     /// [`FileSystem::drop_cache`] calls per path.
     cache_drops: BTreeMap<PathBuf, u64>,
+    /// `sync_data` calls wait while this is set ([`FaultFs::hold_syncs`]).
+    syncs_held: bool,
+    /// `sync_data` calls waiting now.
+    syncs_waiting: u64,
 }
 
 /// The in-memory fault-injecting file system. Clones share the same state.
 #[derive(Debug, Clone, Default)]
 pub struct FaultFs {
     state: Arc<Mutex<State>>,
+    /// Wakes `sync_data` calls held by [`FaultFs::hold_syncs`].
+    syncs_released: Arc<Condvar>,
 }
 
 #[derive(Debug)]
@@ -112,6 +118,18 @@ impl FaultFs {
     /// Replaces the armed faults.
     pub fn set_faults(&self, faults: Faults) {
         self.lock_state().faults = faults;
+    }
+
+    /// Makes every `sync_data` wait (`true`) until released (`false`): a disk whose flushes
+    /// hang, to see who waits for them.
+    pub fn hold_syncs(&self, hold: bool) {
+        self.lock_state().syncs_held = hold;
+        self.syncs_released.notify_all();
+    }
+
+    /// How many `sync_data` calls are waiting in [`FaultFs::hold_syncs`] now.
+    pub fn syncs_waiting(&self) -> u64 {
+        self.lock_state().syncs_waiting
     }
 
     /// Number of I/O operations performed so far.
@@ -156,6 +174,7 @@ impl FaultFs {
         }
         FaultFs {
             state: Arc::new(Mutex::new(fresh)),
+            syncs_released: Arc::default(),
         }
     }
 
@@ -397,6 +416,15 @@ impl FileHandle for FaultFile {
         self.fs.tick("fdatasync")?;
         {
             let mut state = self.fs.lock_state();
+            state.syncs_waiting += 1;
+            while state.syncs_held {
+                state = self
+                    .fs
+                    .syncs_released
+                    .wait(state)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            state.syncs_waiting -= 1;
             if std::mem::take(&mut state.faults.fail_next_sync) {
                 return Err(eio("fdatasync"));
             }

@@ -10,6 +10,7 @@
 
 mod copy;
 mod open;
+mod syncer;
 mod writer;
 
 use std::fmt;
@@ -41,8 +42,8 @@ pub enum Durability {
     /// Default. Every batch is `fdatasync`ed before any of its entries is acknowledged:
     /// an acknowledged entry survives process crashes, kernel crashes and power loss.
     Batch,
-    /// Entries are acknowledged once written to the OS; the writer `fdatasync`s at most this
-    /// long after the oldest unsynced write. Acknowledged entries survive a process crash
+    /// Entries are acknowledged once written to the OS; a second thread `fdatasync`s at most
+    /// this long after the oldest unsynced write (so appends never wait behind that sync). Acknowledged entries survive a process crash
     /// (kill -9); a kernel crash or power loss may lose up to the interval's worth.
     Interval(Duration),
     /// Entries are acknowledged once written to the OS and synced only when a segment is

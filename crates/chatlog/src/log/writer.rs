@@ -14,6 +14,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::io::{FileHandle, FileSystem, OpenMode};
 use crate::log::open::{cut_file, write_atomic};
+use crate::log::syncer::{Job, Syncer};
 use crate::log::{
     Command, Durability, Entries, INDEX_MAX, LogConfig, Preallocate, Reply, Shared, View,
 };
@@ -97,9 +98,14 @@ pub(crate) struct Writer {
     /// A sealed segment that fell out of [`LogConfig::cached_sealed_segments`]: its pages are
     /// dropped from the page cache when the next spare is prepared.
     uncache: Option<PathBuf>,
-    /// When the oldest write not yet synced happened (weaker durability modes only).
+    /// When the oldest write not yet synced happened (weaker durability modes only, without
+    /// a sync thread).
     dirty_since: Option<Instant>,
     poisoned: bool,
+    /// The sync thread of [`Durability::Interval`] (`None`: this thread syncs).
+    syncer: Option<Syncer>,
+    /// The last commit left its entries for the sync thread.
+    handed_off: bool,
 }
 
 struct Pending {
@@ -131,6 +137,8 @@ impl Writer {
             uncache: None,
             dirty_since: None,
             poisoned: false,
+            syncer: None,
+            handed_off: false,
         }
     }
 
@@ -138,6 +146,9 @@ impl Writer {
         // Prepare the first spare now, not at the first roll (where zero-filling a whole
         // segment would stall every append).
         self.start_spare();
+        if let Durability::Interval(every) = self.config.durability {
+            self.syncer = Syncer::start(self.shared.clone(), every);
+        }
         // If this thread dies (a panic is a bug, but callers must not hang on it), poison the
         // log and drop every queued command so its caller sees `Closed`.
         let _guard = DrainOnExit {
@@ -186,15 +197,20 @@ impl Writer {
                 self.control(cmd);
             }
         }
-        if self.dirty_since.is_some() && !self.poisoned {
+        if (self.dirty_since.is_some() || self.syncer.is_some()) && !self.poisoned {
             let _ = self.sync_now();
         }
+        // Joins the sync thread.
+        drop(self.syncer.take());
         if let Spare::Pending(handle) = std::mem::replace(&mut self.spare, Spare::None) {
             let _ = handle.join();
         }
     }
 
     fn sync_deadline(&self) -> Option<Instant> {
+        if self.syncer.is_some() {
+            return None;
+        }
         match (self.config.durability, self.dirty_since) {
             (Durability::Interval(every), Some(since)) => Some(since + every),
             _ => None,
@@ -208,6 +224,10 @@ impl Writer {
     }
 
     fn append(&mut self, mut batch: Vec<Pending>) {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            // The sync thread failed a sync.
+            self.poisoned = true;
+        }
         if self.poisoned {
             for p in batch {
                 let _ = p.reply.send(Err(Error::Poisoned));
@@ -237,6 +257,13 @@ impl Writer {
             Ok(firsts) => {
                 for (p, first) in batch.into_iter().zip(firsts) {
                     let _ = p.reply.send(Ok(first));
+                }
+                if let Some(syncer) = self.syncer.as_ref().filter(|_| self.handed_off) {
+                    syncer.written(Job::Written {
+                        file: self.active.file.clone(),
+                        path: self.active.path.clone(),
+                        next: self.next_index,
+                    });
                 }
             }
             Err(error) => {
@@ -301,6 +328,12 @@ impl Writer {
         if self.buf.is_empty() {
             return Ok(());
         }
+        // With a sync thread, only a segment's first and last commits are synced here (they
+        // must be: a roll and a rename follow), after everything handed to the sync thread.
+        let handed_off = self.syncer.is_some() && !force_sync && !self.pending_rename;
+        if let Some(syncer) = self.syncer.as_ref().filter(|_| !handed_off) {
+            syncer.flush()?;
+        }
         let path = &self.active.path;
         let write_path = if self.pending_rename {
             self.dir.join(name::SPARE)
@@ -313,14 +346,15 @@ impl Writer {
             .map_err(|e| Error::io("write", &write_path, e))?;
         let end = base + self.buf.len() as u64;
         self.buf.clear();
-        let sync = force_sync || self.pending_rename || self.config.durability == Durability::Batch;
+        let sync = !handed_off
+            && (force_sync || self.pending_rename || self.config.durability == Durability::Batch);
         if sync {
             self.active
                 .file
                 .sync_data()
                 .map_err(|e| Error::io("fdatasync", &write_path, e))?;
             self.shared.stats.record_sync(next - self.next_index);
-        } else if self.dirty_since.is_none() {
+        } else if !handed_off && self.dirty_since.is_none() {
             self.dirty_since = Some(Instant::now());
         }
         if self.pending_rename {
@@ -345,6 +379,7 @@ impl Writer {
         assert!(next >= self.next_index, "log indexes only grow");
         self.write_offset = end;
         self.next_index = next;
+        self.handed_off = handed_off;
         self.shared.next_index.store(next, Ordering::Release);
         if sync {
             // Earlier unsynced writes are all in this file: a roll syncs the old segment.
@@ -465,6 +500,13 @@ impl Writer {
         if self.poisoned {
             return Err(Error::Poisoned);
         }
+        if let Some(syncer) = &self.syncer {
+            let result = syncer.flush();
+            if result.is_err() {
+                self.poisoned = true;
+            }
+            return result;
+        }
         if self.dirty_since.is_none() {
             return Ok(());
         }
@@ -495,11 +537,20 @@ impl Writer {
                 let _ = reply.send(self.sync_now());
             }
             Command::Truncate { from, reply } => {
-                let result = self.guarded(|w| w.truncate(from));
+                // Nothing may be left with the sync thread: it would publish past the cut.
+                let result = self.guarded(|w| {
+                    w.sync_now()?;
+                    w.truncate(from)
+                });
                 let _ = reply.send(result);
             }
             Command::Purge { before, reply } => {
-                let result = self.guarded(|w| w.purge(before));
+                let result = self.guarded(|w| {
+                    if w.syncer.is_some() {
+                        w.sync_now()?;
+                    }
+                    w.purge(before)
+                });
                 let _ = reply.send(result);
             }
         }
