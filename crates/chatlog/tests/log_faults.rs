@@ -213,9 +213,10 @@ fn failed_fsync_poisons_and_is_never_retried() {
     assert_holds(&reopened, &acked, &[entry(4)]);
 }
 
-/// `Durability::Interval`: the interval's sync runs off the writer thread, so appends go on
-/// (acknowledged, as the mode says) while a sync hangs on the disk, and become durable once
-/// it returns. With the sync on the writer thread these appends would wait for the disk.
+/// `Durability::Interval`: the interval's sync and explicit syncs run off the writer thread, so
+/// appends go on (acknowledged, as the mode says) while a sync hangs on the disk, and become
+/// durable once it returns. With the syncs on the writer thread these appends would wait for
+/// the disk.
 #[test]
 fn interval_appends_go_on_while_a_sync_hangs() {
     let fs = FaultFs::new();
@@ -232,6 +233,11 @@ fn interval_appends_go_on_while_a_sync_hangs() {
         assert!(Instant::now() < deadline, "the interval sync never started");
         std::thread::sleep(Duration::from_millis(1));
     }
+    // An explicit sync waits for the disk too, and holds no one else up either.
+    let sync = {
+        let log = log.clone();
+        std::thread::spawn(move || log.sync())
+    };
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let appender = {
         let log = log.clone();
@@ -248,6 +254,7 @@ fn interval_appends_go_on_while_a_sync_hangs() {
     fs.hold_syncs(false);
     appended.expect("appends waited for the hung sync");
     appender.join().unwrap();
+    sync.join().unwrap().unwrap();
     assert_eq!(
         durable_while_held, 1,
         "nothing is durable while the sync hangs"

@@ -7,8 +7,9 @@
 //! of"). Here the writer hands each written batch's file and end to this thread and goes on.
 //!
 //! The writer [`Syncer::flush`]es before anything that needs every written entry durable first:
-//! sealing a segment, truncating, purging, an explicit [`super::Log::sync`], closing. A failed
-//! sync poisons the log, as it does on the writer.
+//! sealing a segment, truncating, purging, closing. An explicit [`super::Log::sync`] (the
+//! engine's, before each index tail ingestion) is answered from here, and the writer goes on
+//! meanwhile. A failed sync poisons the log, as it does on the writer.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,11 +65,21 @@ impl Syncer {
     /// Syncs everything written so far and returns once it is durable.
     pub(crate) fn flush(&self) -> Result<()> {
         let (reply, rx) = oneshot::channel();
-        let Some(tx) = &self.tx else {
-            return Err(Error::Poisoned);
-        };
-        tx.send(Job::Flush(reply)).map_err(|_| Error::Poisoned)?;
+        self.flush_then(reply);
         rx.recv().map_err(|_| Error::Poisoned)?
+    }
+
+    /// Syncs everything written so far and answers `reply` once it is durable, without
+    /// waiting for it here (an explicit [`super::Log::sync`]: the writer goes on writing).
+    pub(crate) fn flush_then(&self, reply: oneshot::Sender<Result<()>>) {
+        let job = Job::Flush(reply);
+        let unsent = match &self.tx {
+            Some(tx) => tx.send(job).err().map(|e| e.0),
+            None => Some(job),
+        };
+        if let Some(Job::Flush(reply)) = unsent {
+            let _ = reply.send(Err(Error::Poisoned));
+        }
     }
 }
 

@@ -533,9 +533,13 @@ impl Writer {
     fn control(&mut self, cmd: Command) {
         match cmd {
             Command::Append { .. } => unreachable!("appends are batched"),
-            Command::Sync { reply } => {
-                let _ = reply.send(self.sync_now());
-            }
+            Command::Sync { reply } => match &self.syncer {
+                // Answered by the sync thread; appends go on meanwhile.
+                Some(syncer) if !self.poisoned => syncer.flush_then(reply),
+                _ => {
+                    let _ = reply.send(self.sync_now());
+                }
+            },
             Command::Truncate { from, reply } => {
                 // Nothing may be left with the sync thread: it would publish past the cut.
                 let result = self.guarded(|w| {
