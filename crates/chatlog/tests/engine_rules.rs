@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chatlog::engine::{
-    ChatError, Engine, EngineConfig, EventKind, FileMeta, Record, SubscriptionError,
+    Answer, ChatError, Engine, EngineConfig, EventKind, FileMeta, Record, SubscriptionError,
 };
 
 fn s(v: &str) -> String {
@@ -112,6 +112,53 @@ fn sends_are_idempotent_sequentially_and_concurrently() {
     assert!(seqs.windows(2).all(|w| w[0] == w[1]));
     let h = e.history("alice", &chat, None, None, None).unwrap();
     assert_eq!(h.last_seq, 4);
+}
+
+/// Sends in flight together are decided in batches, their dedup entries looked up together
+/// beforehand: refused sends, repeats of applied messages and new ones, interleaved, each get
+/// their own answer.
+#[test]
+fn a_burst_of_refused_repeated_and_new_sends_answers_each_right() {
+    let (_dir, e) = open();
+    let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
+    let earlier: Vec<u64> = (0..5)
+        .map(|k| {
+            e.send("alice", &chat, &format!("old{k}"), Some(s("x")), None)
+                .unwrap()
+                .seq
+        })
+        .collect();
+    let mut tickets = Vec::new();
+    for k in 0..5 {
+        let old = format!("old{k}");
+        tickets.push((
+            k,
+            "refused",
+            e.send_ticket("carol", &chat, &old, Some(s("x")), None),
+        ));
+        tickets.push((
+            k,
+            "repeat",
+            e.send_ticket("alice", &chat, &old, Some(s("x")), None),
+        ));
+        let new = format!("new{k}");
+        tickets.push((
+            k,
+            "new",
+            e.send_ticket("alice", &chat, &new, Some(s("y")), None),
+        ));
+    }
+    let mut new_seqs = Vec::new();
+    for (k, kind, ticket) in tickets {
+        match (kind, ticket.wait()) {
+            ("refused", Err(ChatError::Forbidden(_))) => {}
+            ("repeat", Ok(Answer::Sent(sent))) => assert_eq!(sent.seq, earlier[k], "old{k}"),
+            ("new", Ok(Answer::Sent(sent))) => new_seqs.push(sent.seq),
+            (kind, other) => panic!("{kind} send {k} answered {other:?}"),
+        }
+    }
+    let last = earlier[4];
+    assert_eq!(new_seqs, ((last + 1)..=(last + 5)).collect::<Vec<_>>());
 }
 
 #[test]
