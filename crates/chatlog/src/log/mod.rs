@@ -1,4 +1,5 @@
 //! The durable segment log: one writer thread with group commit, many concurrent readers.
+//! (With [`Durability::Interval`] a second thread does the syncs: `log/syncer.rs`.)
 //!
 //! ```no_run
 //! use chatlog::log::{Log, LogConfig};
