@@ -9,7 +9,7 @@
 //! replays the log records after the recovered applied index.
 //!
 //! `history` and `dedup` writes (one key each per message) skip the memtable: they collect in
-//! the [`super::tail`] and reach RocksDB as ingested SST files. `meta/tail_durable` is the log
+//! the index tail (`engine/tail.rs`) and reach RocksDB as ingested SST files. `meta/tail_durable` is the log
 //! index up to which the ingested files hold every such write; the engine replays from the
 //! lower of it and the applied index ([`Store::indexed_through`]).
 
@@ -1124,7 +1124,7 @@ impl Batch<'_> {
     }
 
     /// Writes the batch, with the last applied log index, atomically (WAL, no fsync); the
-    /// tail's share goes to the index tail (see [`super::tail`]).
+    /// tail's share goes to the index tail (see `engine/tail.rs`).
     pub fn commit(mut self) -> Result<()> {
         let store = self.store;
         let Some(last) = self.last_index else {
