@@ -9,9 +9,9 @@
 //! replays the log records after the recovered applied index.
 //!
 //! `history` and `dedup` writes (one key each per message) skip the memtable: they collect in
-//! the index tail (`engine/tail.rs`) and reach RocksDB as ingested SST files. `meta/tail_durable` is the log
-//! index up to which the ingested files hold every such write; the engine replays from the
-//! lower of it and the applied index ([`Store::indexed_through`]).
+//! the index tail (`engine/tail.rs`) and reach RocksDB as ingested SST files.
+//! `meta/tail_durable` is the log index up to which the ingested files hold every such write;
+//! the engine replays from the lower of it and the applied index ([`Store::indexed_through`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
