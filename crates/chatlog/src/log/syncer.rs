@@ -7,7 +7,8 @@
 //! of"). Here the writer hands each written batch's file and end to this thread and goes on.
 //!
 //! The writer [`Syncer::flush`]es before anything that needs every written entry durable first:
-//! sealing a segment, truncating, purging, closing. An explicit [`super::Log::sync`] (the
+//! sealing a segment, truncating, closing (a segment is sealed only after such a flush, so this
+//! thread only ever holds the active segment). An explicit [`super::Log::sync`] (the
 //! engine's, before each index tail ingestion) is answered from here, and the writer goes on
 //! meanwhile. A failed sync poisons the log, as it does on the writer.
 

@@ -104,8 +104,6 @@ pub(crate) struct Writer {
     poisoned: bool,
     /// The sync thread of [`Durability::Interval`] (`None`: this thread syncs).
     syncer: Option<Syncer>,
-    /// The last commit left its entries for the sync thread.
-    handed_off: bool,
 }
 
 struct Pending {
@@ -138,7 +136,6 @@ impl Writer {
             dirty_since: None,
             poisoned: false,
             syncer: None,
-            handed_off: false,
         }
     }
 
@@ -258,7 +255,9 @@ impl Writer {
                 for (p, first) in batch.into_iter().zip(firsts) {
                     let _ = p.reply.send(Ok(first));
                 }
-                if let Some(syncer) = self.syncer.as_ref().filter(|_| self.handed_off) {
+                // (After a segment's first or last commit, synced here, this only costs the
+                // sync thread a spare `fdatasync`.)
+                if let Some(syncer) = &self.syncer {
                     syncer.written(Job::Written {
                         file: self.active.file.clone(),
                         path: self.active.path.clone(),
@@ -379,7 +378,6 @@ impl Writer {
         assert!(next >= self.next_index, "log indexes only grow");
         self.write_offset = end;
         self.next_index = next;
-        self.handed_off = handed_off;
         self.shared.next_index.store(next, Ordering::Release);
         if sync {
             // Earlier unsynced writes are all in this file: a roll syncs the old segment.
@@ -541,20 +539,11 @@ impl Writer {
                 }
             },
             Command::Truncate { from, reply } => {
-                // Nothing may be left with the sync thread: it would publish past the cut.
-                let result = self.guarded(|w| {
-                    w.sync_now()?;
-                    w.truncate(from)
-                });
+                let result = self.guarded(|w| w.truncate(from));
                 let _ = reply.send(result);
             }
             Command::Purge { before, reply } => {
-                let result = self.guarded(|w| {
-                    if w.syncer.is_some() {
-                        w.sync_now()?;
-                    }
-                    w.purge(before)
-                });
+                let result = self.guarded(|w| w.purge(before));
                 let _ = reply.send(result);
             }
         }
