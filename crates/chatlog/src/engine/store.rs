@@ -641,13 +641,13 @@ impl Store {
             // Taken after the view: a key that left the tail before it was added to the
             // filters then in place, which this screen includes.
             let screen = (cf == CF_DEDUP).then(|| self.ingest.dedup_filter.screen());
-            let mut untold = Vec::new();
+            let mut not_in_tail = Vec::new();
             for (i, key) in keys.iter().enumerate() {
                 match tail_cf(cf).and_then(|t| view.get(t, key)) {
                     Some(bytes) => out.push(Some(decode(cf, bytes)?)),
                     None => {
                         out.push(None);
-                        untold.push(i);
+                        not_in_tail.push(i);
                     }
                 }
             }
@@ -655,7 +655,7 @@ impl Store {
             // their cache misses across keys (inside the loop above it took them one by one:
             // 3 % of the append benchmark's CPU).
             missing.extend(
-                untold
+                not_in_tail
                     .into_iter()
                     .filter(|&i| screen.as_ref().is_none_or(|s| s.may_contain(&keys[i])))
                     .map(|i| (key_prefix(&keys[i]), i)),
@@ -1168,8 +1168,8 @@ mod tests {
 
     proptest! {
         /// The prefix-first sort orders keys exactly as comparing their bytes does, with keys
-        /// that are prefixes of others, zero bytes, and lengths around 16; each value stays with its
-        /// key.
+        /// that are prefixes of others, zero bytes, and lengths around 16; each value stays
+        /// with its key.
         #[test]
         fn prefix_sort_is_byte_order(
             keys in proptest::collection::hash_set(
