@@ -205,9 +205,7 @@ impl Writer {
     }
 
     fn sync_deadline(&self) -> Option<Instant> {
-        if self.syncer.is_some() {
-            return None;
-        }
+        // With a sync thread `dirty_since` stays `None`: no deadline here.
         match (self.config.durability, self.dirty_since) {
             (Durability::Interval(every), Some(since)) => Some(since + every),
             _ => None,
