@@ -161,6 +161,74 @@ fn a_burst_of_refused_repeated_and_new_sends_answers_each_right() {
     assert_eq!(new_seqs, ((last + 1)..=(last + 5)).collect::<Vec<_>>());
 }
 
+/// Edits and deletes decided in the same burst as their targets (so before those are
+/// applied) follow the same rules as later ones: only the sender edits, the sender or the
+/// creator deletes, a deleted message takes neither, a non-message takes neither.
+#[test]
+fn edits_and_deletes_of_targets_still_in_flight_follow_the_rules() {
+    let (_dir, e) = open();
+    let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
+    let base = e.send("bob", &chat, "m0", Some(s("x")), None).unwrap().seq;
+    let (m1, m2, m3, members) = (base + 1, base + 2, base + 3, base + 4);
+    let burst = vec![
+        ("send m1", e.send_ticket("bob", &chat, "m1", Some(s("one")), None)),
+        ("send m2", e.send_ticket("bob", &chat, "m2", Some(s("two")), None)),
+        ("send m3", e.send_ticket("bob", &chat, "m3", Some(s("three")), None)),
+        ("members", e.add_members_ticket("alice", &chat, &[s("carol")])),
+        ("alice edits m1", e.edit_ticket("alice", &chat, m1, s("no"))),
+        ("bob edits m1", e.edit_ticket("bob", &chat, m1, s("uno"))),
+        ("alice deletes m2", e.delete_ticket("alice", &chat, m2)),
+        ("bob edits m2", e.edit_ticket("bob", &chat, m2, s("no"))),
+        ("bob deletes m2", e.delete_ticket("bob", &chat, m2)),
+        ("bob deletes m3", e.delete_ticket("bob", &chat, m3)),
+        ("alice deletes m3", e.delete_ticket("alice", &chat, m3)),
+        ("bob edits members", e.edit_ticket("bob", &chat, members, s("no"))),
+        ("carol deletes m1", e.delete_ticket("carol", &chat, m1)),
+    ];
+    let answers: Vec<(&str, String)> = burst
+        .into_iter()
+        .map(|(what, t)| {
+            let answer = match t.wait() {
+                Ok(Answer::Sent(sent)) => format!("seq {}", sent.seq),
+                Ok(Answer::Seq(seq)) => format!("seq {seq}"),
+                Ok(other) => format!("{other:?}"),
+                Err(e) => e.code().to_owned(),
+            };
+            (what, answer)
+        })
+        .collect();
+    let next = |k: u64| format!("seq {}", members + k);
+    let expected = vec![
+        ("send m1", format!("seq {m1}")),
+        ("send m2", format!("seq {m2}")),
+        ("send m3", format!("seq {m3}")),
+        ("members", format!("seq {members}")),
+        ("alice edits m1", s("forbidden")),
+        ("bob edits m1", next(1)),
+        ("alice deletes m2", next(2)),
+        ("bob edits m2", s("bad_request")),
+        ("bob deletes m2", s("bad_request")),
+        ("bob deletes m3", next(3)),
+        ("alice deletes m3", s("bad_request")),
+        ("bob edits members", s("bad_request")),
+        ("carol deletes m1", s("forbidden")),
+    ];
+    assert_eq!(answers, expected);
+    // Once everything is applied, the indexes rule the same.
+    let err = e.edit("bob", &chat, m2, s("no")).unwrap_err();
+    assert!(matches!(err, ChatError::BadRequest(_)), "{err}");
+    let err = e.delete("alice", &chat, m3).unwrap_err();
+    assert!(matches!(err, ChatError::BadRequest(_)), "{err}");
+    let page = e.history("bob", &chat, None, Some(base), None).unwrap();
+    let flags: Vec<(u64, bool, bool)> = page
+        .events
+        .iter()
+        .filter(|h| [m1, m2, m3].contains(&h.event.seq))
+        .map(|h| (h.event.seq, h.edited, h.deleted))
+        .collect();
+    assert_eq!(flags, vec![(m1, true, false), (m2, false, true), (m3, false, true)]);
+}
+
 #[test]
 fn rule_violations_are_typed_errors() {
     let (_dir, e) = open();

@@ -1401,6 +1401,11 @@ fn run_applier(
             fail_all(group);
             continue;
         }
+        // The index writes are prepared while the log syncs (they read only what earlier
+        // groups committed), and committed once every batch of the group is durable.
+        let mut wb = store.batch();
+        let prepared = prepare_group(&group, &mut wb);
+        let count = group.len();
         // Wait for durability in order; a failure ends the durable prefix.
         let mut durable = Vec::with_capacity(group.len());
         let mut rest = group.into_iter();
@@ -1416,7 +1421,13 @@ fn run_applier(
                 break;
             }
         }
-        apply_group(durable, &store, &shared, &events);
+        if durable.len() == count && prepared.is_ok() {
+            finish_group(durable, wb.commit(), &shared, &events);
+        } else {
+            // Only a prefix is durable (or preparing failed): index exactly what is.
+            drop(wb);
+            apply_group(durable, &store, &shared, &events);
+        }
         fail_all(rest.collect());
     }
 }
@@ -1439,18 +1450,9 @@ fn durable_as_counted(shared: &Shared, counted: u64, result: Result<u64, String>
     }
 }
 
-fn apply_group(
-    group: Vec<ApplyBatch>,
-    store: &Store,
-    shared: &Shared,
-    events: &broadcast::Sender<Arc<Committed>>,
-) {
-    let Some(last) = group.last() else {
-        return;
-    };
-    let last_id = last.id;
-    let mut wb = store.batch();
-    let applied = group
+/// Adds the index writes of every record of `group` to `wb`.
+fn prepare_group(group: &[ApplyBatch], wb: &mut store::Batch<'_>) -> crate::Result<()> {
+    group
         .iter()
         .flat_map(|b| {
             b.records
@@ -1459,7 +1461,30 @@ fn apply_group(
                 .map(move |(k, r)| (b.first_index + k as u64, r))
         })
         .try_for_each(|(index, r)| wb.apply(r, index))
-        .and_then(|()| wb.commit());
+}
+
+fn apply_group(
+    group: Vec<ApplyBatch>,
+    store: &Store,
+    shared: &Shared,
+    events: &broadcast::Sender<Arc<Committed>>,
+) {
+    let mut wb = store.batch();
+    let applied = prepare_group(&group, &mut wb).and_then(|()| wb.commit());
+    finish_group(group, applied, shared, events);
+}
+
+/// Answers and publishes a durable group once its index writes are committed (`applied`).
+fn finish_group(
+    group: Vec<ApplyBatch>,
+    applied: crate::Result<()>,
+    shared: &Shared,
+    events: &broadcast::Sender<Arc<Committed>>,
+) {
+    let Some(last) = group.last() else {
+        return;
+    };
+    let last_id = last.id;
     if let Err(e) = applied {
         shared.fail(&e);
         for b in group {

@@ -7,7 +7,7 @@
 //! targets, cursors, receipts, devices, files), tagged with their batch, so later decisions see
 //! them; an overlay entry is dropped once the applier reports its batch applied.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::EngineConfig;
@@ -123,9 +123,47 @@ pub enum Op {
 struct ChatState {
     last_seq: u64,
     meta: ChatMeta,
+    /// What edits and deletes need to know about this chat's newest events, up to
+    /// `last_seq`, while they may not be applied yet (older ones are in the indexes). Entries
+    /// of applied batches are dropped from the front when the chat is next touched or swept.
+    recent: VecDeque<Recent>,
+}
+
+/// A decided event, as [`ChatState::recent`] keeps it.
+#[derive(Debug, Clone)]
+struct Recent {
+    /// The batch that decided it.
+    batch: u64,
+    sender: String,
+    is_message: bool,
+    deleted: bool,
 }
 
 impl ChatState {
+    fn new(last_seq: u64, meta: ChatMeta) -> ChatState {
+        ChatState {
+            last_seq,
+            meta,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// The kept event at `seq`, if it is still kept.
+    fn recent_mut(&mut self, seq: u64) -> Option<&mut Recent> {
+        let first = self.last_seq + 1 - self.recent.len() as u64;
+        let at = seq.checked_sub(first)?;
+        self.recent.get_mut(usize::try_from(at).ok()?)
+    }
+
+    /// Drops the kept events of batches up to `applied`; returns how many.
+    fn forget_applied(&mut self, applied: u64) -> usize {
+        let before = self.recent.len();
+        while self.recent.front().is_some_and(|r| r.batch <= applied) {
+            self.recent.pop_front();
+        }
+        before - self.recent.len()
+    }
+
     fn is_member(&self, user: &str) -> bool {
         self.meta
             .members
@@ -144,9 +182,7 @@ struct MessageInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum OverlayKey {
-    /// The `dedup` index key (`chat \0 sender \0 cmid`): built once per send, for the
-    /// index lookup and the overlay alike.
-    Dedup(Vec<u8>),
+    /// A deleted message (the newest events of a chat are in [`ChatState::recent`]).
     Message(String, u64),
     Cursor(String, String, String),
     Receipt(String, String),
@@ -157,7 +193,6 @@ enum OverlayKey {
 
 #[derive(Debug, Clone)]
 enum OverlayValue {
-    Dedup(u64, u64),
     Message(MessageInfo),
     Cursor(Cursor),
     Receipt(u64, u64),
@@ -177,14 +212,25 @@ pub(crate) struct Sequencer {
     chat_counter: u64,
     /// Decided but maybe not yet applied: value and the batch that wrote it.
     overlay: HashMap<OverlayKey, (OverlayValue, u64), FastHash>,
+    /// Sends decided but maybe not yet applied, by `dedup` index key (`chat \0 sender \0
+    /// cmid`): seq, ts and the batch that decided them. Kept apart from `overlay` so the key
+    /// built for the batch's index lookup is moved in, not built again or copied.
+    sent: HashMap<Vec<u8>, (u64, u64, u64), FastHash>,
+    /// `sent`'s size at which [`Sequencer::prune`] runs next.
+    sent_prune_at: usize,
+    /// Entries in every chat's [`ChatState::recent`].
+    recent: usize,
+    /// `recent` at which every chat's applied entries are dropped.
+    recent_sweep_at: usize,
     /// Batches up to this one are applied.
     applied: u64,
     /// Overlay size at which [`Sequencer::prune`] runs next.
     prune_at: usize,
     batch: u64,
-    /// `dedup` index entries of this batch's sends, looked up together by
-    /// [`Sequencer::prefetch_dedup`] (absent: not prefetched).
-    prefetched: HashMap<Vec<u8>, Option<(u64, u64)>, FastHash>,
+    /// The `dedup` index key and entry of each of this batch's sends, in order, looked up
+    /// together by [`Sequencer::prefetch_dedup`] (empty: not prefetched). Each send takes the
+    /// next one, whether it is accepted or not.
+    prefetched: std::vec::IntoIter<(Vec<u8>, Option<(u64, u64)>)>,
 }
 
 impl std::fmt::Debug for Sequencer {
@@ -232,18 +278,25 @@ impl Sequencer {
             chats: HashMap::default(),
             chat_counter,
             overlay: HashMap::default(),
+            sent: HashMap::default(),
+            sent_prune_at: OVERLAY_PRUNE_MIN,
+            recent: 0,
+            recent_sweep_at: OVERLAY_PRUNE_MIN,
             applied: 0,
             prune_at: OVERLAY_PRUNE_MIN,
             batch: 0,
-            prefetched: HashMap::default(),
+            prefetched: Vec::new().into_iter(),
         })
     }
 
     /// Starts deciding batch `batch`; batches up to `applied` are applied.
     pub(crate) fn begin(&mut self, batch: u64, applied: u64) {
         self.applied = applied;
-        if self.overlay.len() >= self.prune_at {
+        if self.overlay.len() >= self.prune_at || self.sent.len() >= self.sent_prune_at {
             self.prune();
+        }
+        if self.recent >= self.recent_sweep_at {
+            self.sweep_recent();
         }
         self.batch = batch;
     }
@@ -253,7 +306,7 @@ impl Sequencer {
     /// a `Get` per send). Call after [`Sequencer::begin`]: a key missing from the overlay then
     /// is either new or applied, so the index answers for it until the batch is decided.
     pub(crate) fn prefetch_dedup<'a>(&mut self, ops: impl Iterator<Item = &'a Op>) {
-        self.prefetched.clear();
+        self.prefetched = Vec::new().into_iter();
         let mut keys = Vec::new();
         let mut add = |op: &Op| {
             if let Op::Send {
@@ -274,7 +327,7 @@ impl Sequencer {
         }
         // A failed lookup is not remembered: `send` asks the index again and reports it.
         if let Ok(found) = self.store.get_many::<(u64, u64)>(CF_DEDUP, &keys) {
-            self.prefetched = keys.into_iter().zip(found).collect();
+            self.prefetched = keys.into_iter().zip(found).collect::<Vec<_>>().into_iter();
         }
     }
 
@@ -287,6 +340,20 @@ impl Sequencer {
         let applied = self.applied;
         self.overlay.retain(|_, (_, b)| *b > applied);
         self.prune_at = (2 * self.overlay.len()).max(OVERLAY_PRUNE_MIN);
+        self.sent.retain(|_, (_, _, b)| *b > applied);
+        self.sent_prune_at = (2 * self.sent.len()).max(OVERLAY_PRUNE_MIN);
+    }
+
+    /// Drops every chat's kept events of applied batches. Run when the kept events doubled
+    /// and outnumber the chats, so its pass over the chats is amortized O(1) per event.
+    fn sweep_recent(&mut self) {
+        let applied = self.applied;
+        for state in self.chats.values_mut() {
+            self.recent -= state.forget_applied(applied);
+        }
+        self.recent_sweep_at = (2 * self.recent)
+            .max(self.chats.len())
+            .max(OVERLAY_PRUNE_MIN);
     }
 
     fn remember(&mut self, key: OverlayKey, value: OverlayValue) {
@@ -305,7 +372,7 @@ impl Sequencer {
                 .ok_or_else(|| ChatError::NotFound(format!("chat {chat}")))?;
             let last_seq = self.store.last_seq(chat)?;
             self.chats
-                .insert(chat.to_owned(), ChatState { last_seq, meta });
+                .insert(chat.to_owned(), ChatState::new(last_seq, meta));
         }
         Ok(self.chats.get_mut(chat).expect("inserted above"))
     }
@@ -328,14 +395,14 @@ impl Sequencer {
         state.last_seq += 1;
         let seq = state.last_seq;
         // Until applied, later decisions about this event (edit/delete targets) come from here.
-        self.remember(
-            OverlayKey::Message(chat.to_owned(), seq),
-            OverlayValue::Message(MessageInfo {
-                sender: sender.to_owned(),
-                is_message: matches!(kind, EventKind::Message { .. }),
-                deleted: false,
-            }),
-        );
+        self.recent -= state.forget_applied(self.applied);
+        state.recent.push_back(Recent {
+            batch: self.batch,
+            sender: sender.to_owned(),
+            is_message: matches!(kind, EventKind::Message { .. }),
+            deleted: false,
+        });
+        self.recent += 1;
         Event {
             chat: chat.to_owned(),
             seq,
@@ -371,7 +438,10 @@ impl Sequencer {
                 cmid,
                 body,
                 file,
-            } => self.send(&user, &chat, cmid, body, file, now_ms, out),
+            } => {
+                let prefetched = self.prefetched.next();
+                self.send(&user, &chat, cmid, body, file, prefetched, now_ms, out)
+            }
             Op::Edit {
                 user,
                 chat,
@@ -464,15 +534,15 @@ impl Sequencer {
         let added: Vec<String> = all.into_iter().collect();
         self.chats.insert(
             chat.clone(),
-            ChatState {
-                last_seq: 0,
-                meta: ChatMeta {
+            ChatState::new(
+                0,
+                ChatMeta {
                     title: title.clone(),
                     creator: creator.clone(),
                     direct,
                     members: added.clone(),
                 },
-            },
+            ),
         );
         let event = self.event(
             &chat,
@@ -586,6 +656,7 @@ impl Sequencer {
         cmid: String,
         body: Option<String>,
         file: Option<String>,
+        prefetched: Option<(Vec<u8>, Option<(u64, u64)>)>,
         now_ms: u64,
         out: &mut Vec<Record>,
     ) -> Result<Outcome, ChatError> {
@@ -597,16 +668,17 @@ impl Sequencer {
             limit_body(&self.config, b)?;
         }
         self.member_chat(user, chat)?;
-        let dedup_key = OverlayKey::Dedup(store::key(&[chat, user, &cmid]));
-        if let Some(OverlayValue::Dedup(seq, ts)) = self.recall(&dedup_key) {
-            return Ok(Outcome::Sent { seq: *seq, ts: *ts });
-        }
-        let OverlayKey::Dedup(key) = &dedup_key else {
-            unreachable!("built as a dedup key above")
+        let (key, prefetched) = match prefetched {
+            Some((key, found)) => (key, Some(found)),
+            None => (store::key(&[chat, user, &cmid]), None),
         };
-        let indexed = match self.prefetched.remove(key) {
+        debug_assert_eq!(key, store::key(&[chat, user, &cmid]), "prefetched in order");
+        if let Some(&(seq, ts, _)) = self.sent.get(&key) {
+            return Ok(Outcome::Sent { seq, ts });
+        }
+        let indexed = match prefetched {
             Some(found) => found,
-            None => self.store.get::<(u64, u64)>(CF_DEDUP, key)?,
+            None => self.store.get::<(u64, u64)>(CF_DEDUP, &key)?,
         };
         if let Some((seq, ts)) = indexed {
             return Ok(Outcome::Sent { seq, ts });
@@ -624,7 +696,7 @@ impl Sequencer {
         }
         let event = self.event(chat, user, now_ms, EventKind::Message { cmid, body, file });
         let (seq, ts) = (event.seq, event.ts);
-        self.remember(dedup_key, OverlayValue::Dedup(seq, ts));
+        self.sent.insert(key, (seq, ts, self.batch));
         out.push(Record::Event {
             event,
             created: None,
@@ -634,11 +706,22 @@ impl Sequencer {
 
     /// What is known about the event at `target`: from the overlay, else from the indexes and
     /// the log.
-    fn message_info(&self, chat: &str, target: u64) -> Result<MessageInfo, ChatError> {
+    fn message_info(&mut self, chat: &str, target: u64) -> Result<MessageInfo, ChatError> {
         if let Some(OverlayValue::Message(info)) =
             self.recall(&OverlayKey::Message(chat.to_owned(), target))
         {
             return Ok(info.clone());
+        }
+        if let Some(recent) = self
+            .chats
+            .get_mut(chat)
+            .and_then(|state| state.recent_mut(target))
+        {
+            return Ok(MessageInfo {
+                sender: recent.sender.clone(),
+                is_message: recent.is_message,
+                deleted: recent.deleted,
+            });
         }
         let entry: HistoryEntry = self
             .store
@@ -721,6 +804,14 @@ impl Sequencer {
         let event = self.event(chat, user, now_ms, EventKind::Delete { target });
         let seq = event.seq;
         info.deleted = true;
+        // Both: the kept event may be dropped (its batch applied) before the delete is.
+        if let Some(recent) = self
+            .chats
+            .get_mut(chat)
+            .and_then(|state| state.recent_mut(target))
+        {
+            recent.deleted = true;
+        }
         self.remember(
             OverlayKey::Message(chat.to_owned(), target),
             OverlayValue::Message(info),
@@ -809,6 +900,7 @@ impl Sequencer {
         // Retention drops events: no message entry of an applied batch may outlive its event
         // (an edit would then be decided against an event the indexes no longer have).
         self.prune();
+        self.sweep_recent();
         let mut changed = 0;
         for (chat, last) in self.store.all_last_seqs()? {
             let hkey = OverlayKey::Horizon(chat.clone());
