@@ -30,12 +30,6 @@ use crate::segment::{Active, ActiveFrames, Sealed, name, sparse_offsets};
 /// docs/benchmarks.md).
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
-/// Bytes of zeros passed to one write while preparing a spare segment: small enough that the
-/// source stays in the CPU's cache while the kernel copies it into the page cache. Writing
-/// 256 MiB from a 1 MiB buffer took 0.29–0.33 s of system CPU here, from a 256 KiB buffer
-/// 0.09 s (docs/benchmarks.md); in the append benchmark that copy was 6 % of all samples.
-const ZERO_WRITE_BYTES: usize = 256 << 10;
-
 /// Creates `spare.seg` of `size_bytes`: zero-filled and synced chunk by chunk, or sparse.
 pub(crate) fn prepare_spare(
     fs: &dyn FileSystem,
@@ -52,18 +46,15 @@ pub(crate) fn prepare_spare(
             .set_len(size_bytes)
             .map_err(|e| Error::io("set_len", &path, e))?,
         Preallocate::Zeroed => {
-            let zeros = vec![0u8; ZERO_WRITE_BYTES];
+            let zeros = vec![0u8; ZERO_CHUNK_BYTES];
             let mut at = 0;
             while at < size_bytes {
-                let chunk_end = size_bytes.min(at + ZERO_CHUNK_BYTES as u64);
-                while at < chunk_end {
-                    let n = (chunk_end - at).min(ZERO_WRITE_BYTES as u64) as usize;
-                    file.write_at(&zeros[..n], at)
-                        .map_err(|e| Error::io("write", &path, e))?;
-                    at += n as u64;
-                }
+                let n = (size_bytes - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+                file.write_at(&zeros[..n], at)
+                    .map_err(|e| Error::io("write", &path, e))?;
                 file.sync_data()
                     .map_err(|e| Error::io("fdatasync", &path, e))?;
+                at += n as u64;
             }
         }
     }
