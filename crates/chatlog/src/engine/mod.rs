@@ -1501,9 +1501,15 @@ fn finish_group(
         );
     }
     shared.applied_batch.store(last_id, Ordering::Release);
+    // With no subscriber there is nobody to publish to: no event is built (a subscriber that
+    // comes later starts from a log position, see `Engine::subscribe`).
+    let publish = events.receiver_count() > 0;
     for b in group {
         for (reply, outcome) in b.replies {
             let _ = reply.send(Ok(outcome));
+        }
+        if !publish {
+            continue;
         }
         for (k, record) in b.records.into_iter().enumerate() {
             let _ = events.send(Arc::new(Committed {
