@@ -171,10 +171,22 @@ fn edits_and_deletes_of_targets_still_in_flight_follow_the_rules() {
     let base = e.send("bob", &chat, "m0", Some(s("x")), None).unwrap().seq;
     let (m1, m2, m3, members) = (base + 1, base + 2, base + 3, base + 4);
     let burst = vec![
-        ("send m1", e.send_ticket("bob", &chat, "m1", Some(s("one")), None)),
-        ("send m2", e.send_ticket("bob", &chat, "m2", Some(s("two")), None)),
-        ("send m3", e.send_ticket("bob", &chat, "m3", Some(s("three")), None)),
-        ("members", e.add_members_ticket("alice", &chat, &[s("carol")])),
+        (
+            "send m1",
+            e.send_ticket("bob", &chat, "m1", Some(s("one")), None),
+        ),
+        (
+            "send m2",
+            e.send_ticket("bob", &chat, "m2", Some(s("two")), None),
+        ),
+        (
+            "send m3",
+            e.send_ticket("bob", &chat, "m3", Some(s("three")), None),
+        ),
+        (
+            "members",
+            e.add_members_ticket("alice", &chat, &[s("carol")]),
+        ),
         ("alice edits m1", e.edit_ticket("alice", &chat, m1, s("no"))),
         ("bob edits m1", e.edit_ticket("bob", &chat, m1, s("uno"))),
         ("alice deletes m2", e.delete_ticket("alice", &chat, m2)),
@@ -182,7 +194,10 @@ fn edits_and_deletes_of_targets_still_in_flight_follow_the_rules() {
         ("bob deletes m2", e.delete_ticket("bob", &chat, m2)),
         ("bob deletes m3", e.delete_ticket("bob", &chat, m3)),
         ("alice deletes m3", e.delete_ticket("alice", &chat, m3)),
-        ("bob edits members", e.edit_ticket("bob", &chat, members, s("no"))),
+        (
+            "bob edits members",
+            e.edit_ticket("bob", &chat, members, s("no")),
+        ),
         ("carol deletes m1", e.delete_ticket("carol", &chat, m1)),
     ];
     let answers: Vec<(&str, String)> = burst
@@ -226,7 +241,10 @@ fn edits_and_deletes_of_targets_still_in_flight_follow_the_rules() {
         .filter(|h| [m1, m2, m3].contains(&h.event.seq))
         .map(|h| (h.event.seq, h.edited, h.deleted))
         .collect();
-    assert_eq!(flags, vec![(m1, true, false), (m2, false, true), (m3, false, true)]);
+    assert_eq!(
+        flags,
+        vec![(m1, true, false), (m2, false, true), (m3, false, true)]
+    );
 }
 
 #[test]

@@ -32,6 +32,9 @@ const OVERLAY_PRUNE_MIN: usize = 4096;
 /// Fewest sends in a batch for which [`Sequencer::prefetch_dedup`] looks them up together.
 const DEDUP_PREFETCH_MIN: usize = 4;
 
+/// A send's `dedup` index key and the index's entry for it, looked up before the batch.
+type Prefetched = (Vec<u8>, Option<(u64, u64)>);
+
 /// A reply channel for an operation.
 pub(crate) type Reply = oneshot::Sender<Result<Outcome, ChatError>>;
 
@@ -230,7 +233,7 @@ pub(crate) struct Sequencer {
     /// The `dedup` index key and entry of each of this batch's sends, in order, looked up
     /// together by [`Sequencer::prefetch_dedup`] (empty: not prefetched). Each send takes the
     /// next one, whether it is accepted or not.
-    prefetched: std::vec::IntoIter<(Vec<u8>, Option<(u64, u64)>)>,
+    prefetched: std::vec::IntoIter<Prefetched>,
 }
 
 impl std::fmt::Debug for Sequencer {
@@ -656,7 +659,7 @@ impl Sequencer {
         cmid: String,
         body: Option<String>,
         file: Option<String>,
-        prefetched: Option<(Vec<u8>, Option<(u64, u64)>)>,
+        prefetched: Option<Prefetched>,
         now_ms: u64,
         out: &mut Vec<Record>,
     ) -> Result<Outcome, ChatError> {

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::dedup_filter::{self, DedupFilter};
-use super::tail::{Maps, Tail, TailCf, TailWrite};
+use super::tail::{Maps, Tail, TailCf, TailWrite, TailWrites, WriteRef};
 use super::types::{Cursor, Event, EventKind, Record};
 use crate::error::{Error, Result};
 use crate::log::Log;
@@ -254,22 +254,32 @@ fn column_family<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
 /// Joins key parts with a 0 byte (ids never contain one).
 pub fn key(parts: &[&str]) -> Vec<u8> {
     let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    key_into(&mut k, parts);
+    k
+}
+
+/// Appends [`key`]`(parts)` to `buf`.
+fn key_into(buf: &mut Vec<u8>, parts: &[&str]) {
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
-            k.push(0);
+            buf.push(0);
         }
-        k.extend_from_slice(p.as_bytes());
+        buf.extend_from_slice(p.as_bytes());
     }
-    k
 }
 
 /// `chat \0 seq(be)`.
 pub fn history_key(chat: &str, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(chat.len() + 9);
-    k.extend_from_slice(chat.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&seq.to_be_bytes());
+    history_key_into(&mut k, chat, seq);
     k
+}
+
+/// Appends [`history_key`]`(chat, seq)` to `buf`.
+fn history_key_into(buf: &mut Vec<u8>, chat: &str, seq: u64) {
+    buf.extend_from_slice(chat.as_bytes());
+    buf.push(0);
+    buf.extend_from_slice(&seq.to_be_bytes());
 }
 
 /// The tail column family `cf` names, if it is one.
@@ -904,7 +914,7 @@ impl Store {
             wb: WriteBatch::default(),
             overlay: HashMap::default(),
             history_in_overlay: false,
-            tail: Vec::new(),
+            tail: TailWrites::default(),
             last_index: None,
         }
     }
@@ -923,7 +933,7 @@ pub struct Batch<'a> {
     /// copy of every message's entry (a map insert and two allocations per message).
     history_in_overlay: bool,
     /// Writes for the index tail, in order.
-    tail: Vec<TailWrite>,
+    tail: TailWrites,
     last_index: Option<u64>,
 }
 
@@ -954,6 +964,22 @@ impl Batch<'_> {
         }
     }
 
+    /// Puts a message's `history` or `dedup` entry: key and value are written straight into
+    /// the tail's buffer (the overlay gets a copy only once an edit or delete read `history`).
+    fn put_tail<T: Serialize>(&mut self, cf: TailCf, key: impl FnOnce(&mut Vec<u8>), value: &T) {
+        self.tail.put_with(cf, key, |buf| {
+            let bytes = postcard::to_extend(value, std::mem::take(buf));
+            *buf = bytes.expect("postcard encoding into a Vec");
+        });
+        if cf == TailCf::History
+            && self.history_in_overlay
+            && let Some(WriteRef::Put { key, value, .. }) = self.tail.last()
+        {
+            self.overlay
+                .insert((CF_HISTORY, key.to_vec()), Some(value.to_vec()));
+        }
+    }
+
     fn delete(&mut self, cf: &'static str, key: Vec<u8>) {
         self.wb.delete_cf(self.store.cf(cf), &key);
         self.overlay.insert((cf, key), None);
@@ -966,15 +992,15 @@ impl Batch<'_> {
         );
         if cf == CF_HISTORY && !self.history_in_overlay {
             self.history_in_overlay = true;
-            for write in &self.tail {
-                if let TailWrite::Put {
+            for write in self.tail.iter() {
+                if let WriteRef::Put {
                     cf: TailCf::History,
                     key,
                     value,
                 } = write
                 {
                     self.overlay
-                        .insert((CF_HISTORY, key.clone()), Some(value.clone()));
+                        .insert((CF_HISTORY, key.to_vec()), Some(value.to_vec()));
                 }
             }
         }
@@ -1050,9 +1076,9 @@ impl Batch<'_> {
         log_index: u64,
     ) -> Result<()> {
         let chat = event.chat.as_str();
-        self.put(
-            CF_HISTORY,
-            history_key(chat, event.seq),
+        self.put_tail(
+            TailCf::History,
+            |buf| history_key_into(buf, chat, event.seq),
             &HistoryEntry {
                 log_index,
                 edit_log_index: None,
@@ -1061,9 +1087,9 @@ impl Batch<'_> {
         );
         match &event.kind {
             EventKind::Message { cmid, file, .. } => {
-                self.put(
-                    CF_DEDUP,
-                    key(&[chat, &event.sender, cmid]),
+                self.put_tail(
+                    TailCf::Dedup,
+                    |buf| key_into(buf, &[chat, &event.sender, cmid]),
                     &(event.seq, event.ts),
                 );
                 if let Some(file) = file {
@@ -1130,10 +1156,7 @@ impl Batch<'_> {
         let Some(last) = self.last_index else {
             return store.db.write(self.wb).map_err(rocks);
         };
-        let horizons = self
-            .tail
-            .iter()
-            .any(|w| matches!(w, TailWrite::Horizon { .. }));
+        let horizons = self.tail.has_horizon();
         // The frozen generation must be in RocksDB before the horizon's range delete (ingested
         // later, its files would bring back entries below the horizon), and none may be frozen
         // until the horizon is in the tail: hold the ingestion lock across both.
@@ -1150,7 +1173,7 @@ impl Batch<'_> {
         if store.applied.fetch_max(last, Ordering::AcqRel) < last {
             self.put(CF_META, KEY_APPLIED.to_vec(), &last);
         }
-        let (live, empty) = store.tail.apply(std::mem::take(&mut self.tail), last);
+        let (live, empty) = store.tail.apply(&self.tail, last);
         drop(ingesting);
         if empty {
             // Nothing waits for ingestion: the log need not be replayed before `last`.
@@ -1391,7 +1414,7 @@ mod filter_tests {
                 ]
             })
             .collect();
-        store.tail.apply(writes, n);
+        store.tail.apply(&writes, n);
         store.flush_tail().expect("ingest");
         let history = filter_bytes_per_entry(&store, CF_HISTORY);
         let dedup = filter_bytes_per_entry(&store, CF_DEDUP);
@@ -1523,7 +1546,7 @@ mod dedup_filter_tests {
                 value: encode(&(i, i)),
             })
             .collect();
-        let (live, _) = store.tail.apply(writes, to);
+        let (live, _) = store.tail.apply(&writes, to);
         store.after_tail_apply(live).expect("ingest");
     }
 

@@ -219,6 +219,117 @@ pub(crate) enum TailWrite {
     Horizon { chat: String, seq: u64 },
 }
 
+/// A batch's writes to the tail, in log order, with their keys and values back to back in one
+/// buffer: no allocation per key or value (four per message, and their frees, in the applier).
+#[derive(Debug, Default)]
+pub(crate) struct TailWrites {
+    bytes: Vec<u8>,
+    writes: Vec<Written>,
+}
+
+#[derive(Debug)]
+enum Written {
+    /// Key in `bytes[start..key_end]`, value in `bytes[key_end..end]`.
+    Put {
+        cf: TailCf,
+        start: usize,
+        key_end: usize,
+        end: usize,
+    },
+    Horizon {
+        chat: String,
+        seq: u64,
+    },
+}
+
+/// A write of [`TailWrites`], borrowed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WriteRef<'a> {
+    Put {
+        cf: TailCf,
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    Horizon {
+        chat: &'a str,
+        seq: u64,
+    },
+}
+
+impl TailWrites {
+    /// Adds a put whose key and value the closures append to the buffer they are given.
+    pub fn put_with(
+        &mut self,
+        cf: TailCf,
+        key: impl FnOnce(&mut Vec<u8>),
+        value: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let start = self.bytes.len();
+        key(&mut self.bytes);
+        let key_end = self.bytes.len();
+        value(&mut self.bytes);
+        self.writes.push(Written::Put {
+            cf,
+            start,
+            key_end,
+            end: self.bytes.len(),
+        });
+    }
+
+    /// Adds `write`.
+    pub fn push(&mut self, write: TailWrite) {
+        match write {
+            TailWrite::Put { cf, key, value } => self.put_with(
+                cf,
+                |b| b.extend_from_slice(&key),
+                |b| b.extend_from_slice(&value),
+            ),
+            TailWrite::Horizon { chat, seq } => self.writes.push(Written::Horizon { chat, seq }),
+        }
+    }
+
+    /// The writes, in order.
+    pub fn iter(&self) -> impl Iterator<Item = WriteRef<'_>> {
+        self.writes.iter().map(|w| self.borrow(w))
+    }
+
+    /// The newest write.
+    pub fn last(&self) -> Option<WriteRef<'_>> {
+        self.writes.last().map(|w| self.borrow(w))
+    }
+
+    fn borrow<'a>(&'a self, w: &'a Written) -> WriteRef<'a> {
+        match w {
+            &Written::Put {
+                cf,
+                start,
+                key_end,
+                end,
+            } => WriteRef::Put {
+                cf,
+                key: &self.bytes[start..key_end],
+                value: &self.bytes[key_end..end],
+            },
+            Written::Horizon { chat, seq } => WriteRef::Horizon { chat, seq: *seq },
+        }
+    }
+
+    /// Whether a horizon is among the writes.
+    pub fn has_horizon(&self) -> bool {
+        self.writes
+            .iter()
+            .any(|w| matches!(w, Written::Horizon { .. }))
+    }
+}
+
+impl FromIterator<TailWrite> for TailWrites {
+    fn from_iter<I: IntoIterator<Item = TailWrite>>(writes: I) -> Self {
+        let mut all = TailWrites::default();
+        writes.into_iter().for_each(|w| all.push(w));
+        all
+    }
+}
+
 /// One generation of tail writes.
 #[derive(Debug, Default)]
 pub(crate) struct Maps {
@@ -243,30 +354,30 @@ impl Maps {
         }
     }
 
-    fn apply(&mut self, write: TailWrite) {
+    fn apply(&mut self, write: WriteRef<'_>) {
         match write {
-            TailWrite::Put {
+            WriteRef::Put {
                 cf: TailCf::History,
                 key,
                 value,
             } => {
-                let (chat, seq) = split_history_key(&key);
+                let (chat, seq) = split_history_key(key);
                 match self.last_seq.get_mut(chat) {
                     Some(last) => *last = (*last).max(seq),
                     None => {
                         self.last_seq.insert(chat.to_vec(), seq);
                     }
                 }
-                self.history.insert(&key, &value);
+                self.history.insert(key, value);
             }
-            TailWrite::Put {
+            WriteRef::Put {
                 cf: TailCf::Dedup,
                 key,
                 value,
             } => {
-                self.dedup.insert(&key, &value);
+                self.dedup.insert(key, value);
             }
-            TailWrite::Horizon { chat, seq } => {
+            WriteRef::Horizon { chat, seq } => {
                 let Some(&last) = self.last_seq.get(chat.as_bytes()) else {
                     return;
                 };
@@ -353,16 +464,13 @@ impl Tail {
     /// Applies one batch's writes, the last of them from log index `last_index`. Returns the
     /// number of live entries afterwards, and whether the tail holds nothing at all (no live
     /// entry, no frozen generation).
-    pub fn apply(&self, writes: Vec<TailWrite>, last_index: u64) -> (usize, bool) {
+    pub fn apply(&self, writes: &TailWrites, last_index: u64) -> (usize, bool) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let horizons = writes
-            .iter()
-            .any(|w| matches!(w, TailWrite::Horizon { .. }));
         assert!(
-            !horizons || state.frozen.is_none(),
+            !writes.has_horizon() || state.frozen.is_none(),
             "a horizon is applied to the tail only once the frozen generation is ingested"
         );
-        for w in writes {
+        for w in writes.iter() {
             state.live.apply(w);
         }
         assert!(
@@ -513,17 +621,20 @@ mod tests {
     fn live_overrides_frozen_and_last_seq_spans_both() {
         let tail = Tail::new(2);
         let (n, empty) = tail.apply(
-            vec![
+            &TailWrites::from_iter([
                 put(TailCf::History, hkey("g1", 1), b"a"),
                 put(TailCf::History, hkey("g1", 2), b"b"),
-            ],
+            ]),
             2,
         );
         assert!(!empty);
         assert!(tail.full(n));
         let frozen = tail.freeze().expect("two entries");
         assert_eq!(frozen.last_index, 2);
-        let (n, empty) = tail.apply(vec![put(TailCf::History, hkey("g1", 1), b"edited")], 3);
+        let (n, empty) = tail.apply(
+            &TailWrites::from_iter([put(TailCf::History, hkey("g1", 1), b"edited")]),
+            3,
+        );
         assert_eq!(n, 1);
         assert!(!empty);
         let view = tail.view();
@@ -554,12 +665,12 @@ mod tests {
             })
             .chain([put(TailCf::Dedup, b"g1\0u\0c".to_vec(), b"d")])
             .collect();
-        tail.apply(writes, 11);
+        tail.apply(&writes, 11);
         tail.apply(
-            vec![TailWrite::Horizon {
+            &TailWrites::from_iter([TailWrite::Horizon {
                 chat: "g1".into(),
                 seq: 4,
-            }],
+            }]),
             12,
         );
         let view = tail.view();
@@ -570,26 +681,79 @@ mod tests {
         assert_eq!(view.last_seq("g1"), Some(5));
         drop(view);
         tail.apply(
-            vec![TailWrite::Horizon {
+            &TailWrites::from_iter([TailWrite::Horizon {
                 chat: "g1".into(),
                 seq: 9,
-            }],
+            }]),
             13,
         );
         assert_eq!(tail.view().last_seq("g1"), None);
         assert_eq!(tail.view().last_seq("g10"), Some(5));
     }
 
+    /// Puts of every length (empty keys and values too) and horizons, mixed: each comes back
+    /// in order with its own key and value.
+    #[test]
+    fn tail_writes_keep_order_keys_and_values() {
+        let mut writes = TailWrites::default();
+        let mut expected = Vec::new();
+        for i in 0..40usize {
+            let key = vec![b'k'; i % 7];
+            let value = vec![i as u8; i % 5];
+            if i % 9 == 4 {
+                writes.push(TailWrite::Horizon {
+                    chat: format!("g{i}"),
+                    seq: i as u64,
+                });
+                expected.push(format!("horizon g{i} {i}"));
+            } else if i % 2 == 0 {
+                writes.push(put(TailCf::Dedup, key.clone(), &value));
+                expected.push(format!("dedup {key:?} {value:?}"));
+            } else {
+                writes.put_with(
+                    TailCf::History,
+                    |b| b.extend_from_slice(&key),
+                    |b| b.extend_from_slice(&value),
+                );
+                expected.push(format!("history {key:?} {value:?}"));
+            }
+        }
+        let listed: Vec<String> = writes
+            .iter()
+            .map(|w| match w {
+                WriteRef::Put {
+                    cf: TailCf::Dedup,
+                    key,
+                    value,
+                } => format!("dedup {key:?} {value:?}"),
+                WriteRef::Put { key, value, .. } => format!("history {key:?} {value:?}"),
+                WriteRef::Horizon { chat, seq } => format!("horizon {chat} {seq}"),
+            })
+            .collect();
+        assert_eq!(listed, expected);
+        assert!(writes.has_horizon());
+        assert!(matches!(
+            writes.last(),
+            Some(WriteRef::Put {
+                cf: TailCf::History,
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn freezing_an_empty_tail_gives_nothing_and_keeps_the_index() {
         let tail = Tail::new(1);
         assert!(tail.freeze().is_none());
-        tail.apply(vec![put(TailCf::Dedup, b"k".to_vec(), b"v")], 7);
+        tail.apply(
+            &TailWrites::from_iter([put(TailCf::Dedup, b"k".to_vec(), b"v")]),
+            7,
+        );
         let frozen = tail.freeze().expect("one entry");
         assert_eq!(frozen.last_index, 7);
         tail.drop_frozen();
         assert!(tail.freeze().is_none());
-        assert_eq!(tail.apply(Vec::new(), 8), (0, true));
+        assert_eq!(tail.apply(&TailWrites::default(), 8), (0, true));
         assert!(tail.freeze().is_none());
     }
 }
