@@ -671,11 +671,15 @@ impl Sequencer {
             limit_body(&self.config, b)?;
         }
         self.member_chat(user, chat)?;
+        let parts = [chat, user, cmid.as_str()];
         let (key, prefetched) = match prefetched {
-            Some((key, found)) => (key, Some(found)),
-            None => (store::key(&[chat, user, &cmid]), None),
+            // Prefetched in the batch's order; checked anyway (a comparison, no allocation).
+            Some((key, found)) if store::key_is(&key, &parts) => (key, Some(found)),
+            other => {
+                debug_assert!(other.is_none(), "a send took another send's prefetched key");
+                (store::key(&parts), None)
+            }
         };
-        debug_assert_eq!(key, store::key(&[chat, user, &cmid]), "prefetched in order");
         if let Some(&(seq, ts, _)) = self.sent.get(&key) {
             return Ok(Outcome::Sent { seq, ts });
         }

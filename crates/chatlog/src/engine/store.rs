@@ -258,6 +258,24 @@ pub fn key(parts: &[&str]) -> Vec<u8> {
     k
 }
 
+/// Whether `k` is [`key`]`(parts)`.
+pub fn key_is(k: &[u8], parts: &[&str]) -> bool {
+    let mut rest = k;
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            let Some(tail) = rest.strip_prefix(&[0u8][..]) else {
+                return false;
+            };
+            rest = tail;
+        }
+        let Some(tail) = rest.strip_prefix(p.as_bytes()) else {
+            return false;
+        };
+        rest = tail;
+    }
+    rest.is_empty()
+}
+
 /// Appends [`key`]`(parts)` to `buf`.
 fn key_into(buf: &mut Vec<u8>, parts: &[&str]) {
     for (i, p) in parts.iter().enumerate() {
@@ -1188,6 +1206,23 @@ impl Batch<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn key_is_compares_with_the_built_key() {
+        let parts = ["g1", "u1", "c1"];
+        assert!(key_is(&key(&parts), &parts));
+        for other in [
+            key(&["g1", "u1", "c"]),
+            key(&["g1", "u1", "c12"]),
+            key(&["g1", "u", "1c1"]),
+            key(&["g1", "u1"]),
+            b"g1\0u1\0c1\0".to_vec(),
+            Vec::new(),
+        ] {
+            assert!(!key_is(&other, &parts), "{other:?}");
+        }
+        assert!(key_is(b"", &[""]));
+    }
 
     proptest! {
         /// The prefix-first sort orders keys exactly as comparing their bytes does, with keys
