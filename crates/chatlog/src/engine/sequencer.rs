@@ -390,10 +390,13 @@ impl Sequencer {
         Ok(state)
     }
 
-    fn event(&mut self, chat: &str, sender: &str, ts: u64, kind: EventKind) -> Event {
+    /// The next event of `chat` (loaded), remembered for edits and deletes until applied.
+    /// Takes the strings it keeps: a send moves its operation's in (no copy to make, and none
+    /// of the caller's to free here).
+    fn event(&mut self, chat: String, sender: String, ts: u64, kind: EventKind) -> Event {
         let state = self
             .chats
-            .get_mut(chat)
+            .get_mut(&chat)
             .expect("chat loaded before an event");
         state.last_seq += 1;
         let seq = state.last_seq;
@@ -401,16 +404,16 @@ impl Sequencer {
         self.recent -= state.forget_applied(self.applied);
         state.recent.push_back(Recent {
             batch: self.batch,
-            sender: sender.to_owned(),
+            sender: sender.clone(),
             is_message: matches!(kind, EventKind::Message { .. }),
             deleted: false,
         });
         self.recent += 1;
         Event {
-            chat: chat.to_owned(),
+            chat,
             seq,
             ts,
-            sender: sender.to_owned(),
+            sender,
             kind,
         }
     }
@@ -443,7 +446,7 @@ impl Sequencer {
                 file,
             } => {
                 let prefetched = self.prefetched.next();
-                self.send(&user, &chat, cmid, body, file, prefetched, now_ms, out)
+                self.send(user, chat, cmid, body, file, prefetched, now_ms, out)
             }
             Op::Edit {
                 user,
@@ -548,8 +551,8 @@ impl Sequencer {
             ),
         );
         let event = self.event(
-            &chat,
-            &creator,
+            chat.clone(),
+            creator.clone(),
             now_ms,
             EventKind::Members {
                 added,
@@ -598,8 +601,8 @@ impl Sequencer {
             state.meta.members.insert(pos, u.clone());
         }
         let event = self.event(
-            chat,
-            user,
+            chat.to_owned(),
+            user.to_owned(),
             now_ms,
             EventKind::Members {
                 added: new.into_iter().collect(),
@@ -639,8 +642,8 @@ impl Sequencer {
         }
         state.meta.members.retain(|m| !gone.contains(m));
         let event = self.event(
-            chat,
-            user,
+            chat.to_owned(),
+            user.to_owned(),
             now_ms,
             EventKind::Members {
                 added: Vec::new(),
@@ -654,8 +657,8 @@ impl Sequencer {
     #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
-        user: &str,
-        chat: &str,
+        user: String,
+        chat: String,
         cmid: String,
         body: Option<String>,
         file: Option<String>,
@@ -670,8 +673,8 @@ impl Sequencer {
         if let Some(b) = &body {
             limit_body(&self.config, b)?;
         }
-        self.member_chat(user, chat)?;
-        let parts = [chat, user, cmid.as_str()];
+        self.member_chat(&user, &chat)?;
+        let parts = [chat.as_str(), user.as_str(), cmid.as_str()];
         let (key, prefetched) = match prefetched {
             // Prefetched in the batch's order; checked anyway (a comparison, no allocation).
             Some((key, found)) if store::key_is(&key, &parts) => (key, Some(found)),
@@ -790,7 +793,12 @@ impl Sequencer {
                 "only the sender may edit a message".into(),
             ));
         }
-        let event = self.event(chat, user, now_ms, EventKind::Edit { target, body });
+        let event = self.event(
+            chat.to_owned(),
+            user.to_owned(),
+            now_ms,
+            EventKind::Edit { target, body },
+        );
         Ok(Outcome::Seq(push_event(event, out)))
     }
 
@@ -808,7 +816,12 @@ impl Sequencer {
                 "only the sender or the chat's creator may delete a message".into(),
             ));
         }
-        let event = self.event(chat, user, now_ms, EventKind::Delete { target });
+        let event = self.event(
+            chat.to_owned(),
+            user.to_owned(),
+            now_ms,
+            EventKind::Delete { target },
+        );
         let seq = event.seq;
         info.deleted = true;
         // Both: the kept event may be dropped (its batch applied) before the delete is.
