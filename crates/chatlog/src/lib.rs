@@ -17,6 +17,7 @@ pub mod error;
 pub mod io;
 pub mod log;
 pub mod presence;
+mod priority;
 pub mod segment;
 
 pub use error::{Error, Result};

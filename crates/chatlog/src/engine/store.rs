@@ -496,6 +496,11 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
+        // Compactions are background work (see `crate::priority`): RocksDB runs its
+        // low-priority pool at the lowest CPU priority.
+        let mut env = rocksdb::Env::new().map_err(rocks)?;
+        env.lower_thread_pool_cpu_priority();
+        opts.set_env(&env);
         opts.set_keep_log_file_num(4);
         // `meta`'s in-place updates need it; batches come from one applier anyway.
         opts.set_allow_concurrent_memtable_write(false);
@@ -615,6 +620,7 @@ impl Store {
             .name("chatlog-ingest".into())
             .spawn(move || {
                 quiet_perf_counters();
+                crate::priority::lower_this_thread();
                 let result = ingest_tail(&db, &ingest, &frozen);
                 if result.is_ok() {
                     tail.drop_frozen();

@@ -481,6 +481,7 @@ impl Writer {
         let spawned = std::thread::Builder::new()
             .name("chatlog-prealloc".into())
             .spawn(move || {
+                crate::priority::lower_this_thread();
                 if let Some(path) = uncache {
                     drop_cache(fs.as_ref(), &path);
                 }
