@@ -1501,8 +1501,11 @@ fn finish_group(
         );
     }
     shared.applied_batch.store(last_id, Ordering::Release);
-    // With no subscriber there is nobody to publish to: no event is built (a subscriber that
-    // comes later starts from a log position, see `Engine::subscribe`).
+    // With no subscriber there is nobody to publish to: no event is built. No subscriber
+    // misses this group for it: `Engine::subscribe` registers its receiver before it reads
+    // `applied_index`, this thread stored `applied_index` above before it counts receivers,
+    // and both go through the channel's lock. So either the receiver is counted here, or the
+    // subscriber starts after this group.
     let publish = events.receiver_count() > 0;
     for b in group {
         for (reply, outcome) in b.replies {
