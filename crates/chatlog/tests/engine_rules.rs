@@ -543,6 +543,68 @@ fn subscribers_get_every_committed_record_in_log_order_even_after_lagging() {
     assert_eq!(seqs, (2..=41).collect::<Vec<_>>());
 }
 
+/// Subscribers that come and go while sends commit (with none at times, when the engine builds
+/// no events) each get every record from where they started, with no gap, up to the end.
+#[test]
+fn subscribers_joining_while_sends_commit_miss_nothing_after_their_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Arc::new(Engine::open(dir.path(), config().0).unwrap());
+    let chat = e.create_chat("alice", &[s("bob")], None, false).unwrap();
+    const SENDS: u64 = 600;
+    let sender = {
+        let (e, chat) = (e.clone(), chat.clone());
+        std::thread::spawn(move || {
+            let tickets: Vec<_> = (0..SENDS)
+                .map(|i| e.send_ticket("alice", &chat, &format!("m{i}"), Some(s("x")), None))
+                .collect();
+            tickets.into_iter().for_each(|t| {
+                t.wait().unwrap();
+            });
+        })
+    };
+    let mut checked = 0;
+    while !sender.is_finished() {
+        let mut sub = e.subscribe();
+        let mut indexes = Vec::new();
+        // Read a few records, then drop the subscription (possibly leaving none).
+        while indexes.len() < 5 {
+            match sub.try_recv() {
+                Some(Ok(c)) => indexes.push(c.log_index),
+                Some(Err(SubscriptionError::Lagged { .. })) => {}
+                Some(Err(other)) => panic!("{other}"),
+                None if sender.is_finished() => break,
+                None => std::thread::sleep(std::time::Duration::from_micros(200)),
+            }
+        }
+        if let Some(&first) = indexes.first() {
+            let expected: Vec<u64> = (first..first + indexes.len() as u64).collect();
+            assert_eq!(indexes, expected, "a subscription from {first} has a gap");
+            checked += 1;
+        }
+    }
+    sender.join().unwrap();
+    assert!(
+        checked > 0,
+        "no subscription saw a record while the sends committed"
+    );
+    let mut sub = e.subscribe();
+    let more = e.send("alice", &chat, "after", Some(s("x")), None).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let c = loop {
+        match sub.try_recv() {
+            Some(c) => break c.unwrap(),
+            None if std::time::Instant::now() > deadline => {
+                panic!("the last send was not published")
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    };
+    let Record::Event { event, .. } = &c.record else {
+        panic!("{:?}", c.record)
+    };
+    assert_eq!(event.seq, more.seq);
+}
+
 #[test]
 fn reopen_replays_and_rebuilds_identical_indexes() {
     let dir = tempfile::tempdir().unwrap();
