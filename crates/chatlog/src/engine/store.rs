@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::dedup_filter::{self, DedupFilter};
-use super::tail::{Maps, Tail, TailCf, TailWrite, TailWrites, WriteRef};
+use super::tail::{Maps, Tail, TailCf, TailWrites, WriteRef};
 use super::types::{Cursor, Event, EventKind, Record};
 use crate::error::{Error, Result};
 use crate::log::Log;
@@ -972,24 +972,20 @@ impl std::fmt::Debug for Batch<'_> {
 
 impl Batch<'_> {
     fn put<T: Serialize>(&mut self, cf: &'static str, key: Vec<u8>, value: &T) {
+        if let Some(tail_cf) = tail_cf(cf) {
+            return self.put_tail(tail_cf, |buf| buf.extend_from_slice(&key), value);
+        }
         let bytes = encode(value);
         // Only column families that `apply` reads back need the overlay; skipping the others
         // saves two allocations and a hash insert per write on the hot path.
-        if READ_BACK_CFS.contains(&cf) && (cf != CF_HISTORY || self.history_in_overlay) {
+        if READ_BACK_CFS.contains(&cf) {
             self.overlay.insert((cf, key.clone()), Some(bytes.clone()));
         }
-        match tail_cf(cf) {
-            Some(tail_cf) => self.tail.push(TailWrite::Put {
-                cf: tail_cf,
-                key,
-                value: bytes,
-            }),
-            None => self.wb.put_cf(self.store.cf(cf), &key, &bytes),
-        }
+        self.wb.put_cf(self.store.cf(cf), &key, &bytes);
     }
 
-    /// Puts a message's `history` or `dedup` entry: key and value are written straight into
-    /// the tail's buffer (the overlay gets a copy only once an edit or delete read `history`).
+    /// Puts a `history` or `dedup` entry: key and value are written straight into the tail's
+    /// buffer (the overlay gets a copy only once an edit or delete read `history`).
     fn put_tail<T: Serialize>(&mut self, cf: TailCf, key: impl FnOnce(&mut Vec<u8>), value: &T) {
         self.tail.put_with(cf, key, |buf| {
             let bytes = postcard::to_extend(value, std::mem::take(buf));
@@ -1082,10 +1078,7 @@ impl Batch<'_> {
                         history_key(chat, old),
                         history_key(chat, *seq),
                     );
-                    self.tail.push(TailWrite::Horizon {
-                        chat: chat.clone(),
-                        seq: *seq,
-                    });
+                    self.tail.horizon(chat.clone(), *seq);
                     self.put(CF_HORIZONS, chat.as_bytes().to_vec(), seq);
                 }
             }
@@ -1439,22 +1432,15 @@ mod filter_tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), 1 << 20, None).expect("open");
         let n = 20_000u64;
-        let writes = (0..n)
-            .flat_map(|i| {
-                [
-                    TailWrite::Put {
-                        cf: TailCf::History,
-                        key: history_key("c1", i),
-                        value: encode(&i),
-                    },
-                    TailWrite::Put {
-                        cf: TailCf::Dedup,
-                        key: key(&["c1", "u1", &format!("cmid-{i}")]),
-                        value: encode(&(i, i)),
-                    },
-                ]
-            })
-            .collect();
+        let mut writes = TailWrites::default();
+        for i in 0..n {
+            writes.put(TailCf::History, &history_key("c1", i), &encode(&i));
+            writes.put(
+                TailCf::Dedup,
+                &key(&["c1", "u1", &format!("cmid-{i}")]),
+                &encode(&(i, i)),
+            );
+        }
         store.tail.apply(&writes, n);
         store.flush_tail().expect("ingest");
         let history = filter_bytes_per_entry(&store, CF_HISTORY);
@@ -1580,13 +1566,10 @@ mod dedup_filter_tests {
     /// Puts keys `from..to` through the index tail, as a batch's commit does (ingesting in the
     /// background whenever the tail fills).
     fn put(store: &Store, from: u64, to: u64) {
-        let writes = (from..to)
-            .map(|i| TailWrite::Put {
-                cf: TailCf::Dedup,
-                key: dedup_key(i),
-                value: encode(&(i, i)),
-            })
-            .collect();
+        let mut writes = TailWrites::default();
+        for i in from..to {
+            writes.put(TailCf::Dedup, &dedup_key(i), &encode(&(i, i)));
+        }
         let (live, _) = store.tail.apply(&writes, to);
         store.after_tail_apply(live).expect("ingest");
     }

@@ -206,19 +206,6 @@ pub(crate) enum TailCf {
     Dedup,
 }
 
-/// A write to the tail, in log order.
-#[derive(Debug)]
-pub(crate) enum TailWrite {
-    /// Sets `key` to `value`.
-    Put {
-        cf: TailCf,
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
-    /// Retention removed a chat's history below `seq`.
-    Horizon { chat: String, seq: u64 },
-}
-
 /// A batch's writes to the tail, in log order, with their keys and values back to back in one
 /// buffer: no allocation per key or value (four per message, and their frees, in the applier).
 #[derive(Debug, Default)]
@@ -276,16 +263,9 @@ impl TailWrites {
         });
     }
 
-    /// Adds `write`.
-    pub fn push(&mut self, write: TailWrite) {
-        match write {
-            TailWrite::Put { cf, key, value } => self.put_with(
-                cf,
-                |b| b.extend_from_slice(&key),
-                |b| b.extend_from_slice(&value),
-            ),
-            TailWrite::Horizon { chat, seq } => self.writes.push(Written::Horizon { chat, seq }),
-        }
+    /// Adds a retention horizon: `chat`'s history below `seq` is gone.
+    pub fn horizon(&mut self, chat: String, seq: u64) {
+        self.writes.push(Written::Horizon { chat, seq });
     }
 
     /// The writes, in order.
@@ -319,14 +299,6 @@ impl TailWrites {
         self.writes
             .iter()
             .any(|w| matches!(w, Written::Horizon { .. }))
-    }
-}
-
-impl FromIterator<TailWrite> for TailWrites {
-    fn from_iter<I: IntoIterator<Item = TailWrite>>(writes: I) -> Self {
-        let mut all = TailWrites::default();
-        writes.into_iter().for_each(|w| all.push(w));
-        all
     }
 }
 
@@ -533,8 +505,46 @@ impl Tail {
 const TAIL_OVERFULL_FACTOR: usize = 4;
 
 #[cfg(test)]
+impl TailWrites {
+    /// Adds a put of `key` and `value` (copied).
+    pub(crate) fn put(&mut self, cf: TailCf, key: &[u8], value: &[u8]) {
+        self.put_with(
+            cf,
+            |b| b.extend_from_slice(key),
+            |b| b.extend_from_slice(value),
+        );
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write to the tail, owned: what the tests list their writes as.
+    #[derive(Debug)]
+    enum TailWrite {
+        /// Sets `key` to `value`.
+        Put {
+            cf: TailCf,
+            key: Vec<u8>,
+            value: Vec<u8>,
+        },
+        /// Retention removed a chat's history below `seq`.
+        Horizon { chat: String, seq: u64 },
+    }
+
+    impl FromIterator<TailWrite> for TailWrites {
+        fn from_iter<I: IntoIterator<Item = TailWrite>>(writes: I) -> Self {
+            let mut all = TailWrites::default();
+            for w in writes {
+                match w {
+                    TailWrite::Put { cf, key, value } => all.put(cf, &key, &value),
+                    TailWrite::Horizon { chat, seq } => all.horizon(chat, seq),
+                }
+            }
+            all
+        }
+    }
     use proptest::prelude::*;
 
     #[derive(Debug, Clone)]
@@ -701,13 +711,10 @@ mod tests {
             let key = vec![b'k'; i % 7];
             let value = vec![i as u8; i % 5];
             if i % 9 == 4 {
-                writes.push(TailWrite::Horizon {
-                    chat: format!("g{i}"),
-                    seq: i as u64,
-                });
+                writes.horizon(format!("g{i}"), i as u64);
                 expected.push(format!("horizon g{i} {i}"));
             } else if i % 2 == 0 {
-                writes.push(put(TailCf::Dedup, key.clone(), &value));
+                writes.put(TailCf::Dedup, &key, &value);
                 expected.push(format!("dedup {key:?} {value:?}"));
             } else {
                 writes.put_with(
