@@ -10,6 +10,8 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
+use hashbrown::hash_map::EntryRef;
+
 use super::EngineConfig;
 use super::error::{ChatError, Refusal};
 use super::store::{
@@ -211,7 +213,7 @@ pub(crate) struct Sequencer {
     store: Arc<Store>,
     log: Arc<Log>,
     config: EngineConfig,
-    chats: HashMap<String, ChatState, FastHash>,
+    chats: hashbrown::HashMap<String, ChatState, FastHash>,
     chat_counter: u64,
     /// Decided but maybe not yet applied: value and the batch that wrote it.
     overlay: HashMap<OverlayKey, (OverlayValue, u64), FastHash>,
@@ -278,7 +280,7 @@ impl Sequencer {
             store,
             log,
             config,
-            chats: HashMap::default(),
+            chats: hashbrown::HashMap::default(),
             chat_counter,
             overlay: HashMap::default(),
             sent: HashMap::default(),
@@ -368,16 +370,18 @@ impl Sequencer {
     }
 
     fn chat(&mut self, chat: &str) -> Result<&mut ChatState, ChatError> {
-        if !self.chats.contains_key(chat) {
-            let meta = self
-                .store
-                .chat(chat)?
-                .ok_or_else(|| ChatError::NotFound(format!("chat {chat}")))?;
-            let last_seq = self.store.last_seq(chat)?;
-            self.chats
-                .insert(chat.to_owned(), ChatState::new(last_seq, meta));
+        // One hash and probe for a loaded chat (every send asks).
+        match self.chats.entry_ref(chat) {
+            EntryRef::Occupied(loaded) => Ok(loaded.into_mut()),
+            EntryRef::Vacant(slot) => {
+                let meta = self
+                    .store
+                    .chat(chat)?
+                    .ok_or_else(|| ChatError::NotFound(format!("chat {chat}")))?;
+                let last_seq = self.store.last_seq(chat)?;
+                Ok(slot.insert(ChatState::new(last_seq, meta)))
+            }
         }
-        Ok(self.chats.get_mut(chat).expect("inserted above"))
     }
 
     fn member_chat(&mut self, user: &str, chat: &str) -> Result<&mut ChatState, ChatError> {
