@@ -425,10 +425,11 @@ const DEDUP_BLOOM_BITS: f64 = 20.0;
 ///
 /// `history` has none. Its reads are pages (iterators, which whole-key filters do not serve)
 /// and, now and then, one entry that exists (an edit's or delete's target, a horizon): a
-/// filter would only spare that lookup a seek in each newer sorted run. Building filters
-/// was most of the cost its keys add to each ingestion and compaction beyond the copying
-/// (`FullFilterBlockBuilder`, a hash per key), and the background work shares the two cores
-/// with the write path (docs/benchmarks.md, "History without bloom filters").
+/// filter would only spare that lookup a seek in each newer sorted run. Building one costs a
+/// hash and a filter insert per key in every ingestion and compaction (`FullFilterBlockBuilder`:
+/// 7 % of the ingestion thread's samples, both column families together), and the background
+/// work shares the two cores with the write path (docs/benchmarks.md, "History without bloom
+/// filters").
 fn cf_options(bloom_bits: Option<f64>) -> Options {
     let mut cf = Options::default();
     let mut table = BlockBasedOptions::default();
