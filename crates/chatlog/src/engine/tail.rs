@@ -519,6 +519,7 @@ impl TailWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// A write to the tail, owned: what the tests list their writes as.
     #[derive(Debug)]
@@ -545,7 +546,6 @@ mod tests {
             all
         }
     }
-    use proptest::prelude::*;
 
     #[derive(Debug, Clone)]
     enum MapOp {
