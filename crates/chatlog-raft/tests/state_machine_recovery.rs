@@ -58,18 +58,9 @@ fn entries() -> Vec<Entry> {
     ]
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for item in std::fs::read_dir(from).unwrap() {
-        let item = item.unwrap();
-        let target = to.join(item.file_name());
-        if item.file_type().unwrap().is_dir() {
-            copy_dir(&item.path(), &target);
-        } else {
-            std::fs::copy(item.path(), target).unwrap();
-        }
-    }
-}
+#[path = "../../chatlog/tests/support/fs.rs"]
+mod fs;
+use fs::copy_dir;
 
 /// Applies `entries` one `apply` call each, then closes the state machine.
 async fn apply(dir: &Path, entries: Vec<Entry>) -> (Option<u64>, String) {

@@ -46,19 +46,9 @@ async fn wait_healthy(nodes: &[Node]) {
 /// elections and heartbeats.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Copies directory `from` (recursively) to `to`.
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
+#[path = "../../chatlog/tests/support/fs.rs"]
+mod fs;
+use fs::copy_dir;
 
 /// A 3-node cluster under `dir`, started and healthy; its nodes and `--peers` flag.
 async fn start_cluster(dir: &std::path::Path) -> (Vec<Node>, String) {

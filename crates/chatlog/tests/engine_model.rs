@@ -434,7 +434,7 @@ impl Script {
                     if snapshot.exists() {
                         std::fs::remove_dir_all(&snapshot).unwrap();
                     }
-                    common::copy_dir(&h.index_dir(), &snapshot);
+                    common::fs::copy_dir(&h.index_dir(), &snapshot);
                 })?;
                 self.h.has_snapshot = true;
             }
@@ -450,7 +450,7 @@ impl Script {
                 self.h.reopen_with(|h| {
                     if stale {
                         std::fs::remove_dir_all(h.index_dir()).unwrap();
-                        common::copy_dir(&h.snapshot_dir(), &h.index_dir());
+                        common::fs::copy_dir(&h.snapshot_dir(), &h.index_dir());
                     }
                 })?;
             }

@@ -849,7 +849,7 @@ fn a_checkpoint_holds_its_state_when_retention_purges_the_log_before_it_finishes
     e.checkpoint_finish(pending).unwrap();
 
     let own = dir.path().join("own");
-    common::copy_dir(&dest, &own);
+    common::fs::copy_dir(&dest, &own);
     config.retention = chatlog::engine::Retention::default();
     let copy = Engine::open(&own, config).unwrap();
     let h = copy.history("bob", &chat, None, None, Some(500)).unwrap();

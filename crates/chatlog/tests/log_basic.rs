@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chatlog::{Durability, Error, Log, LogConfig, Preallocate, RecoveryMode};
-use common::copy_dir;
+use common::fs::copy_dir;
 
 fn small_config() -> LogConfig {
     LogConfig {
