@@ -80,4 +80,12 @@ pub trait FileHandle: Send + Sync + Debug {
     /// A read-only view of bytes `[0, len)`. The real implementation memory-maps the file;
     /// the view must only be used for ranges nobody writes to any more.
     fn map(&self, len: u64) -> io::Result<Bytes>;
+    /// The same view, for reads of single entries at scattered places (history pages). The
+    /// real implementation maps the file again with `MADV_RANDOM`, so that a page fault on
+    /// bytes no longer in the page cache reads that page and not the device's whole read-ahead
+    /// window (8 MiB on the benchmark VM: a page of 50 from an evicted part of a 10 M-event
+    /// history took up to 34 ms, docs/benchmarks.md, "History pages and read-ahead").
+    fn map_random(&self, len: u64) -> io::Result<Bytes> {
+        self.map(len)
+    }
 }

@@ -123,4 +123,15 @@ impl FileHandle for StdFile {
         let map = unsafe { memmap2::MmapOptions::new().len(len).map(&self.file)? };
         Ok(Bytes::from_owner(map))
     }
+
+    fn map_random(&self, len: u64) -> io::Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let len = usize::try_from(len).map_err(|_| io::Error::other("mapping too large"))?;
+        // SAFETY: as in `map` above: only sealed bytes are mapped, never written again.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&self.file)? };
+        map.advise(memmap2::Advice::Random)?;
+        Ok(Bytes::from_owner(map))
+    }
 }

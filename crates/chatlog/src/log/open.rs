@@ -299,11 +299,16 @@ fn load_sealed(
                 .file
                 .map(index.data_end)
                 .map_err(|e| Error::io("map", &seg.path, e))?;
+            let points = seg
+                .file
+                .map_random(index.data_end)
+                .map_err(|e| Error::io("map", &seg.path, e))?;
             return Ok(Ok(Sealed {
                 path: seg.path.clone(),
                 first_index: seg.first,
                 entry_count: index.entry_count,
                 map,
+                points,
                 stride: index.stride,
                 offsets: index.offsets,
             }));
@@ -334,11 +339,16 @@ fn load_sealed(
     if let Some(cut) = cut {
         return Ok(Err(cut));
     }
+    let points = seg
+        .file
+        .map_random(scan.data_end as u64)
+        .map_err(|e| Error::io("map", &seg.path, e))?;
     let sealed = Sealed {
         path: seg.path.clone(),
         first_index: seg.first,
         entry_count: scan.offsets.len() as u64,
         map: whole.slice(..scan.data_end),
+        points,
         stride: config.index_stride,
         offsets: sparse_offsets(&scan.offsets, config.index_stride),
     };

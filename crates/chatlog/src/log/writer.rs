@@ -399,11 +399,16 @@ impl Writer {
             .file
             .map(self.write_offset)
             .map_err(|e| Error::io("map", &old.path, e))?;
+        let points = old
+            .file
+            .map_random(self.write_offset)
+            .map_err(|e| Error::io("map", &old.path, e))?;
         let sealed = Sealed {
             path: old.path.clone(),
             first_index: old.first_index,
             entry_count: dense.len() as u64,
             map,
+            points,
             stride: self.config.index_stride,
             offsets: sparse_offsets(&dense, self.config.index_stride),
         };

@@ -19,8 +19,10 @@ pub struct Sealed {
     pub(crate) path: PathBuf,
     pub(crate) first_index: u64,
     pub(crate) entry_count: u64,
-    /// The mapped bytes `[0, data_end)`.
+    /// The mapped bytes `[0, data_end)`, read with the kernel's read-ahead: iterators.
     pub(crate) map: Bytes,
+    /// The same bytes mapped for single-entry reads ([`FileHandle::map_random`]): `read`.
+    pub(crate) points: Bytes,
     pub(crate) stride: u32,
     pub(crate) offsets: Vec<u32>,
 }
@@ -43,13 +45,16 @@ impl Sealed {
     /// Byte offset of entry `index`: one sparse lookup, then at most `stride - 1` frame
     /// headers skipped inside the mapping.
     pub(crate) fn offset_of(&self, index: u64) -> Result<usize> {
+        self.offset_in(&self.map, index)
+    }
+
+    fn offset_in(&self, map: &[u8], index: u64) -> Result<usize> {
         debug_assert!(index >= self.first_index && index < self.end_index());
         let k = index - self.first_index;
         let stride = u64::from(self.stride);
         let mut at = self.offsets[(k / stride) as usize] as usize;
         for _ in 0..k % stride {
-            let len = self
-                .map
+            let len = map
                 .get(at..at + 4)
                 .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
                 .ok_or_else(|| self.corrupt(at, "frame header beyond data end".into()))?;
@@ -60,8 +65,11 @@ impl Sealed {
 
     /// Checks and decodes the frame at `at`, which must hold `index`.
     pub(crate) fn frame_at(&self, at: usize, index: u64) -> Result<Frame> {
-        let frame =
-            format::check_frame(&self.map, at).map_err(|e| self.corrupt(at, format!("{e:?}")))?;
+        self.frame_in(&self.map, at, index)
+    }
+
+    fn frame_in(&self, map: &[u8], at: usize, index: u64) -> Result<Frame> {
+        let frame = format::check_frame(map, at).map_err(|e| self.corrupt(at, format!("{e:?}")))?;
         if frame.index != index {
             return Err(self.corrupt(
                 at,
@@ -74,10 +82,11 @@ impl Sealed {
         Ok(frame)
     }
 
+    /// Reads entry `index` through the mapping for single-entry reads.
     pub(crate) fn read(&self, index: u64) -> Result<Bytes> {
-        let at = self.offset_of(index)?;
-        let frame = self.frame_at(at, index)?;
-        Ok(self.map.slice(frame.data))
+        let at = self.offset_in(&self.points, index)?;
+        let frame = self.frame_in(&self.points, at, index)?;
+        Ok(self.points.slice(frame.data))
     }
 
     fn corrupt(&self, offset: usize, reason: String) -> Error {
